@@ -1,0 +1,274 @@
+"""Convert a standalone_transformer_lm.py checkpoint into a Hugging Face LLaMA folder.
+
+    python convert_to_llama.py --ckpt ./runs/lm138/ckpt_last.pt --spm ./data/tokenizer.model --out ./RSCaLM-138M-LLaMA
+
+The folder loads with `transformers`' AutoModelForCausalLM and AutoTokenizer, no custom code and no network:
+config.json, generation_config.json, model.safetensors, tokenizer.json + tokenizer_config.json +
+special_tokens_map.json, and tokenizer.model for tools that read SentencePiece directly (llama.cpp).
+--ckpt takes ckpt_last.pt, ckpt_best.pt or the exported pytorch_model.bin (with its config.json beside it).
+
+Our parameters already carry HF LLaMA's names and RoPE convention, so the weights are a rename plus splitting the
+fused q/k/v and gate/up rows. The tokenizer is rebuilt as a `tokenizers` BPE whose ids equal SentencePiece's on
+every string, and is checked against SentencePiece before anything is written.
+"""
+
+import argparse
+import dataclasses
+import json
+import os
+import pickle
+import shutil
+import sys
+import tempfile
+
+import torch
+from safetensors.torch import save_file
+from tokenizers import AddedToken, Tokenizer, decoders, normalizers, processors
+from tokenizers.models import BPE
+
+from standalone_transformer_lm import ModelConfig, Transformer, UserError, load_tokenizer, require_file
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DEFAULT_OUT = "./RSCaLM-138M-LLaMA"
+
+# Strings where converted SentencePiece tokenizers usually disagree with the original: leading, double and trailing
+# spaces (the dummy prefix), control characters, text outside the vocabulary (byte fallback), characters a Unicode
+# normalisation would change, literal special-token text and a literal "▁".
+PARITY_TEXTS = [
+    "", " ", "  ", "The sun is", " leading space", "  two leading spaces", "trailing space ", "double  space",
+    "line\nbreak", "\n", "\n\n", "tab\there", "\t", "\r\n", "emoji 😀🎉👍🏽", "中文字符测试", "日本語のテキスト", "한국어",
+    "ﬁ ligature ＡＢＣ", "e\u0301 vs \u00e9", "\u00a0nbsp\u200bzwsp", "digits 1234567890 3.14", "<s> </s> <unk> <pad>",
+    "▁literal ▁▁", "x" * 200, "Ünïcödé ßtraße", "def f(x):\n    return x  # comment\n",
+]
+
+
+def load_our_model(path: str) -> Transformer:
+    require_file(path, "checkpoint", "pass ckpt_last.pt, ckpt_best.pt or pytorch_model.bin written by `train`")
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)  # tensors and plain values only, never code
+    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise UserError(f"{path!r} is not a checkpoint that loads safely ({first}). HINT: pass a ckpt_*.pt or "
+                        f"pytorch_model.bin written by `train`; files that need arbitrary unpickling are refused") \
+            from None
+    if isinstance(obj, dict) and "model" in obj and "model_config" in obj:  # ckpt_last.pt / ckpt_best.pt
+        cfg, state = obj["model_config"], obj["model"]
+    elif isinstance(obj, dict) and obj and all(isinstance(v, torch.Tensor) for v in obj.values()):  # export
+        cfg_path = os.path.join(os.path.dirname(os.path.abspath(path)), "config.json")
+        require_file(cfg_path, "model config", "keep the config.json that `train` wrote beside pytorch_model.bin")
+        with open(cfg_path, encoding="utf-8") as f:
+            cfg = json.load(f)
+        fields = {f.name for f in dataclasses.fields(ModelConfig)}
+        cfg, state = {k: v for k, v in cfg.items() if k in fields}, obj  # the export adds "format" and "step"
+    else:
+        raise UserError(f"{path!r} holds neither a training checkpoint nor a state_dict. HINT: pass ckpt_last.pt, "
+                        f"ckpt_best.pt or pytorch_model.bin written by `train`")
+    model = Transformer(ModelConfig.from_dict(cfg))
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as e:
+        raise UserError(f"the weights in {path!r} do not match its model config: {str(e).splitlines()[0]}") from None
+    return model.eval()
+
+
+def hf_state_dict(model: Transformer, dtype: torch.dtype) -> dict:
+    cfg = model.cfg
+    qkv_rows = [cfg.n_head * cfg.head_dim, cfg.n_kv_head * cfg.head_dim, cfg.n_kv_head * cfg.head_dim]
+    out = {}
+    for name, w in model.state_dict().items():
+        w = w.to(dtype)
+        if name == "lm_head.weight":
+            if not cfg.tie_embeddings:  # tied: transformers rebuilds lm_head from embed_tokens
+                out[name] = w
+        elif name.endswith("self_attn.qkv_proj.weight"):
+            for proj, part in zip(("q_proj", "k_proj", "v_proj"), w.split(qkv_rows)):
+                out["model." + name.replace("qkv_proj", proj)] = part
+        elif name.endswith("mlp.gate_up_proj.weight"):
+            for proj, part in zip(("gate_proj", "up_proj"), w.chunk(2)):
+                out["model." + name.replace("gate_up_proj", proj)] = part
+        else:
+            out["model." + name] = w
+    return {k: v.clone().contiguous() for k, v in out.items()}  # safetensors refuses tensors that share memory
+
+
+def special_ids(sp) -> dict:
+    return {"bos_token_id": sp.bos_id(), "eos_token_id": sp.eos_id(), "pad_token_id": sp.pad_id()}
+
+
+def hf_config(cfg: ModelConfig, sp, dtype: str) -> dict:
+    # transformers' LlamaConfig insists on d_model % n_head == 0 even with an explicit head_dim; Mistral's does not,
+    # and with sliding_window None MistralForCausalLM computes exactly what LlamaForCausalLM does.
+    llama = cfg.d_model % cfg.n_head == 0
+    rope = {"rope_type": "default", "rope_theta": float(cfg.rope_theta)}
+    return {
+        "architectures": ["LlamaForCausalLM" if llama else "MistralForCausalLM"],
+        "model_type": "llama" if llama else "mistral",
+        "vocab_size": cfg.vocab_size, "hidden_size": cfg.d_model, "intermediate_size": cfg.ffn_hidden,
+        "num_hidden_layers": cfg.n_layer, "num_attention_heads": cfg.n_head, "num_key_value_heads": cfg.n_kv_head,
+        "head_dim": cfg.head_dim, "hidden_act": "silu", "max_position_embeddings": cfg.seq_len,
+        "rms_norm_eps": cfg.norm_eps, "rope_theta": float(cfg.rope_theta), "rope_parameters": rope,
+        "attention_bias": False, "mlp_bias": False, "attention_dropout": 0.0,
+        **({} if llama else {"sliding_window": None}),
+        "tie_word_embeddings": cfg.tie_embeddings, **special_ids(sp), "dtype": dtype, "use_cache": True,
+    }
+
+
+def build_tokenizer(sp) -> Tokenizer:
+    # SentencePiece BPE applies the merge with the best piece score among all adjacent pairs whose concatenation is a
+    # piece. The same BPE in `tokenizers` needs every such pair listed as a merge, ranked by the merged piece's score.
+    n = sp.get_piece_size()
+    pieces = [sp.id_to_piece(i) for i in range(n)]
+    normal = {pieces[i] for i in range(n) if not (sp.is_control(i) or sp.is_unknown(i) or sp.is_byte(i))}
+    merges = []
+    for i in sorted(range(n), key=lambda i: -sp.get_score(i)):
+        p = pieces[i]
+        if p in normal:
+            merges += [(p[:k], p[k:]) for k in range(1, len(p)) if p[:k] in normal and p[k:] in normal]
+    unk = pieces[sp.unk_id()]
+    tok = Tokenizer(BPE(vocab={p: i for i, p in enumerate(pieces)}, merges=merges, unk_token=unk, fuse_unk=True,
+                        byte_fallback=True))
+    # The normalizer does what SentencePiece's does with add_dummy_prefix and identity rules: one "▁" in front of
+    # every text, even one that starts with a space, and spaces become "▁". No pre-tokenizer: a Metaspace one skips
+    # the prefix when the text already starts with a space, which shifts every id of such a text.
+    tok.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
+    tok.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(),
+                                     decoders.Strip(" ", 1, 0)])
+    bos = pieces[sp.bos_id()]
+    tok.post_processor = processors.TemplateProcessing(single=f"{bos}:0 $A:0", pair=f"{bos}:0 $A:0 {bos}:1 $B:1",
+                                                       special_tokens=[(bos, sp.bos_id())])
+    tok.add_special_tokens([AddedToken(pieces[i], special=True, normalized=False)
+                            for i in range(n) if sp.is_control(i) or sp.is_unknown(i)])
+    return tok
+
+
+def tokenizer_files(sp, seq_len: int) -> dict:
+    names = {"bos_token": sp.bos_id(), "eos_token": sp.eos_id(), "unk_token": sp.unk_id(), "pad_token": sp.pad_id()}
+    specials = {k: sp.id_to_piece(i) for k, i in names.items() if i >= 0}
+    config = {
+        # The generic fast class loads tokenizer.json as written; LlamaTokenizer would replace our normalizer with
+        # its own Metaspace pre-tokenizer (see build_tokenizer).
+        "tokenizer_class": "PreTrainedTokenizerFast", **specials,
+        "add_bos_token": True, "add_eos_token": False,  # as LLaMA; training framed each line as [bos] ids [eos]
+        "split_special_tokens": True,  # "<s>" typed in a text is text, as it was for SentencePiece in training
+        "clean_up_tokenization_spaces": False, "model_max_length": seq_len, "padding_side": "left",
+    }
+    return {"tokenizer_config.json": config, "special_tokens_map.json": specials}
+
+
+def check_tokenizer(encode, decode, sp, texts=PARITY_TEXTS, add_bos: bool = False) -> None:
+    """encode(text) -> ids and decode(ids) -> text of a converted tokenizer must agree with SentencePiece."""
+    for text in texts:
+        want = [sp.bos_id()] * add_bos + sp.encode(text)
+        got = encode(text)
+        if got != want:
+            raise UserError(f"the converted tokenizer gives {got[:12]} for {text[:40]!r}, SentencePiece gives "
+                            f"{want[:12]}. HINT: only SentencePiece BPE models written by `prep` are supported")
+        if decode(got) != sp.decode(want):
+            raise UserError(f"the converted tokenizer decodes {text[:40]!r} as {decode(got)[:40]!r}, SentencePiece "
+                            f"as {sp.decode(want)[:40]!r}")
+
+
+@torch.no_grad()
+def max_logit_diff(folder: str, model: Transformer, ids: torch.Tensor) -> float:
+    """Largest |logit| difference between the folder's transformers model and ours on ids (B, T), in float32.
+
+    Ours runs with its weights rounded to the dtype the folder was saved in, so any difference is the conversion's."""
+    from transformers import AutoModelForCausalLM
+    with open(os.path.join(folder, "config.json"), encoding="utf-8") as f:
+        saved = DTYPES[json.load(f)["dtype"]]
+    hf = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    ref = Transformer(model.cfg).eval()
+    ref.load_state_dict({k: v.to(saved).float() for k, v in model.state_dict().items()}, strict=True)
+    return (ref(ids)[0] - hf(ids).logits).abs().max().item()
+
+
+def verify(folder: str, model: Transformer, sp, tol: float) -> float:
+    from transformers import AutoTokenizer
+    hf_tok = AutoTokenizer.from_pretrained(folder)
+    check_tokenizer(lambda t: hf_tok(t)["input_ids"], lambda ids: hf_tok.decode(ids, skip_special_tokens=True), sp,
+                    add_bos=True)
+    ids = torch.randint(0, model.cfg.vocab_size, (2, min(model.cfg.seq_len, 64)),
+                        generator=torch.Generator().manual_seed(0))
+    diff = max_logit_diff(folder, model, ids)
+    if not diff <= tol:  # also catches NaN
+        raise UserError(f"the converted model's logits differ from ours by up to {diff:.3g} (tolerance {tol:g})")
+    return diff
+
+
+def check_out(out: str, force: bool) -> None:
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise UserError(f"--out {out!r} is a file, expected a folder. HINT: pick another --out")
+    if os.path.isdir(out) and os.listdir(out) and not force:
+        raise UserError(f"--out {out!r} is not empty. HINT: pass --force to replace it, or pick another --out")
+
+
+def write_json(path: str, obj: dict) -> None:
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump(obj, f, indent=2, ensure_ascii=False)
+        f.write("\n")
+
+
+def convert(ckpt: str, spm_path: str, out: str, dtype: str = "float32", force: bool = False,
+            verify_tol: float | None = None) -> Transformer:
+    check_out(out, force)
+    model = load_our_model(ckpt)
+    sp = load_tokenizer(spm_path)
+    if sp.get_piece_size() != model.cfg.vocab_size:
+        raise UserError(f"tokenizer {spm_path!r} has {sp.get_piece_size()} pieces but the model's vocabulary is "
+                        f"{model.cfg.vocab_size}. HINT: pass the tokenizer.model the model was trained with (--spm)")
+    tok = build_tokenizer(sp)
+    tok.encode_special_tokens = True  # as split_special_tokens makes transformers do
+    check_tokenizer(lambda t: tok.encode(t, add_special_tokens=False).ids, tok.decode, sp)
+
+    # Build the folder beside --out and rename it into place, so --out is never left half written.
+    parent = os.path.dirname(os.path.abspath(out))
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(os.path.abspath(out))}.tmp", dir=parent)
+    try:
+        save_file(hf_state_dict(model, DTYPES[dtype]), os.path.join(tmp, "model.safetensors"),
+                  metadata={"format": "pt"})
+        write_json(os.path.join(tmp, "config.json"), hf_config(model.cfg, sp, dtype))
+        write_json(os.path.join(tmp, "generation_config.json"), special_ids(sp))
+        tok.save(os.path.join(tmp, "tokenizer.json"))
+        for name, obj in tokenizer_files(sp, model.cfg.seq_len).items():
+            write_json(os.path.join(tmp, name), obj)
+        shutil.copyfile(spm_path, os.path.join(tmp, "tokenizer.model"))
+        if verify_tol is not None:
+            diff = verify(tmp, model, sp, verify_tol)
+            print(f"verified: AutoTokenizer ids == SentencePiece ids on {len(PARITY_TEXTS)} strings, "
+                  f"max |logit difference| {diff:.2e}")
+        if os.path.exists(out):  # empty, or --force: move it aside, then swap the new folder in
+            old = tempfile.mkdtemp(prefix=f".{os.path.basename(os.path.abspath(out))}.old", dir=parent)
+            os.replace(out, os.path.join(old, "x"))
+            os.replace(tmp, out)
+            shutil.rmtree(old)
+        else:
+            os.replace(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return model
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description="Convert a checkpoint into a Hugging Face LLaMA folder.")
+    p.add_argument("--ckpt", required=True, help="ckpt_last.pt, ckpt_best.pt or an exported pytorch_model.bin")
+    p.add_argument("--spm", help="SentencePiece tokenizer.model (default: the one beside --ckpt)")
+    p.add_argument("--out", default=DEFAULT_OUT, help=f"folder to write (default {DEFAULT_OUT})")
+    p.add_argument("--dtype", default="float32", choices=list(DTYPES), help="dtype of the saved weights")
+    p.add_argument("--force", action="store_true", help="replace --out when it is not empty")
+    p.add_argument("--verify", action="store_true", help="load the result with transformers and compare logits")
+    p.add_argument("--tol", type=float, default=1e-4, help="largest logit difference --verify accepts")
+    args = p.parse_args(argv)
+    spm_path = args.spm or os.path.join(os.path.dirname(os.path.abspath(args.ckpt)), "tokenizer.model")
+    try:
+        model = convert(args.ckpt, spm_path, args.out, args.dtype, args.force, args.tol if args.verify else None)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    c = model.cfg
+    print(f"wrote {args.out}: {c.n_layer} layers, d_model {c.d_model}, {c.n_head} heads ({c.n_kv_head} kv), "
+          f"vocab {c.vocab_size}, {args.dtype}")
+
+
+if __name__ == "__main__":
+    main()

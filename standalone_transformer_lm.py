@@ -1,0 +1,1205 @@
+"""Train a LLaMA-style language model from one text file: tokenizer, packing, training, sampling.
+
+    python standalone_transformer_lm.py prep --text_path corpus.txt --out_dir ./data --vocab_size 32000
+    python standalone_transformer_lm.py train --out_dir ./runs/lm138 --data_dir ./data --preset 138m --compile 1
+    torchrun --nproc_per_node=2 standalone_transformer_lm.py train --out_dir ./runs/ddp --data_dir ./data
+    python standalone_transformer_lm.py generate --ckpt ./runs/lm138/ckpt_last.pt --prompt "The sun is"
+    python standalone_transformer_lm.py demo        # the whole workflow on a corpus that ships with Python
+
+On disk. `prep` writes DATA/tokenizer.model (SentencePiece BPE; unk=0 bos=1 eos=2 pad=3, byte fallback, no
+normalisation, so decode(encode(line)) == line), DATA/train.bin and DATA/val.bin (raw little-endian uint16 token
+ids, uint32 if the vocabulary exceeds 65,536; each input line becomes one sample [bos] + ids + [eos]; val is the
+tail of the corpus) and DATA/meta.json (counts, dtype, special ids, tokenizer hash, options). `train` writes
+OUT/ckpt_last.pt and OUT/ckpt_best.pt (tensors and plain values only: they load with weights_only=True),
+OUT/pytorch_model.bin + OUT/config.json + OUT/tokenizer.model (the export) and OUT/metrics.jsonl.
+Every file is written to a temporary name and renamed, so a crash leaves the old file or the new one.
+
+RoPE follows Hugging Face LLaMA's rotate-half convention (pairs are (i, i + head_dim/2)), and parameters carry
+HF LLaMA's names, so export to `transformers` is a rename plus splitting the fused qkv and gate/up rows.
+"""
+
+import argparse
+import contextlib
+import dataclasses
+import hashlib
+import io
+import json
+import math
+import multiprocessing as mp
+import os
+import random
+import re
+import sys
+import time
+from collections import Counter, deque
+from dataclasses import dataclass
+from itertools import chain
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from tqdm import tqdm
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Configuration
+
+
+class UserError(Exception):
+    """A mistake the user can fix; main() prints it as one `error:` line and exits with status 2."""
+
+
+@dataclass
+class ModelConfig:
+    vocab_size: int = 32000
+    n_layer: int = 12
+    n_head: int = 12
+    d_model: int = 768
+    n_kv_head: int | None = None  # None: n_head (no grouped-query attention)
+    head_dim: int | None = None  # None: d_model // n_head; set it when d_model is not divisible by n_head
+    ffn_mult: float = 4.0
+    ffn_multiple_of: int = 256
+    seq_len: int = 1024  # longest context; RoPE tables are built for it
+    rope_theta: float = 10000.0
+    norm_eps: float = 1e-5
+    tie_embeddings: bool = False
+
+    def __post_init__(self):
+        if self.n_kv_head is None:
+            self.n_kv_head = self.n_head
+        if self.head_dim is None:
+            if self.d_model % self.n_head:
+                raise UserError(f"d_model {self.d_model} is not divisible by n_head {self.n_head}. HINT: pick a "
+                                f"head count that divides it, or give the head size explicitly with --head_dim 64")
+            self.head_dim = self.d_model // self.n_head
+        if self.n_head % self.n_kv_head:
+            raise UserError(f"n_head {self.n_head} is not a multiple of n_kv_head {self.n_kv_head}")
+        if self.head_dim % 2:
+            raise UserError(f"head_dim {self.head_dim} must be even for RoPE")
+        if min(self.vocab_size, self.n_layer, self.n_head, self.d_model, self.seq_len) <= 0:
+            raise UserError(f"model sizes must be positive, got {self}")
+
+    @property
+    def ffn_hidden(self) -> int:  # LLaMA: 2/3 of ffn_mult * d_model (SwiGLU has three matrices), rounded up
+        hidden = int(self.ffn_mult * self.d_model * 2 / 3)
+        return self.ffn_multiple_of * math.ceil(hidden / self.ffn_multiple_of)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "ModelConfig":
+        unknown = set(d) - {f.name for f in dataclasses.fields(cls)}
+        if unknown:
+            raise UserError(f"unknown model config keys {sorted(unknown)}: this checkpoint is from another tool or "
+                            f"a newer version of this script")
+        return cls(**d)
+
+
+# The user's table. d_model 1024 and 1280 are not divisible by 20 and 24 heads, so those rows use an explicit head
+# size of 64 (attention width n_head * 64), as LLaMA configs allow. "tiny" is for tests and CPU smoke runs.
+PRESETS = {
+    "tiny": dict(n_layer=2, n_head=4, d_model=64, ffn_mult=4.0, ffn_multiple_of=32, seq_len=64),
+    "138m": dict(n_layer=12, n_head=12, d_model=768, ffn_mult=4.0, seq_len=1024),
+    "350m": dict(n_layer=24, n_head=20, d_model=1024, head_dim=64, ffn_mult=4.0, seq_len=1024),
+    "700m": dict(n_layer=32, n_head=24, d_model=1280, head_dim=64, ffn_mult=4.0, seq_len=1024),
+}
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Runtime utilities
+
+
+def print0(*args, **kwargs):
+    if int(os.environ.get("RANK", 0)) == 0:
+        print(*args, **kwargs, flush=True)
+
+
+def atomic_write(path: str, write_fn) -> None:
+    """write_fn(file_object) writes the content; readers see the old file or the new one, never a torn one."""
+    tmp = os.path.join(os.path.dirname(os.path.abspath(path)), f".{os.path.basename(path)}.tmp{os.getpid()}")
+    try:
+        with open(tmp, "wb") as f:
+            write_fn(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def atomic_write_json(path: str, obj) -> None:
+    atomic_write(path, lambda f: f.write((json.dumps(obj, indent=2) + "\n").encode()))
+
+
+def require_file(path: str, what: str, hint: str) -> None:
+    if os.path.isdir(path):
+        raise UserError(f"{what} {path!r} is a directory, expected a file. HINT: {hint}")
+    if not os.path.isfile(path):
+        raise UserError(f"{what} {path!r} does not exist. HINT: {hint}")
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Tokenizer and token files
+
+UNK_ID, BOS_ID, EOS_ID, PAD_ID = 0, 1, 2, 3
+SP_MAX_LINE_BYTES = 4192  # SentencePiece's training limit per sentence; longer lines are still encoded in full
+BLOCK_BYTES = 1 << 22  # prep reads and encodes the corpus in blocks of about this many bytes
+MIN_VOCAB, MAX_VOCAB = 300, 1 << 20  # 4 specials + 256 byte pieces need room; a million is beyond any sane LM
+
+# Trainer options, chosen so that decode(encode(line)) == line for every line, as with LLaMA's tokenizer:
+# identity normalisation and no whitespace cleanup keep tabs, runs of spaces and leading spaces (nmt_nfkc would turn
+# tabs into spaces and merge double spaces); byte fallback means no text is ever unknown; split digits as LLaMA does;
+# the dummy prefix makes a line's first word the same token as it is mid-line. sentencepiece is imported where used.
+SP_TRAINER_OPTIONS = dict(
+    model_type="bpe", unk_id=UNK_ID, bos_id=BOS_ID, eos_id=EOS_ID, pad_id=PAD_ID, byte_fallback=True,
+    normalization_rule_name="identity", remove_extra_whitespaces=False, add_dummy_prefix=True, split_digits=True,
+    allow_whitespace_only_pieces=True, character_coverage=0.9995, max_sentence_length=SP_MAX_LINE_BYTES,
+    shuffle_input_sentence=False, input_sentence_size=0, minloglevel=2,
+    num_threads=16,  # fixed, not the core count: the model file records it, and the same input must give the same file
+)
+
+
+def load_tokenizer(path_or_proto):
+    import sentencepiece as spm
+    if isinstance(path_or_proto, bytes):
+        return spm.SentencePieceProcessor(model_proto=path_or_proto)
+    require_file(path_or_proto, "tokenizer", "run `prep` first, or pass --spm path/to/tokenizer.model")
+    try:
+        return spm.SentencePieceProcessor(model_file=path_or_proto)
+    except (RuntimeError, OSError) as e:
+        raise UserError(f"{path_or_proto!r} is not a SentencePiece model ({e})") from None
+
+
+def token_dtype(vocab_size: int):
+    return np.uint16 if vocab_size <= 1 << 16 else np.uint32
+
+
+def read_blocks(path: str, start: int, end: int):
+    """Yield byte blocks of [start, end) that each end at a line end."""
+    with open(path, "rb") as f:
+        f.seek(start)
+        pos = start
+        while pos < end:
+            block = f.read(min(BLOCK_BYTES, end - pos))
+            if pos + len(block) < end and not block.endswith(b"\n"):
+                block += f.readline()
+            pos += len(block)
+            yield block
+
+
+def clean_lines(block: bytes, normalize_ws: bool, stats: Counter) -> list[str]:
+    """Bytes to the samples they hold: one per line, CR of CRLF dropped, invalid UTF-8 replaced, blank lines out."""
+    try:
+        text = block.decode("utf-8")
+    except UnicodeDecodeError:
+        text = block.decode("utf-8", errors="replace")
+        stats["invalid UTF-8 sequences replaced"] += text.count("\ufffd") - block.count("\ufffd".encode())
+    lines = text.split("\n")  # not splitlines(): that would also split on \x0b, \x1c, \u2028 inside a sample
+    if lines[-1] == "":
+        lines.pop()
+    if "\r" in text:
+        stats["CRLF line ends"] += sum(line.endswith("\r") for line in lines)
+        lines = [line[:-1] if line.endswith("\r") else line for line in lines]
+    if normalize_ws:
+        lines = [" ".join(line.split()) for line in lines]
+    kept = [line for line in lines if line and not line.isspace()]
+    stats["lines read"] += len(lines)
+    stats["blank lines skipped"] += len(lines) - len(kept)
+    return kept
+
+
+def drop_duplicates(lines: list[str], seen: set | None, stats: Counter) -> list[str]:
+    if seen is None:
+        return lines
+    kept = []
+    for line in lines:
+        key = hashlib.blake2b(line.encode(), digest_size=8).digest()
+        if key not in seen:
+            seen.add(key)
+            kept.append(line)
+    stats["duplicate lines skipped"] += len(lines) - len(kept)
+    return kept
+
+
+def train_tokenizer(lines: list[str], vocab_size: int) -> bytes:
+    import sentencepiece as spm
+    model = io.BytesIO()
+    try:
+        spm.SentencePieceTrainer.train(sentence_iterator=iter(lines), model_writer=model, vocab_size=vocab_size,
+                                       **SP_TRAINER_OPTIONS)
+    except RuntimeError as e:
+        m = re.search(r"Please set it to a value <= (\d+)", str(e))
+        if m:
+            raise UserError(f"the corpus is too small for --vocab_size {vocab_size}: its tokenizer sample supports "
+                            f"at most {m.group(1)}. HINT: pass --vocab_size {m.group(1)} or less, or use more "
+                            f"text") from None
+        raise UserError(f"SentencePiece could not train a tokenizer: {e}") from None
+    return model.getvalue()
+
+
+_worker_sp = None
+
+
+def _init_encoder(model_proto: bytes) -> None:
+    global _worker_sp
+    _worker_sp = load_tokenizer(model_proto)
+
+
+def encode_samples(lines: list[str], dtype) -> np.ndarray:
+    """Each line to [bos] + ids + [eos], all concatenated."""
+    ids = _worker_sp.encode(lines)
+    lens = np.fromiter(map(len, ids), dtype=np.int64, count=len(ids)) + 2
+    out = np.empty(int(lens.sum()), dtype=dtype)
+    ends = np.cumsum(lens)
+    body = np.ones(len(out), dtype=bool)
+    body[ends - lens] = body[ends - 1] = False
+    out[ends - lens], out[ends - 1] = BOS_ID, EOS_ID
+    out[body] = np.fromiter(chain.from_iterable(ids), dtype=dtype, count=int(lens.sum()) - 2 * len(ids))
+    return out
+
+
+def split_offset(path: str, size: int, val_fraction: float) -> int:
+    """Byte offset of the first line of the val split: the first line that starts at or after the cut."""
+    cut = int(size * (1.0 - val_fraction))
+    if cut <= 0 or cut >= size:
+        return min(max(cut, 0), size)
+    with open(path, "rb") as f:
+        f.seek(cut - 1)
+        f.readline()
+        return f.tell()
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Prep: corpus -> tokenizer.model, train.bin, val.bin, meta.json
+
+
+def prep(text_path: str, out_dir: str, vocab_size: int = 32000, val_fraction: float = 0.005, seed: int = 1337,
+         num_workers: int = 0, sample_lines: int = 300_000, dedup: bool = False, normalize_whitespace: bool = False,
+         progress: bool = True) -> dict:
+    require_file(text_path, "corpus", "pass --text_path with one UTF-8 text file, one sample per line")
+    if not MIN_VOCAB <= vocab_size <= MAX_VOCAB:
+        raise UserError(f"--vocab_size {vocab_size} is out of range. HINT: use {MIN_VOCAB} to {MAX_VOCAB} (32000 is "
+                        f"LLaMA's; small corpora need a few thousand)")
+    if not 0.0 < val_fraction < 0.5:
+        raise UserError(f"--val_fraction {val_fraction} must be in (0, 0.5)")
+    size = os.path.getsize(text_path)
+    cut = split_offset(text_path, size, val_fraction)
+    num_workers = num_workers or os.cpu_count() or 1
+    stats = Counter()
+
+    # Pass 1: a seeded reservoir sample of lines trains the tokenizer, so memory is bounded whatever the corpus size.
+    # A line over SentencePiece's limit contributes its first part only (a document per line is common).
+    rng, sample, n_seen = random.Random(seed), [], 0
+    seen = set() if dedup else None  # exact dedup keeps 8 bytes per distinct line: the one cost that grows
+    bar = tqdm(total=size, unit="B", unit_scale=True, desc="sampling", disable=not progress, mininterval=1.0)
+    for block in read_blocks(text_path, 0, size):
+        for line in drop_duplicates(clean_lines(block, normalize_whitespace, Counter()), seen, Counter()):
+            if len(line) * 4 > SP_MAX_LINE_BYTES and len(line.encode()) > SP_MAX_LINE_BYTES:
+                line = line.encode()[:SP_MAX_LINE_BYTES].decode(errors="ignore").rsplit(" ", 1)[0]
+            n_seen += 1
+            if len(sample) < sample_lines:
+                sample.append(line)
+            elif (j := rng.randrange(n_seen)) < sample_lines:
+                sample[j] = line
+        bar.update(len(block))
+    bar.close()
+    if not sample:
+        raise UserError(f"corpus {text_path!r} has no text (it is empty or only blank lines). HINT: pass a UTF-8 "
+                        f"file with one sample per line")
+    print0(f"training a {vocab_size}-token BPE tokenizer on {len(sample):,} sampled lines")
+    model_proto = train_tokenizer(sample, vocab_size)
+    del sample
+    dtype = token_dtype(vocab_size)
+
+    # Pass 2: encode in blocks on num_workers processes, at most 2 blocks per worker in flight, written in order.
+    os.makedirs(out_dir, exist_ok=True)
+    tmp = {name: os.path.join(out_dir, f".{name}.tmp{os.getpid()}")
+           for name in ("tokenizer.model", "train.bin", "val.bin")}
+    counts = {"train": Counter(), "val": Counter()}
+    seen = set() if dedup else None
+    t0 = time.time()
+    pool = None if num_workers == 1 else mp.get_context("spawn").Pool(num_workers, _init_encoder, (model_proto,))
+    try:
+        if pool is None:
+            _init_encoder(model_proto)
+        with open(tmp["tokenizer.model"], "wb") as f:
+            f.write(model_proto)
+        bar = tqdm(total=size, unit="B", unit_scale=True, desc="encoding", disable=not progress, mininterval=1.0)
+        for split, (start, end) in (("train", (0, cut)), ("val", (cut, size))):
+            pending = deque()
+            with open(tmp[f"{split}.bin"], "wb") as out:
+                def drain(limit):
+                    while len(pending) > limit:
+                        result, n_lines, n_bytes = pending.popleft()
+                        tokens = result.get() if pool else result
+                        tokens.tofile(out)
+                        counts[split]["tokens"] += len(tokens)
+                        counts[split]["samples"] += n_lines
+                        bar.update(n_bytes)
+                for block in read_blocks(text_path, start, end):
+                    lines = drop_duplicates(clean_lines(block, normalize_whitespace, stats), seen, stats)
+                    stats["long lines (> 4192 bytes, encoded, sampled in part)"] += sum(
+                        len(line) * 4 > SP_MAX_LINE_BYTES and len(line.encode()) > SP_MAX_LINE_BYTES
+                        for line in lines)
+                    work = pool.apply_async(encode_samples, (lines, dtype)) if pool else encode_samples(lines, dtype)
+                    pending.append((work, len(lines), len(block)))
+                    drain(2 * num_workers)
+                drain(0)
+        bar.close()
+    except BaseException:
+        for path in tmp.values():
+            if os.path.exists(path):
+                os.remove(path)
+        raise
+    finally:
+        if pool is not None:
+            pool.terminate()
+    elapsed = time.time() - t0
+    for split in ("train", "val"):
+        if counts[split]["samples"] == 0:
+            for path in tmp.values():
+                os.remove(path)
+            raise UserError(f"the {split} split of {text_path!r} is empty ({size} bytes, --val_fraction "
+                            f"{val_fraction}). HINT: use a corpus with more lines, or change --val_fraction")
+
+    for name, path in tmp.items():
+        os.replace(path, os.path.join(out_dir, name))
+    meta = {
+        "format_version": 1,
+        "vocab_size": vocab_size,
+        "dtype": np.dtype(dtype).name,
+        "special_ids": {"unk": UNK_ID, "bos": BOS_ID, "eos": EOS_ID, "pad": PAD_ID},
+        "tokenizer_sha256": hashlib.sha256(model_proto).hexdigest(),
+        "train": dict(counts["train"]),
+        "val": dict(counts["val"]),
+        "stats": dict(sorted(stats.items())),
+        "options": {"text_path": os.path.abspath(text_path), "vocab_size": vocab_size, "val_fraction": val_fraction,
+                    "seed": seed, "sample_lines": sample_lines, "dedup": dedup,
+                    "normalize_whitespace": normalize_whitespace, "sp_trainer": SP_TRAINER_OPTIONS},
+    }
+    atomic_write_json(os.path.join(out_dir, "meta.json"), meta)
+    n_tokens = counts["train"]["tokens"] + counts["val"]["tokens"]
+    n_samples = counts["train"]["samples"] + counts["val"]["samples"]
+    print0(f"wrote {out_dir}: {counts['train']['tokens']:,} train / {counts['val']['tokens']:,} val tokens ({dtype.__name__})"
+           f", {n_samples:,} samples, {n_tokens / max(n_samples, 1):.1f} tokens per sample, "
+           f"{n_tokens / max(elapsed, 1e-9):,.0f} tokens/s ({size / 1e6 / max(elapsed, 1e-9):.1f} MB/s) "
+           f"on {num_workers} worker(s)")
+    print0("  " + ", ".join(f"{k}: {v:,}" for k, v in sorted(stats.items())))
+    return meta
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Batches
+
+
+class Batches:
+    """Training windows as a pure function of (seed, step, position in the global batch).
+
+    The corpus is cut into windows of seq_len + 1 tokens; each epoch visits all of them once in a seeded order, with a
+    seeded shift of the window grid. Row g of step s is window number s * global_batch + g of that sequence, so 2
+    ranks x 1 micro-step read exactly what 1 rank x 2 micro-steps reads, and a resume (on any number of processes)
+    continues the stream where it stopped.
+    """
+
+    def __init__(self, path: str, dtype, seq_len: int, seed: int, global_batch: int):
+        self.data = np.memmap(path, dtype=dtype, mode="r")
+        self.seq_len, self.seed, self.global_batch = seq_len, seed, global_batch
+        self.n_windows = len(self.data) // seq_len - 1
+        if self.n_windows < 1:
+            raise UserError(f"{path} holds {len(self.data):,} tokens, fewer than two sequences of --seq_len "
+                            f"{seq_len}. HINT: use a shorter --seq_len or a bigger corpus")
+        self._epoch, self._order, self._shift = -1, None, 0
+
+    def window(self, index: int) -> np.ndarray:
+        epoch, i = divmod(index, self.n_windows)
+        if epoch != self._epoch:
+            rng = np.random.default_rng([self.seed, epoch])
+            self._epoch, self._order = epoch, rng.permutation(self.n_windows)
+            self._shift = int(rng.integers(self.seq_len))
+        start = self._shift + int(self._order[i]) * self.seq_len
+        return self.data[start:start + self.seq_len + 1]
+
+    def get(self, step: int, rows: range, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        xy = torch.from_numpy(np.stack([self.window(step * self.global_batch + g) for g in rows]).astype(np.int64))
+        if device.type == "cuda":  # pinned + non_blocking: the copy overlaps the step already queued on the GPU
+            xy = xy.pin_memory().to(device, non_blocking=True)
+        return xy[:, :-1], xy[:, 1:]  # (B, T) inputs, (B, T) targets
+
+    def state_dict(self) -> dict:
+        return {"seed": self.seed, "seq_len": self.seq_len, "n_windows": self.n_windows,
+                "global_batch": self.global_batch}
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Model
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x):  # in float32, as HF LLaMA does
+        return F.rms_norm(x.float(), (x.size(-1),), eps=self.eps).to(x.dtype) * self.weight
+
+
+def rope_tables(cfg: ModelConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    inv_freq = 1.0 / cfg.rope_theta ** (torch.arange(0, cfg.head_dim, 2, dtype=torch.float32) / cfg.head_dim)
+    freqs = torch.outer(torch.arange(cfg.seq_len, dtype=torch.float32), inv_freq)  # (T, head_dim/2)
+    emb = torch.cat((freqs, freqs), dim=-1)  # (T, head_dim): rotate-half pairs i with i + head_dim/2
+    return emb.cos(), emb.sin()
+
+
+def apply_rope(x, cos, sin):  # x: (B, n_head, T, head_dim); cos, sin: (T, head_dim)
+    x1, x2 = x.chunk(2, dim=-1)
+    rotated = torch.cat((-x2, x1), dim=-1)
+    return x * cos.to(x.dtype) + rotated * sin.to(x.dtype)
+
+
+class KVCache(nn.Module):
+    """Preallocated keys and values for decoding: prefill writes the prompt, each decode step writes one position."""
+
+    def __init__(self, batch: int, cfg: ModelConfig, dtype, device):
+        super().__init__()
+        shape = (batch, cfg.n_kv_head, cfg.seq_len, cfg.head_dim)
+        self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+        self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+
+    def update(self, pos: torch.Tensor, k, v):  # pos: (T,) absolute positions of the new keys
+        self.k.index_copy_(2, pos, k)
+        self.v.index_copy_(2, pos, v)
+        return self.k, self.v
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig, dropout: float):
+        super().__init__()
+        self.n_head, self.n_kv_head, self.head_dim, self.dropout = cfg.n_head, cfg.n_kv_head, cfg.head_dim, dropout
+        self.splits = [cfg.n_head * cfg.head_dim, cfg.n_kv_head * cfg.head_dim, cfg.n_kv_head * cfg.head_dim]
+        self.qkv_proj = nn.Linear(cfg.d_model, sum(self.splits), bias=False)  # rows: q, k, v
+        self.o_proj = nn.Linear(cfg.n_head * cfg.head_dim, cfg.d_model, bias=False)
+        self.cache: KVCache | None = None
+
+    def forward(self, x, cos, sin, pos=None, mask=None):
+        B, T, _ = x.shape
+        q, k, v = self.qkv_proj(x).split(self.splits, dim=-1)
+        q = q.view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # (B, n_head, T, head_dim)
+        k = k.view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)  # (B, n_kv_head, T, head_dim)
+        v = v.view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if self.cache is not None:  # decoding: attend over the whole cache, masked to the positions written so far
+            k, v = self.cache.update(pos, k, v)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
+                                           dropout_p=self.dropout if self.training else 0.0,
+                                           enable_gqa=self.n_kv_head != self.n_head)  # (B, n_head, T, head_dim)
+        return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
+
+
+class FeedForward(nn.Module):  # SwiGLU
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.gate_up_proj = nn.Linear(cfg.d_model, 2 * cfg.ffn_hidden, bias=False)  # rows: gate, up
+        self.down_proj = nn.Linear(cfg.ffn_hidden, cfg.d_model, bias=False)
+
+    def forward(self, x):
+        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+        return self.down_proj(F.silu(gate) * up)
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig, dropout: float):
+        super().__init__()
+        self.input_layernorm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.self_attn = Attention(cfg, dropout)
+        self.post_attention_layernorm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.mlp = FeedForward(cfg)
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(self, x, cos, sin, pos=None, mask=None):
+        x = x + self.dropout(self.self_attn(self.input_layernorm(x), cos, sin, pos, mask))
+        return x + self.dropout(self.mlp(self.post_attention_layernorm(x)))
+
+
+class Transformer(nn.Module):
+    def __init__(self, cfg: ModelConfig, dropout: float = 0.0):
+        super().__init__()
+        self.cfg = cfg
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        self.dropout = nn.Dropout(dropout)
+        self.layers = nn.ModuleList(Block(cfg, dropout) for _ in range(cfg.n_layer))
+        self.norm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        if cfg.tie_embeddings:
+            self.lm_head.weight = self.embed_tokens.weight
+        cos, sin = rope_tables(cfg)
+        self.register_buffer("rope_cos", cos, persistent=False)  # float32 always: bf16 angles lose positions
+        self.register_buffer("rope_sin", sin, persistent=False)
+        self.init_weights()
+
+    def init_weights(self):
+        # GPT-2 / LLaMA-style: N(0, 0.02) everywhere, the two projections that write into the residual stream scaled
+        # down by sqrt(2 * n_layer) so the stream's variance does not grow with depth; norms start at one.
+        std = 0.02
+        nn.init.normal_(self.embed_tokens.weight, std=std)
+        if not self.cfg.tie_embeddings:
+            nn.init.normal_(self.lm_head.weight, std=std)
+        for block in self.layers:
+            nn.init.normal_(block.self_attn.qkv_proj.weight, std=std)
+            nn.init.normal_(block.mlp.gate_up_proj.weight, std=std)
+            for proj in (block.self_attn.o_proj, block.mlp.down_proj):
+                nn.init.normal_(proj.weight, std=std / math.sqrt(2 * self.cfg.n_layer))
+            for norm in (block.input_layernorm, block.post_attention_layernorm):
+                nn.init.ones_(norm.weight)
+        nn.init.ones_(self.norm.weight)
+
+    def forward(self, idx, targets=None, pos=None):
+        """idx (B, T) token ids. Training: targets (B, T), -1 ignored. Decoding: pos (T,) positions in the KV cache."""
+        T = idx.size(1)
+        if pos is None:
+            cos, sin, mask = self.rope_cos[:T], self.rope_sin[:T], None
+        else:  # query at position p sees cache slots 0..p
+            cos, sin = self.rope_cos[pos], self.rope_sin[pos]
+            mask = pos[:, None] >= torch.arange(self.cfg.seq_len, device=idx.device)  # (T, seq_len)
+        x = self.dropout(self.embed_tokens(idx))  # (B, T, d_model)
+        for block in self.layers:
+            x = block(x, cos, sin, pos, mask)
+        logits = self.lm_head(self.norm(x))  # (B, T, vocab_size)
+        if targets is None:
+            return logits, None
+        loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1)
+        return logits, loss
+
+    def num_params(self, matmul_only: bool = False) -> int:
+        n = sum(p.numel() for p in self.parameters())  # parameters() counts a tied matrix once
+        if matmul_only:  # the embedding is a lookup, not a matmul; a tied lm_head is a matmul
+            n -= self.embed_tokens.weight.numel() * (not self.cfg.tie_embeddings)
+            n -= sum(p.numel() for m in self.modules() if isinstance(m, RMSNorm) for p in m.parameters())
+        return n
+
+    def flops_per_token(self) -> float:
+        # PaLM (appendix B): 6 FLOPs per matmul parameter per token (forward + backward), plus attention scores and
+        # weighted values: 12 * n_layer * (n_head * head_dim) * seq_len.
+        c = self.cfg
+        return 6 * self.num_params(matmul_only=True) + 12 * c.n_layer * c.n_head * c.head_dim * c.seq_len
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Optimizer and LR schedule
+
+
+def make_optimizer(model: Transformer, lr: float, weight_decay: float, device: torch.device):
+    # Decay the matrices (embeddings, projections), not the norm gains: shrinking a gain toward 0 is not regularisation.
+    norms = {id(p) for m in model.modules() if isinstance(m, RMSNorm) for p in m.parameters()}
+    params = list(model.parameters())  # a tied matrix appears once
+    groups = [{"params": [p for p in params if id(p) not in norms], "weight_decay": weight_decay},
+              {"params": [p for p in params if id(p) in norms], "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.95), eps=1e-8, fused=device.type == "cuda")
+
+
+def lr_at(step: int, lr: float, min_lr: float, warmup: int, max_steps: int) -> float:
+    """Linear warmup from lr/warmup to lr, then cosine decay to min_lr at max_steps."""
+    if step < warmup:
+        return lr * (step + 1) / warmup
+    progress = min(1.0, (step - warmup) / max(1, max_steps - warmup))
+    return min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (lr - min_lr)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Checkpoint I/O
+
+CKPT_FORMAT, CKPT_VERSION = "standalone_transformer_lm", 1
+
+
+def cpu_state_dict(module: nn.Module) -> dict:
+    copies = {}  # keyed by storage, so a tied matrix stays one tensor under two names
+    return {k: copies.setdefault(v.data_ptr(), v.detach().cpu()) for k, v in module.state_dict().items()}
+
+
+def load_checkpoint(path: str) -> dict:
+    require_file(path, "checkpoint", "pass the ckpt_last.pt or ckpt_best.pt that `train` wrote")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)  # never unpickle arbitrary objects
+    except Exception as e:  # a malicious, foreign or truncated file: refuse, whatever torch raises
+        raise UserError(f"{path!r} is not a loadable checkpoint ({type(e).__name__}: {str(e).splitlines()[0]})") \
+            from None
+    if not isinstance(ckpt, dict) or ckpt.get("format") != CKPT_FORMAT:
+        raise UserError(f"{path!r} is not a checkpoint of this script (no {CKPT_FORMAT!r} format tag)")
+    if ckpt.get("version") != CKPT_VERSION:
+        raise UserError(f"{path!r} has checkpoint version {ckpt.get('version')}, this script reads {CKPT_VERSION}")
+    return ckpt
+
+
+def save_checkpoint(out_dir: str, names: list[str], ckpt: dict, tokenizer_path: str) -> None:
+    """Rank 0 only: ckpt_*.pt files, then the export (pytorch_model.bin, config.json, tokenizer.model)."""
+    for name in names:
+        atomic_write(os.path.join(out_dir, name), lambda f: torch.save(ckpt, f))
+    atomic_write(os.path.join(out_dir, "pytorch_model.bin"), lambda f: torch.save(ckpt["model"], f))
+    atomic_write_json(os.path.join(out_dir, "config.json"),
+                      {"format": CKPT_FORMAT, "step": ckpt["step"], **ckpt["model_config"]})
+    with open(tokenizer_path, "rb") as src:
+        proto = src.read()
+    atomic_write(os.path.join(out_dir, "tokenizer.model"), lambda f: f.write(proto))
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Training
+
+
+@dataclass
+class TrainConfig:
+    out_dir: str
+    data_dir: str
+    batch_size: int = 16
+    grad_accum_steps: int = 4
+    max_steps: int = 200_000
+    warmup_steps: int = 2000
+    lr: float = 6e-4
+    min_lr: float | None = None  # None: lr / 10
+    weight_decay: float = 0.1
+    dropout: float = 0.0
+    grad_clip: float = 1.0
+    compile: bool = False
+    eval_interval: int = 1000
+    eval_iters: int = 20
+    log_interval: int = 10
+    save_interval: int = 1000
+    seed: int = 1337
+    device: str = "auto"
+    dtype: str = "auto"
+    dist_timeout: int = 1800
+
+
+ARCH_FLAGS = ("n_layer", "n_head", "n_kv_head", "d_model", "head_dim", "ffn_mult", "seq_len", "rope_theta",
+              "tie_embeddings")
+PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12, "L4": 121e12, "A10G": 70e12,
+                   "4090": 165e12, "3090": 71e12}  # dense, per GPU; MFU is reported only for these
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "cuda" and not torch.cuda.is_available():
+        raise UserError("--device cuda was asked for but torch sees no CUDA GPU. HINT: use --device cpu, or "
+                        f"install a CUDA build of torch (this one is {torch.__version__})")
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda" and "LOCAL_RANK" in os.environ:
+        return torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+    return torch.device(name)
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    if name == "auto":
+        if device.type != "cuda":
+            return torch.float32
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
+
+
+def setup_distributed(device: torch.device, timeout_s: int) -> tuple[int, int]:
+    """(rank, world_size); under torchrun, joins the process group: NCCL on GPUs, gloo on CPUs."""
+    if "RANK" not in os.environ:
+        return 0, 1
+    import datetime
+    import torch.distributed as dist
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
+                            timeout=datetime.timedelta(seconds=timeout_s))
+    return dist.get_rank(), dist.get_world_size()
+
+
+def read_meta(data_dir: str) -> dict:
+    path = os.path.join(data_dir, "meta.json")
+    hint = f"run `python {os.path.basename(__file__)} prep --text_path corpus.txt --out_dir {data_dir}` first"
+    require_file(path, "data meta file", hint)
+    for name in ("train.bin", "val.bin", "tokenizer.model"):
+        require_file(os.path.join(data_dir, name), "data file", hint)
+    with open(path) as f:
+        return json.load(f)
+
+
+def resolve_model_config(args, vocab_size: int, saved: dict | None) -> ModelConfig:
+    """Flags over preset over (on resume) the checkpoint's config; on resume any difference is refused."""
+    d = dict(saved) if saved else {}
+    if args.preset:
+        d.update(PRESETS[args.preset])
+    d.update({k: getattr(args, k) for k in ARCH_FLAGS if getattr(args, k) is not None})
+    d["vocab_size"] = vocab_size
+    cfg = ModelConfig(**d)
+    if saved:
+        old = ModelConfig.from_dict(saved)
+        diff = [f"{k} {getattr(old, k)} -> {getattr(cfg, k)}" for k in asdict_keys(old) if getattr(old, k) !=
+                getattr(cfg, k)]
+        if diff:
+            raise UserError(f"resuming from {args.out_dir}/ckpt_last.pt, whose model differs: {', '.join(diff)}. "
+                            f"HINT: drop those flags to continue that run, or use a new --out_dir for a new model")
+    return cfg
+
+
+def asdict_keys(cfg) -> list[str]:
+    return [f.name for f in dataclasses.fields(cfg)]
+
+
+class StopSignal:
+    """SIGTERM/SIGINT ask for a save at the next step boundary; a second signal interrupts at once."""
+
+    def __init__(self):
+        import signal
+        self.requested = False
+        self._old = {s: signal.signal(s, self._handle) for s in (signal.SIGTERM, signal.SIGINT)}
+
+    def _handle(self, signum, frame):
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+        print(f"\nsignal {signum}: saving at the end of this step (send again to stop at once)", file=sys.stderr,
+              flush=True)
+
+    def restore(self):
+        import signal
+        for s, handler in self._old.items():
+            signal.signal(s, handler)
+
+
+def rng_state(device: torch.device) -> dict:
+    state = {"torch": torch.get_rng_state()}
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def set_rng_state(state: dict, device: torch.device) -> None:
+    torch.set_rng_state(state["torch"])
+    if device.type == "cuda" and "cuda" in state:
+        torch.cuda.set_rng_state(state["cuda"], device)
+
+
+def train(tc: TrainConfig, args) -> dict:
+    device = resolve_device(tc.device)
+    rank, world = setup_distributed(device, tc.dist_timeout)
+    ddp = world > 1
+    import torch.distributed as dist
+    try:
+        return _train(tc, args, device, rank, world)
+    finally:
+        if ddp and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def _train(tc: TrainConfig, args, device: torch.device, rank: int, world: int) -> dict:
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel as DDP
+    ddp = world > 1
+    meta = read_meta(tc.data_dir)
+    last_path = os.path.join(tc.out_dir, "ckpt_last.pt")
+    ckpt = load_checkpoint(last_path) if os.path.exists(last_path) else None
+    if ckpt and ckpt.get("tokenizer_sha256") != meta["tokenizer_sha256"]:
+        raise UserError(f"{last_path} was trained with another tokenizer than {tc.data_dir}/tokenizer.model. HINT: "
+                        f"resume with the --data_dir it was trained on, or start a new --out_dir")
+    cfg = resolve_model_config(args, meta["vocab_size"], ckpt["model_config"] if ckpt else None)
+    for name, value in (("batch_size", tc.batch_size), ("grad_accum_steps", tc.grad_accum_steps),
+                        ("max_steps", tc.max_steps), ("log_interval", tc.log_interval),
+                        ("eval_interval", tc.eval_interval), ("save_interval", tc.save_interval)):
+        if value < 1:
+            raise UserError(f"--{name} must be at least 1, got {value}")
+    min_lr = tc.lr / 10 if tc.min_lr is None else tc.min_lr
+    dtype = resolve_dtype(tc.dtype, device)
+    # Decided once, before the loop: autocast context, unwrapped model, compiled + DDP-wrapped model.
+    ctx = torch.autocast(device.type, dtype=dtype) if dtype != torch.float32 else contextlib.nullcontext()
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    torch.manual_seed(tc.seed)  # same initial weights on every rank and every device
+    raw_model = Transformer(cfg, tc.dropout).to(device)
+    optimizer = make_optimizer(raw_model, tc.lr, tc.weight_decay, device)
+    scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
+    global_batch = tc.batch_size * tc.grad_accum_steps * world
+    tok_dtype = np.dtype(meta["dtype"])
+    train_data = Batches(os.path.join(tc.data_dir, "train.bin"), tok_dtype, cfg.seq_len, tc.seed, global_batch)
+    val_data = Batches(os.path.join(tc.data_dir, "val.bin"), tok_dtype, cfg.seq_len, tc.seed + 1,
+                       tc.batch_size * world)
+    step, best_val = 0, float("inf")
+    if ckpt:
+        raw_model.load_state_dict(ckpt["model"], strict=True)
+        optimizer.load_state_dict(ckpt["optimizer"])
+        optimizer.param_groups[0]["weight_decay"] = tc.weight_decay  # today's flags, not the checkpoint's
+        scaler.load_state_dict(ckpt["scaler"])
+        step, best_val = ckpt["step"], ckpt["best_val_loss"]
+        states = ckpt["rng"]
+        set_rng_state(states[rank] if rank < len(states) else states[0], device)
+        old = ckpt["train_config"]
+        print0(f"resuming {last_path} at step {step:,} (best val loss {best_val:.4f})")
+        changed = {k: (old.get(k), v) for k, v in dataclasses.asdict(tc).items() if old.get(k) != v}
+        if changed:
+            print0("  changed since the checkpoint: " + ", ".join(f"{k} {a} -> {b}" for k, (a, b) in changed.items()))
+        if ckpt["data"]["global_batch"] != global_batch:
+            print0(f"  note: the global batch is now {global_batch} sequences (was {ckpt['data']['global_batch']}),"
+                   f" so batches from here differ from those the old setup would have drawn")
+        del ckpt
+    model = torch.compile(raw_model) if tc.compile else raw_model
+    if ddp:
+        model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
+
+    tokens_per_step = tc.batch_size * cfg.seq_len * tc.grad_accum_steps * world
+    print0(f"torch {torch.__version__}, device {device} x {world} process(es), dtype {str(dtype)[6:]}, "
+           f"compile {tc.compile}")
+    print0(f"model {json.dumps(dataclasses.asdict(cfg))}: {raw_model.num_params():,} parameters "
+           f"(ffn_hidden {cfg.ffn_hidden}, head_dim {cfg.head_dim})")
+    print0(f"train {json.dumps(dataclasses.asdict(tc))}")
+    print0(f"tokens per step: {tokens_per_step:,} = batch_size {tc.batch_size} x seq_len {cfg.seq_len} x "
+           f"grad_accum_steps {tc.grad_accum_steps} x world_size {world}; schedule: warmup {tc.warmup_steps}, "
+           f"cosine from lr {tc.lr:g} to {min_lr:g} at step {tc.max_steps:,}")
+    peak = next((v for k, v in PEAK_BF16_FLOPS.items() if device.type == "cuda" and
+                 k in torch.cuda.get_device_name(device)), None)
+    flops_per_step = raw_model.flops_per_token() * tokens_per_step
+
+    metrics_path = os.path.join(tc.out_dir, "metrics.jsonl")
+    if rank == 0:
+        os.makedirs(tc.out_dir, exist_ok=True)
+        if os.path.exists(metrics_path):  # keep the log of the run we continue: drop lines past the checkpoint
+            with open(metrics_path) as f:
+                kept = [line for line in f if line.strip() and json.loads(line)["step"] <= step]
+            atomic_write(metrics_path, lambda f: f.write("".join(kept).encode()))
+
+    def save(names: list[str]):
+        states = [None] * world
+        if ddp:
+            dist.all_gather_object(states, rng_state(device))
+        else:
+            states = [rng_state(device)]
+        if rank == 0:
+            ckpt = {"format": CKPT_FORMAT, "version": CKPT_VERSION, "model_config": dataclasses.asdict(cfg),
+                    "model": cpu_state_dict(raw_model), "optimizer": optimizer.state_dict(),
+                    "scaler": scaler.state_dict(), "step": step, "best_val_loss": best_val,
+                    "train_config": dataclasses.asdict(tc), "data": train_data.state_dict(), "rng": states,
+                    "tokenizer_sha256": meta["tokenizer_sha256"]}
+            save_checkpoint(tc.out_dir, names, ckpt, os.path.join(tc.data_dir, "tokenizer.model"))
+        if ddp:
+            dist.barrier()
+
+    @torch.no_grad()
+    def evaluate() -> float:
+        raw_model.eval()
+        total = torch.zeros((), device=device)
+        for i in range(tc.eval_iters):
+            x, y = val_data.get(i, range(rank * tc.batch_size, (rank + 1) * tc.batch_size), device)
+            with ctx:
+                total += raw_model(x, y)[1].float()
+        if ddp:
+            dist.all_reduce(total)
+        raw_model.train()
+        return total.item() / (tc.eval_iters * world)
+
+    def rows(micro: int) -> range:  # this rank's rows of the global batch at micro-step `micro`
+        first = (micro * world + rank) * tc.batch_size
+        return range(first, first + tc.batch_size)
+
+    stop = StopSignal()
+    bar = tqdm(total=tc.max_steps, initial=step, desc="train", unit="step", disable=rank != 0, mininterval=1.0)
+    x, y = train_data.get(step, rows(0), device)
+    t_log, steps_since_log, last_log = time.time(), 0, {}
+    try:
+        while step < tc.max_steps:
+            lr = lr_at(step, tc.lr, min_lr, tc.warmup_steps, tc.max_steps)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            loss_sum = torch.zeros((), device=device)
+            for micro in range(tc.grad_accum_steps):
+                last = micro == tc.grad_accum_steps - 1
+                with model.no_sync() if ddp and not last else contextlib.nullcontext():
+                    with ctx:
+                        _, loss = model(x, y)
+                    # The step's loss is the mean over the global batch: DDP averages over ranks and each micro-step
+                    # contributes 1/grad_accum_steps, so the gradient does not depend on how the batch is split.
+                    loss = loss / tc.grad_accum_steps
+                    x, y = train_data.get(step + last, rows(0 if last else micro + 1), device)  # overlaps the GPU
+                    scaler.scale(loss).backward()
+                loss_sum += loss.detach()
+            scaler.unscale_(optimizer)
+            grad_norm = torch.nn.utils.clip_grad_norm_(raw_model.parameters(), tc.grad_clip or float("inf"))
+            # One small all-reduce and one host sync per step: every rank then agrees on stopping (signal or a
+            # non-finite loss) before the optimizer step. The grad norm is the same on every rank after DDP.
+            flags = torch.stack([loss_sum.float(), torch.tensor(float(stop.requested), device=device)])
+            if ddp:
+                dist.all_reduce(flags)
+            loss_val, stop_votes = (flags / torch.tensor([world, 1.0], device=device)).tolist()
+            norm_val = grad_norm.item()
+            if not math.isfinite(loss_val) or (not scaler.is_enabled() and not math.isfinite(norm_val)):
+                raise UserError(f"training diverged at step {step + 1}: loss {loss_val}, grad norm {norm_val} "
+                                f"(lr {lr:.3g}); {tc.out_dir}/ckpt_last.pt is untouched. HINT: resume with a "
+                                f"lower --lr or more --warmup_steps")
+            scaler.step(optimizer)
+            scaler.update()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+            steps_since_log += 1
+            bar.update(1)
+
+            is_eval = step % tc.eval_interval == 0 or step == tc.max_steps
+            if step % tc.log_interval == 0 or is_eval or stop_votes:
+                dt = (time.time() - t_log) / steps_since_log
+                last_log = {"step": step, "loss": round(loss_val, 5), "lr": lr, "grad_norm": round(norm_val, 4),
+                            "ms_per_step": round(dt * 1000, 1), "tokens_per_s": round(tokens_per_step / dt)}
+                if peak:
+                    last_log["mfu"] = round(flops_per_step / dt / (peak * world), 4)
+                if is_eval:
+                    last_log["val_loss"] = round(evaluate(), 5)
+                if rank == 0:
+                    bar.write(" | ".join(f"{k} {v}" for k, v in last_log.items()))
+                    with open(metrics_path, "a") as f:
+                        f.write(json.dumps(last_log) + "\n")
+                t_log, steps_since_log = time.time(), 0
+            new_best = is_eval and last_log["val_loss"] < best_val
+            if new_best:
+                best_val = last_log["val_loss"]
+            if new_best or step % tc.save_interval == 0 or step == tc.max_steps or stop_votes:
+                save(["ckpt_last.pt", "ckpt_best.pt"] if new_best else ["ckpt_last.pt"])
+            if stop_votes:
+                print0(f"stopped by signal at step {step:,}; {tc.out_dir}/ckpt_last.pt saved. Run the same command "
+                       f"to resume.")
+                break
+    finally:
+        bar.close()
+        stop.restore()
+    return {"step": step, "best_val_loss": best_val, **last_log}
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Sampling
+
+
+def model_from_checkpoint(path: str, device: torch.device, dtype: torch.dtype) -> tuple[Transformer, dict]:
+    ckpt = load_checkpoint(path)
+    model = Transformer(ModelConfig.from_dict(ckpt["model_config"]))
+    model.load_state_dict(ckpt["model"], strict=True)
+    return model.to(device=device, dtype=dtype).eval(), ckpt
+
+
+def sample_next(logits: torch.Tensor, seen: torch.Tensor, temperature: float, top_k: int, top_p: float,
+                repetition_penalty: float, generator: torch.Generator | None) -> torch.Tensor:
+    """logits (B, vocab) float32 -> next ids (B, 1). seen (B, vocab) bool marks tokens already in the sequence."""
+    if repetition_penalty != 1.0:  # CTRL's penalty: make every seen token less likely, whatever its sign
+        penalised = torch.where(logits > 0, logits / repetition_penalty, logits * repetition_penalty)
+        logits = torch.where(seen, penalised, logits)
+    if temperature <= 0:
+        return logits.argmax(dim=-1, keepdim=True)
+    logits = logits / temperature
+    if 0 < top_k < logits.size(-1):
+        kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p < 1.0:  # nucleus: the smallest set of tokens whose probability reaches top_p
+        sorted_logits, order = torch.sort(logits, descending=True, dim=-1)
+        cum = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
+        drop_sorted = cum - sorted_logits.softmax(dim=-1) >= top_p  # the mass before this token already reaches p
+        logits = logits.masked_fill(drop_sorted.scatter(-1, order, drop_sorted), float("-inf"))
+    return torch.multinomial(logits.softmax(dim=-1), 1, generator=generator)
+
+
+@torch.no_grad()
+def generate(model: Transformer, prompt: list[int], max_new_tokens: int, temperature: float = 0.0, top_k: int = 0,
+             top_p: float = 1.0, repetition_penalty: float = 1.0, seed: int | None = None, eos_id: int | None = EOS_ID,
+             decode_step=None, on_token=None) -> list[int]:
+    """Prefill the prompt into a preallocated KV cache, then decode one token at a time. Returns the new tokens."""
+    cfg, device = model.cfg, model.embed_tokens.weight.device
+    max_new_tokens = min(max_new_tokens, cfg.seq_len - len(prompt))
+    for block in model.layers:
+        block.self_attn.cache = KVCache(1, cfg, model.embed_tokens.weight.dtype, device)
+    decode_step = decode_step or model
+    generator = torch.Generator(device).manual_seed(seed) if seed is not None else None
+    seen = torch.zeros(1, cfg.vocab_size, dtype=torch.bool, device=device)
+    seen[0, prompt] = True
+    try:
+        logits = model(torch.tensor([prompt], device=device), pos=torch.arange(len(prompt), device=device))[0]
+        out = []
+        for t in range(len(prompt), len(prompt) + max_new_tokens):
+            next_id = sample_next(logits[:, -1].float(), seen, temperature, top_k, top_p, repetition_penalty,
+                                  generator)  # (1, 1)
+            token = next_id.item()
+            if token == eos_id:
+                break
+            out.append(token)
+            seen[0, token] = True
+            if on_token:
+                on_token(out)
+            logits = decode_step(next_id, pos=torch.tensor([t], device=device))[0]
+        return out
+    finally:
+        for block in model.layers:
+            block.self_attn.cache = None
+
+
+class TextStream:
+    """Prints decoded text as tokens arrive; whole-sequence decoding keeps SentencePiece's spaces right."""
+
+    def __init__(self, sp):
+        self.sp, self.printed = sp, ""
+
+    def __call__(self, ids: list[int]):
+        text = self.sp.decode(ids)
+        if not text.endswith("\ufffd"):  # hold back half of a multi-byte character
+            print(text[len(self.printed):], end="", flush=True)
+            self.printed = text
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Subcommands
+
+
+def cmd_prep(args) -> dict:
+    return prep(args.text_path, args.out_dir, args.vocab_size, args.val_fraction, args.seed, args.num_workers,
+                args.sample_lines, bool(args.dedup), bool(args.normalize_whitespace))
+
+
+def cmd_train(args) -> dict:
+    fields = {f.name for f in dataclasses.fields(TrainConfig)}
+    tc = TrainConfig(**{k: v for k, v in vars(args).items() if k in fields})
+    tc.compile = bool(tc.compile)
+    return train(tc, args)
+
+
+def cmd_generate(args) -> list[str]:
+    device = resolve_device(args.device)
+    dtype = resolve_dtype("auto", device) if device.type == "cuda" else torch.float32
+    model, _ = model_from_checkpoint(args.ckpt, device, dtype)
+    spm_path = args.spm or os.path.join(os.path.dirname(os.path.abspath(args.ckpt)), "tokenizer.model")
+    sp = load_tokenizer(spm_path)
+    if sp.vocab_size() != model.cfg.vocab_size:
+        raise UserError(f"tokenizer {spm_path!r} has {sp.vocab_size()} tokens but the model has "
+                        f"{model.cfg.vocab_size}. HINT: pass the tokenizer.model the model was trained with (--spm)")
+    prompt = [BOS_ID] + sp.encode(args.prompt)
+    if len(prompt) >= model.cfg.seq_len:
+        raise UserError(f"the prompt is {len(prompt)} tokens, the model's context is {model.cfg.seq_len}. HINT: "
+                        f"shorten the prompt")
+    decode_step = torch.compile(model, mode="reduce-overhead", fullgraph=True) if args.compile else None
+    texts = []
+    for i in range(args.num_samples):
+        if args.num_samples > 1:
+            print(f"--- sample {i + 1}")
+        print(args.prompt, end="", flush=True)
+        stream = TextStream(sp)
+        ids = generate(model, prompt, args.max_new_tokens, args.temperature, args.top_k, args.top_p,
+                       args.repetition_penalty, None if args.seed is None else args.seed + i, EOS_ID, decode_step,
+                       stream)
+        texts.append(sp.decode(ids))
+        print(texts[-1][len(stream.printed):], flush=True)
+    return texts
+
+
+DEMO_TRAIN = dict(n_layer=4, n_head=4, d_model=128, ffn_mult=4.0, seq_len=128)
+
+
+def cmd_demo(args) -> None:
+    import pydoc_data.topics
+    out = args.out_dir
+    os.makedirs(out, exist_ok=True)
+    corpus = os.path.join(out, "corpus.txt")
+    text = "\n".join(pydoc_data.topics.topics[k] for k in sorted(pydoc_data.topics.topics))
+    atomic_write(corpus, lambda f: f.write(text.encode()))
+    print(f"== 1/3 prep: {corpus} ({len(text) / 1e6:.1f} MB, Python's own documentation) ==")
+    data_dir, run_dir = os.path.join(out, "data"), os.path.join(out, "run")
+    prep(corpus, data_dir, vocab_size=args.vocab_size, val_fraction=0.05)
+    print(f"== 2/3 train: {run_dir} ==")
+    parser = build_parser()
+    train_argv = ["train", "--out_dir", run_dir, "--data_dir", data_dir, "--batch_size", "16", "--grad_accum_steps",
+                  "1", "--max_steps", str(args.max_steps), "--warmup_steps", "30", "--lr", "2e-3",
+                  "--eval_interval", str(max(1, args.max_steps // 4)), "--log_interval", "25", "--save_interval",
+                  str(args.max_steps), "--device", args.device]
+    for k, v in DEMO_TRAIN.items():
+        train_argv += [f"--{k}", str(v)]
+    result = cmd_train(parser.parse_args(train_argv))
+    print("== 3/3 generate ==")
+    ckpt = os.path.join(run_dir, "ckpt_last.pt")
+    for prompt in ("The try statement", "Dictionaries are"):
+        cmd_generate(parser.parse_args(["generate", "--ckpt", ckpt, "--prompt", prompt, "--max_new_tokens", "40",
+                                        "--temperature", "0.8", "--top_k", "50", "--seed", "0",
+                                        "--device", args.device]))
+    me = os.path.basename(__file__)
+    print(f"\ndone: loss {result['loss']:.3f}, val loss {result.get('val_loss', float('nan')):.3f} after "
+          f"{result['step']} steps.\n  corpus     {corpus}\n  tokenizer  {data_dir}/tokenizer.model (+ train.bin, "
+          f"val.bin, meta.json)\n  checkpoint {ckpt} (+ ckpt_best.pt, pytorch_model.bin, config.json, metrics.jsonl)"
+          f"\nnext:\n  python {me} generate --ckpt {ckpt} --prompt \"Lists are\"\n"
+          f"  python convert_to_llama.py --ckpt {ckpt} --spm {data_dir}/tokenizer.model --out {out}/hf")
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# CLI
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    sub = p.add_subparsers(dest="command", required=True)
+    flag = dict(type=int, choices=[0, 1])
+    fmt = argparse.ArgumentDefaultsHelpFormatter
+
+    s = sub.add_parser("prep", help="train the tokenizer and pack the corpus into token files", formatter_class=fmt)
+    s.add_argument("--text_path", required=True, help="UTF-8 text, one sample per line")
+    s.add_argument("--out_dir", default="./data")
+    s.add_argument("--vocab_size", type=int, default=32000)
+    s.add_argument("--val_fraction", type=float, default=0.005, help="share of the corpus (its tail) for val.bin")
+    s.add_argument("--num_workers", type=int, default=0, help="encoding processes; 0 = all cores")
+    s.add_argument("--seed", type=int, default=1337, help="seeds the tokenizer's sample of lines")
+    s.add_argument("--sample_lines", type=int, default=300_000, help="lines sampled to train the tokenizer")
+    s.add_argument("--dedup", default=0, help="drop exact duplicate lines", **flag)
+    s.add_argument("--normalize_whitespace", default=0, help="collapse runs of whitespace to one space", **flag)
+    s.set_defaults(func=cmd_prep)
+
+    s = sub.add_parser("train", help="train (or resume) a model; works under torchrun", formatter_class=fmt)
+    s.add_argument("--out_dir", required=True, help="checkpoints go here; an existing ckpt_last.pt is resumed")
+    s.add_argument("--data_dir", default="./data", help="the folder `prep` wrote")
+    s.add_argument("--preset", choices=sorted(PRESETS), help="model size; flags below override it (default 138m)")
+    s.add_argument("--n_layer", type=int)
+    s.add_argument("--n_head", type=int)
+    s.add_argument("--n_kv_head", type=int, help="key/value heads for grouped-query attention (default n_head)")
+    s.add_argument("--d_model", type=int)
+    s.add_argument("--head_dim", type=int, help="default d_model / n_head")
+    s.add_argument("--ffn_mult", type=float, help="SwiGLU width = ffn_mult * d_model * 2/3, rounded up to 256")
+    s.add_argument("--seq_len", type=int)
+    s.add_argument("--rope_theta", type=float)
+    s.add_argument("--tie_embeddings", **flag)
+    for f in dataclasses.fields(TrainConfig):
+        if f.name not in ("out_dir", "data_dir", "device", "dtype"):
+            kind = flag if f.type is bool else {"type": float if f.name == "min_lr" else f.type}
+            s.add_argument(f"--{f.name}", default=f.default, **kind)
+    s.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    s.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float16", "float32"],
+                   help="autocast dtype; auto: bfloat16 on GPUs that have it, else float16; float32 on CPU")
+    s.set_defaults(func=cmd_train)
+
+    s = sub.add_parser("generate", help="sample from a checkpoint", formatter_class=fmt)
+    s.add_argument("--ckpt", required=True)
+    s.add_argument("--spm", help="tokenizer.model (default: the one beside --ckpt)")
+    s.add_argument("--prompt", default="")
+    s.add_argument("--max_new_tokens", type=int, default=100,
+                   help="stops earlier at eos or at the model's context (seq_len); longer prompts are refused")
+    s.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
+    s.add_argument("--top_k", type=int, default=200, help="0 = off")
+    s.add_argument("--top_p", type=float, default=1.0)
+    s.add_argument("--repetition_penalty", type=float, default=1.0)
+    s.add_argument("--seed", type=int, default=None, help="same seed, same text")
+    s.add_argument("--num_samples", type=int, default=1)
+    s.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    s.add_argument("--compile", default=0, help="compile the decode step (CUDA graphs on GPU)", **flag)
+    s.set_defaults(func=cmd_generate)
+
+    s = sub.add_parser("demo", help="the whole workflow on Python's own docs, in a few minutes on a CPU",
+                       formatter_class=fmt)
+    s.add_argument("--out_dir", default="runs/demo")
+    s.add_argument("--vocab_size", type=int, default=2000)
+    s.add_argument("--max_steps", type=int, default=600)
+    s.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    s.set_defaults(func=cmd_demo)
+    return p
+
+
+def main(argv=None) -> None:
+    args = build_parser().parse_args(argv)
+    try:
+        args.func(args)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        print("error: interrupted", file=sys.stderr)
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,169 @@
+import hashlib
+import json
+import os
+import random
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import sentencepiece as spm
+
+import standalone_transformer_lm as lm
+from conftest import ROOT, assert_user_error, docs_lines, run_cli
+
+TRICKY = [
+    "\tindented with a tab\tand a tab inside",
+    "two  spaces  between  words   and three",
+    "   three leading spaces, two trailing  ",
+    "emoji 🦙🔥 and CJK 我们训练语言模型 and 한국어",
+    "digits 1234567890 and 3.14159",
+    "rare characters: ẞ ꙮ 𓂀 \u2028 inside",
+    "x" * 5000 + " " + "long line of 20 kB " * 800,
+]
+
+
+def samples(data_dir, split):
+    meta = json.loads((data_dir / "meta.json").read_text())
+    tokens = np.fromfile(data_dir / f"{split}.bin", dtype=np.dtype(meta["dtype"])).astype(np.int64)
+    starts = np.flatnonzero(tokens == lm.BOS_ID)
+    ends = np.flatnonzero(tokens == lm.EOS_ID)
+    assert len(starts) == len(ends) == meta[split]["samples"] and len(tokens) == meta[split]["tokens"]
+    assert tokens[0] == lm.BOS_ID and tokens[-1] == lm.EOS_ID and np.all(starts[1:] == ends[:-1] + 1)
+    return [tokens[s + 1:e].tolist() for s, e in zip(starts, ends)]
+
+
+def digest(folder):
+    return {name: hashlib.sha256((folder / name).read_bytes()).hexdigest()
+            for name in ("tokenizer.model", "train.bin", "val.bin", "meta.json")}
+
+
+@pytest.fixture(scope="module")
+def tricky(tmp_path_factory):
+    """A corpus with tricky lines spread through it, CRLF line ends, invalid bytes and blank lines."""
+    tmp = tmp_path_factory.mktemp("tricky")
+    lines = docs_lines()[:3000]
+    rng = random.Random(0)
+    for i, t in enumerate(TRICKY * 2):
+        lines.insert(rng.randrange(len(lines)), t)
+    raw = "\n".join(lines).encode() + b"\n"
+    raw += b"bad bytes \xff\xfe here\r\n\n   \n" + "the last line, with CRLF\r\n".encode()
+    corpus = tmp / "tricky.txt"
+    corpus.write_bytes(raw)
+    expected = lines + ["bad bytes \ufffd\ufffd here", "the last line, with CRLF"]
+    run_cli("prep", "--text_path", corpus, "--out_dir", tmp / "data", "--vocab_size", 800, "--val_fraction", 0.1,
+            "--num_workers", 1)
+    return tmp / "data", expected
+
+
+def test_special_ids_and_byte_fallback(tricky):
+    sp = spm.SentencePieceProcessor(model_file=str(tricky[0] / "tokenizer.model"))
+    assert [sp.unk_id(), sp.bos_id(), sp.eos_id(), sp.pad_id()] == [0, 1, 2, 3]
+    assert [sp.id_to_piece(i) for i in range(4)] == ["<unk>", "<s>", "</s>", "<pad>"]
+    assert sp.vocab_size() == 800
+    ids = sp.encode("never seen: ꙮ")
+    assert lm.UNK_ID not in ids and "<0xEA>" in [sp.id_to_piece(i) for i in ids]
+
+
+def test_packed_tokens_decode_to_every_line(tricky):
+    data, expected = tricky
+    sp = spm.SentencePieceProcessor(model_file=str(data / "tokenizer.model"))
+    got = [sp.decode(ids) for ids in samples(data, "train") + samples(data, "val")]
+    assert got == expected
+    assert any(len(line) > 20_000 for line in got) and "\t" in "".join(got)
+
+
+def test_val_is_the_tail(tricky):
+    data, expected = tricky
+    sp = spm.SentencePieceProcessor(model_file=str(data / "tokenizer.model"))
+    val = [sp.decode(ids) for ids in samples(data, "val")]
+    assert 0 < len(val) < len(expected) // 5 and val == expected[-len(val):]
+
+
+def test_stats_count_what_was_repaired(tricky):
+    stats = json.loads((tricky[0] / "meta.json").read_text())["stats"]
+    assert stats["invalid UTF-8 sequences replaced"] == 2
+    assert stats["CRLF line ends"] == 2
+    assert stats["blank lines skipped"] == 2
+    assert stats["long lines (> 4192 bytes, encoded, sampled in part)"] == 2
+
+
+def test_deterministic_whatever_the_number_of_workers(docs_corpus, tmp_path):
+    for name, workers in (("a", 1), ("b", 2)):
+        run_cli("prep", "--text_path", docs_corpus, "--out_dir", tmp_path / name, "--vocab_size", 600,
+                "--num_workers", workers)
+    assert digest(tmp_path / "a") == digest(tmp_path / "b")
+
+
+def test_dedup_and_whitespace_normalisation(tmp_path):
+    lines = docs_lines()[:2000]
+    corpus = tmp_path / "c.txt"
+    lines = lines + lines[:500] + ["a \t  b   c"]
+    corpus.write_text("\n".join(lines) + "\n")
+    run_cli("prep", "--text_path", corpus, "--out_dir", tmp_path / "d", "--vocab_size", 500, "--num_workers", 1,
+            "--dedup", 1, "--normalize_whitespace", 1)
+    meta = json.loads((tmp_path / "d" / "meta.json").read_text())
+    normalised = [" ".join(line.split()) for line in lines]  # dedup compares lines after normalisation
+    assert meta["stats"]["duplicate lines skipped"] == len(lines) - len(set(normalised)) >= 500
+    sp = spm.SentencePieceProcessor(model_file=str(tmp_path / "d" / "tokenizer.model"))
+    assert sp.decode(samples(tmp_path / "d", "val")[-1]) == "a b c"
+
+
+def test_token_dtype_never_wraps():
+    assert lm.token_dtype(65536) == np.uint16 and lm.token_dtype(65537) == np.uint32
+
+
+@pytest.mark.parametrize("case, needle", [
+    ("missing", "does not exist"),
+    ("directory", "is a directory"),
+    ("empty", "has no text"),
+    ("blank", "has no text"),
+    ("vocab_too_big", "too small for --vocab_size 50000"),
+    ("vocab_negative", "out of range"),
+    ("vocab_absurd", "out of range"),
+    ("one_line", "split"),
+])
+def test_bad_input_is_refused_and_good_outputs_survive(case, needle, docs_corpus, tmp_path):
+    out = tmp_path / "data"
+    run_cli("prep", "--text_path", docs_corpus, "--out_dir", out, "--vocab_size", 500, "--num_workers", 1)
+    before = digest(out)
+    text_path, vocab = tmp_path / "corpus.txt", 500
+    if case == "directory":
+        text_path = tmp_path
+    elif case == "empty":
+        text_path.write_text("")
+    elif case == "blank":
+        text_path.write_text("\n  \n\t\n\r\n")
+    elif case == "one_line":
+        text_path.write_text(" ".join(docs_lines()[:400]) + "\n")
+    elif case != "missing":
+        text_path.write_text("\n".join(docs_lines()[:300]) + "\n")
+        vocab = {"vocab_too_big": 50000, "vocab_negative": -5, "vocab_absurd": 10**9}[case]
+    proc = run_cli("prep", "--text_path", text_path, "--out_dir", out, "--vocab_size", vocab, "--num_workers", 1,
+                   check=False)
+    assert_user_error(proc, needle)
+    assert digest(out) == before
+    assert sorted(os.listdir(out)) == ["meta.json", "tokenizer.model", "train.bin", "val.bin"]  # no temp files left
+
+
+def peak_rss_mb(corpus, out):
+    """Peak RSS of prep (main process + its largest worker), in MB, with small blocks so both corpora span many."""
+    code = ("import resource, sys; sys.path.insert(0, sys.argv[1]); import standalone_transformer_lm as lm; "
+            "lm.BLOCK_BYTES = 1 << 16; lm.prep(sys.argv[2], sys.argv[3], vocab_size=500, num_workers=2, "
+            "sample_lines=2000, progress=False); r = resource.getrusage; "
+            "print(r(resource.RUSAGE_SELF).ru_maxrss + r(resource.RUSAGE_CHILDREN).ru_maxrss)")
+    proc = subprocess.run([sys.executable, "-c", code, ROOT, str(corpus), str(out)], capture_output=True, text=True,
+                          check=True)
+    return int(proc.stdout.split()[-1]) / 1024
+
+
+def test_peak_memory_does_not_grow_with_corpus_size(tmp_path):
+    rng = random.Random(0)
+    words = [w for line in docs_lines()[:3000] for w in line.split()]
+    small = "\n".join(" ".join(rng.choices(words, k=rng.randint(5, 60))) for _ in range(6000)) + "\n"
+    (tmp_path / "small.txt").write_text(small)
+    (tmp_path / "large.txt").write_text(small * 10)  # 10x the bytes and lines
+    rss_small = peak_rss_mb(tmp_path / "small.txt", tmp_path / "s")
+    rss_large = peak_rss_mb(tmp_path / "large.txt", tmp_path / "l")
+    size_mb = os.path.getsize(tmp_path / "large.txt") / 1e6
+    assert rss_large - rss_small < 25, (rss_small, rss_large, size_mb)
