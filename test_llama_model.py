@@ -1,0 +1,68 @@
+"""Load a folder written by convert_to_llama.py with `transformers` and continue a prompt, greedy and sampled.
+
+    python test_llama_model.py                                   # loads ./RSCaLM-138M-LLaMA
+    python test_llama_model.py ./RSCaLM-138M-LLaMA --prompt "Once upon a time" --ckpt ./runs/lm138/ckpt_last.pt
+
+With --ckpt it also runs our own model from that checkpoint on the same tokens (prompt + greedy continuation),
+prints the largest logit difference and exits with status 1 above --tol.
+"""
+
+import argparse
+import os
+import sys
+
+import torch
+
+from convert_to_llama import DEFAULT_OUT, VerificationError, load_our_model, max_logit_diff
+from standalone_transformer_lm import UserError
+
+
+def run(args) -> None:
+    if not os.path.isfile(os.path.join(args.folder, "config.json")):
+        raise UserError(f"{args.folder!r} is not a converted model folder (no config.json). HINT: run "
+                        f"`python convert_to_llama.py --ckpt CKPT --out {args.folder}` first, or pass the folder")
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    tok = AutoTokenizer.from_pretrained(args.folder)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    model = AutoModelForCausalLM.from_pretrained(args.folder).to(device).eval()  # in the dtype it was saved in
+    inputs = tok(args.prompt, return_tensors="pt").to(device)
+    n_prompt, context = inputs["input_ids"].shape[1], model.config.max_position_embeddings
+    if n_prompt >= context:
+        raise UserError(f"the prompt is {n_prompt} tokens, the model's context is {context}. HINT: shorten it")
+    max_new = min(args.max_new_tokens, context - n_prompt)
+    greedy = model.generate(**inputs, do_sample=False, max_new_tokens=max_new)
+    torch.manual_seed(args.seed)
+    sampled = model.generate(**inputs, do_sample=True, temperature=args.temperature, top_k=args.top_k,
+                             max_new_tokens=max_new)
+    # Decode whole sequences: a continuation decoded alone would lose the space its first token starts with.
+    print(f"greedy : {tok.decode(greedy[0], skip_special_tokens=True)}")
+    print(f"sampled: {tok.decode(sampled[0], skip_special_tokens=True)}")
+    if args.ckpt:
+        ids = greedy[:, :context].cpu()
+        diff = max_logit_diff(args.folder, load_our_model(args.ckpt), ids)
+        print(f"largest logit difference vs {args.ckpt} on {ids.shape[1]} tokens: {diff:.2e} (tolerance {args.tol:g})")
+        if not diff <= args.tol:
+            raise VerificationError(f"logits differ by up to {diff:.3g}, above --tol {args.tol:g}: the folder does "
+                                    f"not reproduce {args.ckpt!r}")
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description="Generate with a converted LLaMA folder; optionally compare with ours.")
+    p.add_argument("folder", nargs="?", default=DEFAULT_OUT, help=f"converted folder (default {DEFAULT_OUT})")
+    p.add_argument("--prompt", default="The sun is")
+    p.add_argument("--max_new_tokens", type=int, default=50)
+    p.add_argument("--temperature", type=float, default=0.8)
+    p.add_argument("--top_k", type=int, default=50)
+    p.add_argument("--seed", type=int, default=1337)
+    p.add_argument("--ckpt", help="our checkpoint the folder came from: compare logits on the same tokens")
+    p.add_argument("--tol", type=float, default=1e-3, help="largest logit difference accepted with --ckpt")
+    args = p.parse_args(argv)
+    try:
+        run(args)
+    except (UserError, VerificationError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2 if isinstance(e, UserError) else 1)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,150 @@
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+import standalone_transformer_lm as lm
+from conftest import SCRIPT, assert_user_error, run_cli
+
+
+def train_args(out_dir, data_dir, **overrides):
+    args = dict(out_dir=out_dir, data_dir=data_dir, preset="tiny", batch_size=4, grad_accum_steps=2, max_steps=30,
+                warmup_steps=5, lr=3e-3, eval_interval=10, eval_iters=2, log_interval=5, save_interval=10,
+                device="cpu")
+    args.update(overrides)
+    return [x for k, v in args.items() for x in (f"--{k}", str(v))]
+
+
+def load(path):
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def metrics(out_dir):
+    return [json.loads(line) for line in (out_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def assert_same_weights(a, b, atol=0.0):
+    wa, wb = load(a / "pytorch_model.bin"), load(b / "pytorch_model.bin")
+    assert wa.keys() == wb.keys()
+    for k in wa:
+        assert torch.allclose(wa[k], wb[k], rtol=0, atol=atol), (k, (wa[k] - wb[k]).abs().max().item())
+        if atol == 0:
+            assert torch.equal(wa[k], wb[k]), k
+
+
+def test_loss_falls_on_real_text(docs_data, tmp_path):
+    run_cli("train", *train_args(tmp_path / "run", docs_data, max_steps=60, eval_interval=20))
+    rows = metrics(tmp_path / "run")
+    assert [r["step"] for r in rows] == list(range(5, 61, 5))
+    assert rows[-1]["loss"] < rows[0]["loss"] - 1.0 and rows[-1]["val_loss"] < math.log(1000) - 1.0
+    assert all(r["tokens_per_s"] > 0 and r["lr"] > 0 for r in rows)
+
+
+def test_sigkill_then_resume_is_bit_identical(docs_data, tmp_path):
+    # dropout on, so the resumed run must also restore the RNG state exactly
+    common = dict(max_steps=120, save_interval=20, eval_interval=40, dropout=0.1, d_model=96, seq_len=128)
+    run_cli("train", *train_args(tmp_path / "full", docs_data, **common))
+    cmd = [sys.executable, SCRIPT, "train", *train_args(tmp_path / "killed", docs_data, **common)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    config = tmp_path / "killed" / "config.json"
+    deadline = time.time() + 300
+    while proc.poll() is None and time.time() < deadline:
+        if config.exists() and json.loads(config.read_text())["step"] >= 40:
+            proc.send_signal(signal.SIGKILL)
+            break
+        time.sleep(0.01)
+    assert proc.wait() == -signal.SIGKILL, "the run ended before it could be killed"
+    saved = json.loads(config.read_text())["step"]
+    assert 40 <= saved < 120
+    out = run_cli("train", *train_args(tmp_path / "killed", docs_data, **common)).stdout
+    assert f"resuming {tmp_path / 'killed'}/ckpt_last.pt at step {saved}" in out
+    assert_same_weights(tmp_path / "full", tmp_path / "killed")
+    assert [r["step"] for r in metrics(tmp_path / "killed")] == [r["step"] for r in metrics(tmp_path / "full")]
+    assert load(tmp_path / "killed" / "ckpt_last.pt")["step"] == 120
+
+
+def test_two_gloo_ranks_match_one_process_with_accumulation(docs_data, tmp_path):
+    run_cli("train", *train_args(tmp_path / "one", docs_data, grad_accum_steps=2, max_steps=12))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", SCRIPT,
+           "train", *train_args(tmp_path / "two", docs_data, grad_accum_steps=1, max_steps=12)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "x 2 process(es)" in proc.stdout and "grad_accum_steps 1 x world_size 2" in proc.stdout
+    assert_same_weights(tmp_path / "one", tmp_path / "two", atol=1e-5)
+    losses = [r["loss"] for r in metrics(tmp_path / "one")], [r["loss"] for r in metrics(tmp_path / "two")]
+    assert losses[0] == pytest.approx(losses[1], abs=1e-4)
+
+
+def test_sigterm_saves_at_the_step_boundary_and_exits_cleanly(docs_data, tmp_path):
+    cmd = [sys.executable, SCRIPT, "train", *train_args(tmp_path / "run", docs_data, max_steps=100000,
+                                                        save_interval=100000, eval_interval=100000)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    metrics_path = tmp_path / "run" / "metrics.jsonl"
+    deadline = time.time() + 120
+    while not (metrics_path.exists() and metrics_path.read_text()) and time.time() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    stdout, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 0, stderr
+    ckpt = load(tmp_path / "run" / "ckpt_last.pt")
+    assert 5 <= ckpt["step"] < 100000 and f"stopped by signal at step {ckpt['step']:,}" in stdout
+    assert metrics(tmp_path / "run")[-1]["step"] == ckpt["step"]
+
+
+def test_divergence_stops_with_error_and_keeps_the_last_good_checkpoint(docs_data, tmp_path):
+    proc = run_cli("train", *train_args(tmp_path / "run", docs_data, lr=1e9, warmup_steps=40, max_steps=200,
+                                        save_interval=2, grad_clip=0), check=False)
+    assert_user_error(proc, "training diverged at step", "grad norm", "lower --lr")
+    ckpt = load(tmp_path / "run" / "ckpt_last.pt")
+    assert ckpt["step"] >= 2
+    assert all(torch.isfinite(t).all() for t in ckpt["model"].values())
+
+
+def test_resume_refuses_another_architecture(docs_data, tmp_path):
+    run_cli("train", *train_args(tmp_path / "run", docs_data, max_steps=5, save_interval=5))
+    proc = run_cli("train", *train_args(tmp_path / "run", docs_data, max_steps=10, n_layer=3), check=False)
+    assert_user_error(proc, "n_layer 2 -> 3", "new --out_dir")
+
+
+def test_resume_accepts_new_max_steps_lr_and_dropout(docs_data, tmp_path):
+    run_cli("train", *train_args(tmp_path / "run", docs_data, max_steps=10))
+    out = run_cli("train", *train_args(tmp_path / "run", docs_data, max_steps=20, lr=1e-3, dropout=0.1)).stdout
+    assert "max_steps 10 -> 20" in out and "lr 0.003 -> 0.001" in out and "dropout 0.0 -> 0.1" in out
+    assert "cosine from lr 0.001 to 0.0001 at step 20" in out
+    assert load(tmp_path / "run" / "ckpt_last.pt")["step"] == 20
+
+
+def test_compile_on_cpu_and_the_exported_files(docs_data, tmp_path):
+    run_cli("train", *train_args(tmp_path / "run", docs_data, max_steps=6, save_interval=3, compile=1,
+                                 tie_embeddings=1, eval_interval=3))
+    out = tmp_path / "run"
+    state = load(out / "pytorch_model.bin")
+    assert not any(k.startswith(("_orig_mod.", "module.")) or "._orig_mod." in k for k in state)
+    assert state["lm_head.weight"].data_ptr() == state["embed_tokens.weight"].data_ptr()  # tied stays tied
+    config = json.loads((out / "config.json").read_text())
+    cfg = lm.ModelConfig.from_dict({k: v for k, v in config.items() if k not in ("format", "step")})
+    model = lm.Transformer(cfg)
+    model.load_state_dict(state, strict=True)
+    assert (out / "tokenizer.model").read_bytes() == (docs_data / "tokenizer.model").read_bytes()
+    for name in ("ckpt_last.pt", "ckpt_best.pt"):
+        ckpt = load(out / name)
+        assert ckpt["model"].keys() == state.keys() and ckpt["format"] == lm.CKPT_FORMAT
+    assert not [p for p in os.listdir(out) if ".tmp" in p]
+
+
+def test_bad_train_input(docs_data, tmp_path):
+    assert_user_error(run_cli("train", *train_args(tmp_path / "r", tmp_path / "nothing"), check=False),
+                      "does not exist", "prep")
+    assert_user_error(run_cli("train", *train_args(tmp_path / "r", docs_data, seq_len=100000), check=False),
+                      "fewer than two sequences")
+    assert_user_error(run_cli("train", *train_args(tmp_path / "r", docs_data, n_head=5, d_model=64), check=False),
+                      "not divisible", "--head_dim")
+    (tmp_path / "r2").mkdir()
+    (tmp_path / "r2" / "ckpt_last.pt").write_bytes(b"not a checkpoint")
+    assert_user_error(run_cli("train", *train_args(tmp_path / "r2", docs_data), check=False), "not a loadable")
