@@ -19,7 +19,7 @@ import os
 import pickle
 import shutil
 import sys
-import tempfile
+import warnings
 
 import torch
 from safetensors.torch import save_file
@@ -45,7 +45,9 @@ PARITY_TEXTS = [
 def load_our_model(path: str) -> Transformer:
     require_file(path, "checkpoint", "pass ckpt_last.pt, ckpt_best.pt or pytorch_model.bin written by `train`")
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)  # tensors and plain values only, never code
+        with warnings.catch_warnings():  # e.g. about a foreign pickle protocol: the error below says all there is
+            warnings.simplefilter("ignore")
+            obj = torch.load(path, map_location="cpu", weights_only=True)  # tensors and plain values, never code
     except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise UserError(f"{path!r} is not a checkpoint that loads safely ({first}). HINT: pass a ckpt_*.pt or "
@@ -99,17 +101,18 @@ def hf_config(cfg: ModelConfig, sp, dtype: str) -> dict:
     # transformers' LlamaConfig insists on d_model % n_head == 0 even with an explicit head_dim; Mistral's does not,
     # and with sliding_window None MistralForCausalLM computes exactly what LlamaForCausalLM does.
     llama = cfg.d_model % cfg.n_head == 0
-    rope = {"rope_type": "default", "rope_theta": float(cfg.rope_theta)}
-    return {
+    theta = float(cfg.rope_theta)
+    return {  # typed explicitly: transformers validates types, and `train --tie_embeddings 1` stores an int
         "architectures": ["LlamaForCausalLM" if llama else "MistralForCausalLM"],
         "model_type": "llama" if llama else "mistral",
-        "vocab_size": cfg.vocab_size, "hidden_size": cfg.d_model, "intermediate_size": cfg.ffn_hidden,
-        "num_hidden_layers": cfg.n_layer, "num_attention_heads": cfg.n_head, "num_key_value_heads": cfg.n_kv_head,
-        "head_dim": cfg.head_dim, "hidden_act": "silu", "max_position_embeddings": cfg.seq_len,
-        "rms_norm_eps": cfg.norm_eps, "rope_theta": float(cfg.rope_theta), "rope_parameters": rope,
+        "vocab_size": int(cfg.vocab_size), "hidden_size": int(cfg.d_model), "intermediate_size": int(cfg.ffn_hidden),
+        "num_hidden_layers": int(cfg.n_layer), "num_attention_heads": int(cfg.n_head),
+        "num_key_value_heads": int(cfg.n_kv_head), "head_dim": int(cfg.head_dim), "hidden_act": "silu",
+        "max_position_embeddings": int(cfg.seq_len), "rms_norm_eps": float(cfg.norm_eps),
+        "rope_theta": theta, "rope_parameters": {"rope_type": "default", "rope_theta": theta},  # 4.x and 5.x names
         "attention_bias": False, "mlp_bias": False, "attention_dropout": 0.0,
         **({} if llama else {"sliding_window": None}),
-        "tie_word_embeddings": cfg.tie_embeddings, **special_ids(sp), "dtype": dtype, "use_cache": True,
+        "tie_word_embeddings": bool(cfg.tie_embeddings), **special_ids(sp), "dtype": dtype, "use_cache": True,
     }
 
 
@@ -246,7 +249,8 @@ def convert(ckpt: str, spm_path: str, out: str, dtype: str = "float32", force: b
         umask = os.umask(0o022)
         os.umask(umask)
         os.chmod(os.path.join(tmp, "model.safetensors"), 0o666 & ~umask)  # safetensors writes it owner-only
-        write_json(os.path.join(tmp, "config.json"), hf_config(model.cfg, sp, dtype))
+        config = hf_config(model.cfg, sp, dtype)
+        write_json(os.path.join(tmp, "config.json"), config)
         write_json(os.path.join(tmp, "generation_config.json"), special_ids(sp))
         tok.save(os.path.join(tmp, "tokenizer.json"))
         for name, obj in tokenizer_files(sp, model.cfg.seq_len).items():
@@ -262,6 +266,9 @@ def convert(ckpt: str, spm_path: str, out: str, dtype: str = "float32", force: b
         shutil.rmtree(old, ignore_errors=True)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+    c = model.cfg
+    print(f"wrote {out}: {config['architectures'][0]}, {c.n_layer} layers, d_model {c.d_model}, {c.n_head} heads "
+          f"({c.n_kv_head} kv) of {c.head_dim}, vocab {c.vocab_size}, {dtype}")
     return model
 
 
@@ -277,13 +284,10 @@ def main(argv=None) -> None:
     args = p.parse_args(argv)
     spm_path = args.spm or os.path.join(os.path.dirname(os.path.abspath(args.ckpt)), "tokenizer.model")
     try:
-        model = convert(args.ckpt, spm_path, args.out, args.dtype, args.force, args.tol if args.verify else None)
+        convert(args.ckpt, spm_path, args.out, args.dtype, args.force, args.tol if args.verify else None)
     except (UserError, VerificationError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2 if isinstance(e, UserError) else 1)
-    c = model.cfg
-    print(f"wrote {args.out}: {c.n_layer} layers, d_model {c.d_model}, {c.n_head} heads ({c.n_kv_head} kv), "
-          f"vocab {c.vocab_size}, {args.dtype}")
 
 
 if __name__ == "__main__":

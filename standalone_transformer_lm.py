@@ -1026,16 +1026,19 @@ def generate(model: Transformer, prompt: list[int], max_new_tokens: int, tempera
 
 
 class TextStream:
-    """Prints decoded text as tokens arrive; whole-sequence decoding keeps SentencePiece's spaces right."""
+    """Prints the continuation as tokens arrive. Decoding prompt + new tokens together keeps SentencePiece's spaces
+    right (a lone "▁word" decodes without its space); printing only the new suffix keeps it cheap on the terminal."""
 
-    def __init__(self, sp):
-        self.sp, self.printed = sp, ""
+    def __init__(self, sp, prompt: list[int]):
+        self.sp, self.prompt = sp, prompt
+        self.printed = len(sp.decode(prompt))
 
-    def __call__(self, ids: list[int]):
-        text = self.sp.decode(ids)
-        if not text.endswith("\ufffd"):  # hold back half of a multi-byte character
-            print(text[len(self.printed):], end="", flush=True)
-            self.printed = text
+    def __call__(self, ids: list[int], final: bool = False) -> str:
+        text = self.sp.decode(self.prompt + ids)
+        if final or not text.endswith("\ufffd"):  # hold back half of a multi-byte character
+            print(text[self.printed:], end="\n" if final else "", flush=True)
+            self.printed = len(text)
+        return text
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -1072,13 +1075,12 @@ def cmd_generate(args) -> list[str]:
     for i in range(args.num_samples):
         if args.num_samples > 1:
             print(f"--- sample {i + 1}")
-        print(args.prompt, end="", flush=True)
-        stream = TextStream(sp)
+        print(sp.decode(prompt), end="", flush=True)
+        stream = TextStream(sp, prompt)
         ids = generate(model, prompt, args.max_new_tokens, args.temperature, args.top_k, args.top_p,
                        args.repetition_penalty, None if args.seed is None else args.seed + i, EOS_ID, decode_step,
                        stream)
-        texts.append(sp.decode(ids))
-        print(texts[-1][len(stream.printed):], flush=True)
+        texts.append(stream(ids, final=True))
     return texts
 
 

@@ -22,6 +22,8 @@ def run(args) -> None:
         raise UserError(f"{args.folder!r} is not a converted model folder (no config.json). HINT: run "
                         f"`python convert_to_llama.py --ckpt CKPT --out {args.folder}` first, or pass the folder")
     from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
+    hf_logging.disable_progress_bar()  # a local folder loads in seconds; the bar would only bury the output
     tok = AutoTokenizer.from_pretrained(args.folder)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     model = AutoModelForCausalLM.from_pretrained(args.folder).to(device).eval()  # in the dtype it was saved in

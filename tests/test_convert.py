@@ -1,0 +1,259 @@
+# convert_to_llama.py and test_llama_model.py: the converted folder must behave as our model and tokenizer do.
+import dataclasses
+import json
+import os
+import pickle
+import random
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+os.environ["HF_HUB_OFFLINE"] = "1"
+
+import convert_to_llama as C  # noqa: E402
+import standalone_transformer_lm as S  # noqa: E402
+from safetensors.torch import load_file, save_file  # noqa: E402
+from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: E402
+
+VOCAB = 2000
+TINY = {**S.PRESETS["tiny"], "vocab_size": VOCAB}
+ARCHS = {
+    "mha-untied": {},
+    "gqa-tied": dict(n_kv_head=2, tie_embeddings=1, rope_theta=500000.0, norm_eps=1e-6),  # int, as `train` may store it
+    "head_dim-not-d_model/n_head": dict(head_dim=32),
+    "n_head-not-dividing-d_model": dict(n_head=6, n_kv_head=3, head_dim=16),  # written as Mistral, see hf_config
+}
+
+
+@pytest.fixture(scope="module")
+def spm_path(tmp_path_factory):
+    from pydoc_data.topics import topics
+    lines = [line for text in topics.values() for line in text.splitlines() if line.strip()]
+    lines += ["中文字符测试 日本語のテキスト 한국어 😀🎉 Ünïcödé"] * 50  # some multi-byte pieces, so they get merged
+    path = tmp_path_factory.mktemp("tok") / "tokenizer.model"
+    path.write_bytes(S.train_tokenizer(lines, VOCAB))
+    return path
+
+
+@pytest.fixture(scope="module")
+def sp(spm_path):
+    return S.load_tokenizer(str(spm_path))
+
+
+def make_run(run_dir: Path, spm_path: Path, **overrides) -> Path:
+    """A run folder as `train` leaves it: ckpt_last.pt, ckpt_best.pt, pytorch_model.bin, config.json, tokenizer."""
+    cfg = S.ModelConfig(**{**TINY, **overrides})
+    torch.manual_seed(0)
+    model = S.Transformer(cfg)
+    with torch.no_grad():  # norms away from 1 and bigger weights: a misrouted tensor must change the logits
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.1)
+    ckpt = {"format": S.CKPT_FORMAT, "version": S.CKPT_VERSION, "model_config": dataclasses.asdict(cfg),
+            "model": S.cpu_state_dict(model), "step": 7}
+    run_dir.mkdir(parents=True)
+    S.save_checkpoint(str(run_dir), ["ckpt_last.pt", "ckpt_best.pt"], ckpt, str(spm_path))
+    return run_dir
+
+
+def convert(run_dir: Path, out: Path, *extra: str) -> Path:
+    C.main(["--ckpt", str(run_dir / "ckpt_last.pt"), "--out", str(out), *extra])  # --spm: the copy beside it
+    return out
+
+
+@pytest.fixture(scope="module")
+def converted(tmp_path_factory, spm_path):
+    tmp = tmp_path_factory.mktemp("conv")
+    run_dir = make_run(tmp / "run", spm_path)
+    return run_dir, convert(run_dir, tmp / "hf")
+
+
+def run_cli(script: str, *args: str, cwd: Path) -> subprocess.CompletedProcess:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    return subprocess.run([sys.executable, str(ROOT / script), *args], cwd=cwd, env=env, capture_output=True,
+                          text=True, timeout=300)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_transformers_model_matches_ours(tmp_path, spm_path, sp, arch):
+    run_dir = make_run(tmp_path / "run", spm_path, **ARCHS[arch])
+    out = convert(run_dir, tmp_path / "hf")
+    ours = C.load_our_model(str(run_dir / "ckpt_last.pt"))
+    hf = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
+    c, h = ours.cfg, hf.config
+    assert type(hf).__name__ == ("LlamaForCausalLM" if c.d_model % c.n_head == 0 else "MistralForCausalLM")
+    assert (h.vocab_size, h.num_hidden_layers, h.hidden_size, h.num_attention_heads, h.num_key_value_heads,
+            h.head_dim, h.intermediate_size, h.max_position_embeddings, h.rms_norm_eps, h.tie_word_embeddings,
+            h.rope_parameters["rope_theta"], h.bos_token_id, h.eos_token_id, h.pad_token_id) == \
+        (c.vocab_size, c.n_layer, c.d_model, c.n_head, c.n_kv_head, c.head_dim, c.ffn_hidden, c.seq_len, c.norm_eps,
+         c.tie_embeddings, c.rope_theta, sp.bos_id(), sp.eos_id(), sp.pad_id())
+    ids = torch.randint(0, VOCAB, (3, c.seq_len), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        assert (ours(ids)[0] - hf(ids).logits).abs().max().item() < 1e-4
+
+    prompt = [sp.bos_id()] + sp.encode("The sun is")
+    mine = S.generate(ours, prompt, 30, eos_id=sp.eos_id())  # stops before eos
+    theirs = hf.generate(torch.tensor([prompt]), do_sample=False, max_new_tokens=30)[0, len(prompt):].tolist()
+    assert len(mine) > 0 and mine == [t for t in theirs if t != sp.eos_id()]
+
+
+def random_texts(n: int, seed: int = 0) -> list[str]:
+    rng = random.Random(seed)
+    pool = list("abcdefghij XYZ  .,:;'\"\t\n\r\x00\x7f") + list("éüßñ中文日本語한국어😀🎉👍🏽\u00a0\u200b\u2028\ufeff▁")
+    pool += [chr(c) for c in rng.sample(range(0x20, 0x30000), 300) if not 0xD800 <= c < 0xE000]  # mostly unseen
+    return ["".join(rng.choice(pool) for _ in range(rng.randint(0, 40))) for _ in range(n)]
+
+
+def test_autotokenizer_ids_equal_sentencepiece(converted, sp, tmp_path):
+    from pydoc_data.topics import topics
+    _, out = converted
+    doc = topics["if"] + topics["for"]
+    texts = C.PARITY_TEXTS + doc.splitlines() + [doc, " " + doc] + random_texts(3000)
+    tok = AutoTokenizer.from_pretrained(out)
+    for text in texts:
+        ids = tok(text)["input_ids"]
+        assert ids == [sp.bos_id()] + sp.encode(text), repr(text)  # bos added, no eos, as LLaMA
+        assert tok.decode(ids, skip_special_tokens=True) == sp.decode(ids[1:]), repr(text)
+        if "▁" not in text:  # SentencePiece itself reads a literal "▁" back as a space
+            assert tok.decode(ids, skip_special_tokens=True) == text, repr(text)
+
+    batch = tok(["The sun is", "a"], padding=True)["input_ids"]  # left padding with pad, for batched generation
+    short = [sp.bos_id()] + sp.encode("a")
+    assert batch[1] == [sp.pad_id()] * (len(batch[0]) - len(short)) + short
+
+    no_spm = tmp_path / "no_spm"  # tokenizer.model beside tokenizer.json must not change what AutoTokenizer loads
+    shutil.copytree(out, no_spm)
+    (no_spm / "tokenizer.model").unlink()
+    tok2 = AutoTokenizer.from_pretrained(no_spm)
+    assert [tok2(t)["input_ids"] for t in C.PARITY_TEXTS] == [tok(t)["input_ids"] for t in C.PARITY_TEXTS]
+
+
+def test_llama_tokenizer_class_would_break_parity(converted, sp, tmp_path):
+    # Why tokenizer_config.json names the generic class: LlamaTokenizer swaps in a Metaspace pre-tokenizer that drops
+    # the dummy prefix of a text starting with a space. The parity check must catch that.
+    _, out = converted
+    llama = tmp_path / "llama_class"
+    shutil.copytree(out, llama)
+    cfg = json.loads((llama / "tokenizer_config.json").read_text())
+    (llama / "tokenizer_config.json").write_text(json.dumps({**cfg, "tokenizer_class": "LlamaTokenizer"}))
+    tok = AutoTokenizer.from_pretrained(llama)
+    assert tok(" leading space")["input_ids"] != [sp.bos_id()] + sp.encode(" leading space")
+    with pytest.raises(S.UserError):
+        C.check_tokenizer(lambda t: tok(t)["input_ids"], tok.decode, sp, add_bos=True)
+
+
+def test_bfloat16_export_loads(tmp_path, spm_path, sp):
+    run_dir = make_run(tmp_path / "run", spm_path)
+    out = convert(run_dir, tmp_path / "hf", "--dtype", "bfloat16")
+    assert {t.dtype for t in load_file(out / "model.safetensors").values()} == {torch.bfloat16}
+    hf = AutoModelForCausalLM.from_pretrained(out)
+    assert hf.dtype == torch.bfloat16
+    assert hf.generate(torch.tensor([[sp.bos_id()]]), do_sample=False, max_new_tokens=5).shape == (1, 6)
+    ids = torch.randint(0, VOCAB, (2, 32), generator=torch.Generator().manual_seed(2))
+    assert C.max_logit_diff(str(out), C.load_our_model(str(run_dir / "ckpt_last.pt")), ids) < 1e-4
+
+
+@pytest.mark.parametrize("name", ["ckpt_best.pt", "pytorch_model.bin"])
+def test_best_checkpoint_and_export_give_the_same_weights(converted, tmp_path, name):
+    run_dir, out = converted
+    C.main(["--ckpt", str(run_dir / name), "--out", str(tmp_path / "hf")])
+    want, got = load_file(out / "model.safetensors"), load_file(tmp_path / "hf" / "model.safetensors")
+    assert want.keys() == got.keys() and all(torch.equal(want[k], got[k]) for k in want)
+
+
+class Evil:
+    def __init__(self, marker: str):
+        self.marker = marker
+
+    def __reduce__(self):  # unpickling this creates the marker file
+        return open, (self.marker, "w")
+
+
+@pytest.mark.parametrize("writer", ["pickle", "torch.save"])
+def test_malicious_pickle_is_refused_without_running(tmp_path, spm_path, writer):
+    armed = tmp_path / "armed"  # the payload works: plain unpickling runs it
+    pickle.loads(pickle.dumps(Evil(str(armed))))
+    assert armed.exists()
+
+    marker, evil = tmp_path / "pwned", tmp_path / "ckpt_last.pt"
+    if writer == "pickle":
+        evil.write_bytes(pickle.dumps({"model": Evil(str(marker)), "model_config": {}}))
+    else:
+        torch.save({"model": Evil(str(marker)), "model_config": {}, "step": 0}, evil)
+    r = run_cli("convert_to_llama.py", "--ckpt", str(evil), "--spm", str(spm_path), "--out", "hf", cwd=tmp_path)
+    assert r.returncode == 2, r.stderr
+    assert r.stderr.startswith("error:") and "Traceback" not in r.stderr
+    assert not marker.exists() and not (tmp_path / "hf").exists()
+
+
+def test_non_empty_out_needs_force_and_failed_verify_keeps_old_folder(converted, tmp_path, capsys):
+    run_dir, _ = converted
+    out = tmp_path / "hf"
+    out.mkdir()
+    (out / "keep.txt").write_text("precious")
+    with pytest.raises(SystemExit) as e:
+        convert(run_dir, out)
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error:") and "--force" in err and (out / "keep.txt").exists()
+
+    with pytest.raises(SystemExit) as e:  # a verification that fails must not replace anything
+        convert(run_dir, out, "--force", "--verify", "--tol", "-1")
+    assert e.value.code == 1 and capsys.readouterr().err.startswith("error:")
+    assert (out / "keep.txt").exists() and sorted(p.name for p in tmp_path.iterdir()) == ["hf"]
+
+    convert(run_dir, out, "--force", "--verify")
+    assert "verified:" in capsys.readouterr().out
+    assert not (out / "keep.txt").exists() and (out / "model.safetensors").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["hf"]  # no temporary folders left behind
+
+
+@pytest.mark.parametrize("mistake", ["missing", "directory", "truncated", "text", "bin-without-config",
+                                     "vocab-mismatch", "out-is-file"])
+def test_user_mistakes_give_one_error_line(converted, tmp_path, spm_path, capsys, mistake):
+    run_dir, _ = converted
+    ckpt, out = run_dir / "ckpt_last.pt", tmp_path / "hf"
+    if mistake == "missing":
+        ckpt = tmp_path / "nope.pt"
+    elif mistake == "directory":
+        ckpt = run_dir
+    elif mistake in ("truncated", "text"):
+        data = (run_dir / "ckpt_last.pt").read_bytes()
+        ckpt = tmp_path / "bad.pt"
+        ckpt.write_bytes(data[: len(data) // 2] if mistake == "truncated" else b"not a checkpoint\n")
+    elif mistake == "bin-without-config":
+        ckpt = tmp_path / "pytorch_model.bin"
+        shutil.copy(run_dir / "pytorch_model.bin", ckpt)
+    elif mistake == "vocab-mismatch":
+        ckpt = make_run(tmp_path / "run", spm_path, vocab_size=VOCAB + 8) / "ckpt_last.pt"
+    else:
+        out.write_text("")
+    with pytest.raises(SystemExit) as e:
+        C.main(["--ckpt", str(ckpt), "--spm", str(spm_path), "--out", str(out)])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.startswith("error:") and err.count("\n") == 1, err
+    assert mistake == "out-is-file" or not out.exists()
+
+
+def test_test_llama_model_generates_and_compares(converted, tmp_path):
+    run_dir, out = converted
+    r = run_cli("test_llama_model.py", str(out), "--ckpt", str(run_dir / "ckpt_last.pt"), "--max_new_tokens", "8",
+                cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert "greedy : The sun is" in r.stdout and "sampled: The sun is" in r.stdout
+    assert "largest logit difference" in r.stdout
+
+    broken = tmp_path / "broken"  # the comparison must notice a wrong weight: swap q and k of layer 0
+    shutil.copytree(out, broken)
+    w = load_file(broken / "model.safetensors")
+    q, k = "model.layers.0.self_attn.q_proj.weight", "model.layers.0.self_attn.k_proj.weight"
+    w[q], w[k] = w[k].clone(), w[q].clone()
+    save_file(w, broken / "model.safetensors", metadata={"format": "pt"})
+    r = run_cli("test_llama_model.py", str(broken), "--ckpt", str(run_dir / "ckpt_last.pt"), "--max_new_tokens", "4",
+                cwd=tmp_path)
+    assert r.returncode == 1 and r.stderr.splitlines()[-1].startswith("error:"), r.stderr

@@ -1,0 +1,114 @@
+import os
+import pickle
+
+import pytest
+import torch
+
+import standalone_transformer_lm as lm
+from conftest import assert_user_error, run_cli
+from test_train import train_args
+
+
+@pytest.fixture(scope="module")
+def model():
+    torch.manual_seed(0)
+    cfg = lm.ModelConfig(vocab_size=300, n_layer=2, n_head=4, n_kv_head=2, d_model=64, seq_len=64, ffn_multiple_of=32)
+    m = lm.Transformer(cfg).double().eval()  # float64: no near-ties, so any mismatch is a real bug
+    for p in m.parameters():
+        p.data.normal_(0, 0.3)
+    return m
+
+
+def greedy_by_full_recomputation(model, prompt, n):
+    ids = list(prompt)
+    with torch.no_grad():
+        for _ in range(n):
+            ids.append(model(torch.tensor([ids]))[0][0, -1].argmax().item())
+    return ids[len(prompt):]
+
+
+@pytest.mark.parametrize("prompt_len", [1, 2, 7, 30])
+def test_kv_cache_greedy_equals_full_recomputation(model, prompt_len):
+    prompt = torch.randint(4, 300, (prompt_len,), generator=torch.Generator().manual_seed(prompt_len)).tolist()
+    n = 64 - prompt_len
+    assert lm.generate(model, prompt, n, temperature=0, eos_id=None) == greedy_by_full_recomputation(model, prompt, n)
+
+
+def test_generation_stops_at_eos_and_at_the_context(model):
+    full = lm.generate(model, [1, 5, 6], 40, temperature=0, eos_id=None)
+    eos = full[5]
+    assert lm.generate(model, [1, 5, 6], 40, temperature=0, eos_id=eos) == full[:full.index(eos)]
+    assert len(lm.generate(model, [1] * 60, 40, temperature=0, eos_id=None)) == 4  # 64-token context
+
+
+def test_same_seed_same_sample(model):
+    a = lm.generate(model, [1, 9], 30, temperature=1.0, seed=7, eos_id=None)
+    b = lm.generate(model, [1, 9], 30, temperature=1.0, seed=7, eos_id=None)
+    c = lm.generate(model, [1, 9], 30, temperature=1.0, seed=8, eos_id=None)
+    assert a == b and a != c
+
+
+def draws(logits, n=4000, **kw):
+    gen = torch.Generator().manual_seed(0)
+    seen = torch.zeros_like(logits, dtype=torch.bool)
+    return {lm.sample_next(logits, seen, generator=gen, **{"temperature": 1.0, "top_k": 0, "top_p": 1.0,
+                                                           "repetition_penalty": 1.0, **kw}).item()
+            for _ in range(n)}
+
+
+def test_top_k_and_top_p_restrict_the_support():
+    logits = torch.tensor([[0.5, 0.3, 0.15, 0.05]]).log()
+    assert draws(logits) == {0, 1, 2, 3}
+    assert draws(logits, top_k=2) == {0, 1}
+    assert draws(logits, top_p=0.7) == {0, 1}  # 0.5 < 0.7 needs the second token; 0.8 reaches it
+    assert draws(logits, top_p=0.85) == {0, 1, 2}
+    assert draws(logits, top_p=0.01) == {0}
+
+
+def test_repetition_penalty_moves_greedy_off_seen_tokens():
+    logits, seen = torch.tensor([[2.0, 1.5, -1.0]]), torch.tensor([[True, False, False]])
+    args = dict(temperature=0, top_k=0, top_p=1.0, generator=None)
+    assert lm.sample_next(logits, seen, repetition_penalty=1.0, **args).item() == 0
+    assert lm.sample_next(logits, seen, repetition_penalty=1.5, **args).item() == 1
+
+
+@pytest.fixture(scope="module")
+def trained(docs_data, tmp_path_factory):
+    out = tmp_path_factory.mktemp("gen") / "run"
+    run_cli("train", *train_args(out, docs_data, max_steps=20, save_interval=20))
+    return out
+
+
+def test_cli_generate_is_reproducible_and_finds_its_tokenizer(trained):
+    args = ["generate", "--ckpt", trained / "ckpt_last.pt", "--prompt", "The try statement", "--max_new_tokens", 20,
+            "--seed", 3, "--num_samples", 2, "--top_p", 0.9]
+    first, second = run_cli(*args).stdout, run_cli(*args).stdout
+    assert first == second and first.count("The try statement") == 2
+    other_seed = run_cli(*args[:7], "--seed", 4, "--num_samples", 2, "--top_p", 0.9).stdout
+    assert other_seed != first
+
+
+def test_cli_generate_refuses_bad_input(trained, docs_corpus, tmp_path):
+    ckpt = trained / "ckpt_last.pt"
+    marker = tmp_path / "pwned"
+
+    class Evil:
+        def __reduce__(self):
+            return (os.system, (f"touch {marker}",))
+
+    (tmp_path / "evil.pt").write_bytes(pickle.dumps({"format": lm.CKPT_FORMAT, "x": Evil()}))
+    assert_user_error(run_cli("generate", "--ckpt", tmp_path / "evil.pt", "--spm", trained / "tokenizer.model",
+                              check=False), "not a loadable checkpoint")
+    assert not marker.exists()
+    torch.save({"weights": torch.zeros(3)}, tmp_path / "foreign.pt")
+    assert_user_error(run_cli("generate", "--ckpt", tmp_path / "foreign.pt", "--spm", trained / "tokenizer.model",
+                              check=False), "not a checkpoint of this script")
+    (tmp_path / "torn.pt").write_bytes(ckpt.read_bytes()[:5000])
+    assert_user_error(run_cli("generate", "--ckpt", tmp_path / "torn.pt", check=False), "not a loadable")
+    run_cli("prep", "--text_path", docs_corpus, "--out_dir", tmp_path / "other", "--vocab_size", 500,
+            "--num_workers", 1)
+    assert_user_error(run_cli("generate", "--ckpt", ckpt, "--spm", tmp_path / "other" / "tokenizer.model",
+                              check=False), "has 500 tokens but the model has 1000")
+    assert_user_error(run_cli("generate", "--ckpt", ckpt, "--prompt", "word " * 200, check=False),
+                      "context is 64", "shorten the prompt")
+    assert_user_error(run_cli("generate", "--ckpt", tmp_path / "missing.pt", check=False), "does not exist")
