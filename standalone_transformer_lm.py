@@ -486,7 +486,7 @@ class Attention(nn.Module):
         k = k.view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)  # (B, n_kv_head, T, head_dim)
         v = v.view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        if self.cache is not None:  # decoding: attend over the whole cache, masked to the positions written so far
+        if pos is not None:  # decoding: attend over the whole cache, masked to the positions written so far
             k, v = self.cache.update(pos, k, v)
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
                                            dropout_p=self.dropout if self.training else 0.0,
@@ -916,11 +916,11 @@ def _train(tc: TrainConfig, args, device: torch.device, rank: int, world: int) -
             grad_norm = torch.nn.utils.clip_grad_norm_(raw_model.parameters(), tc.grad_clip or float("inf"))
             # One small all-reduce and one host sync per step: every rank then agrees on stopping (signal or a
             # non-finite loss) before the optimizer step. The grad norm is the same on every rank after DDP.
-            flags = torch.stack([loss_sum.float(), torch.tensor(float(stop.requested), device=device)])
+            flags = torch.stack([loss_sum.float(), grad_norm.float(), torch.tensor(float(stop.requested),
+                                                                               device=device)])
             if ddp:
                 dist.all_reduce(flags)
-            loss_val, stop_votes = (flags / torch.tensor([world, 1.0], device=device)).tolist()
-            norm_val = grad_norm.item()
+            loss_val, norm_val, stop_votes = (flags / torch.tensor([world, world, 1.0], device=device)).tolist()
             if not math.isfinite(loss_val) or (not scaler.is_enabled() and not math.isfinite(norm_val)):
                 raise UserError(f"training diverged at step {step + 1}: loss {loss_val}, grad norm {norm_val} "
                                 f"(lr {lr:.3g}); {tc.out_dir}/ckpt_last.pt is untouched. HINT: resume with a "
@@ -969,7 +969,9 @@ def model_from_checkpoint(path: str, device: torch.device, dtype: torch.dtype) -
     ckpt = load_checkpoint(path)
     model = Transformer(ModelConfig.from_dict(ckpt["model_config"]))
     model.load_state_dict(ckpt["model"], strict=True)
-    return model.to(device=device, dtype=dtype).eval(), ckpt
+    model = model.to(device=device, dtype=dtype).eval()
+    model.rope_cos, model.rope_sin = (t.to(device) for t in rope_tables(model.cfg))  # angles stay float32
+    return model, ckpt
 
 
 def sample_next(logits: torch.Tensor, seen: torch.Tensor, temperature: float, top_k: int, top_p: float,
@@ -999,30 +1001,28 @@ def generate(model: Transformer, prompt: list[int], max_new_tokens: int, tempera
     """Prefill the prompt into a preallocated KV cache, then decode one token at a time. Returns the new tokens."""
     cfg, device = model.cfg, model.embed_tokens.weight.device
     max_new_tokens = min(max_new_tokens, cfg.seq_len - len(prompt))
-    for block in model.layers:
-        block.self_attn.cache = KVCache(1, cfg, model.embed_tokens.weight.dtype, device)
-    decode_step = decode_step or model
+    dtype = model.embed_tokens.weight.dtype
+    for block in model.layers:  # kept between calls: a compiled decode step (CUDA graph) reuses the same buffers
+        if block.self_attn.cache is None or block.self_attn.cache.k.dtype != dtype:
+            block.self_attn.cache = KVCache(1, cfg, dtype, device)
+    decode_step = model if decode_step is None else decode_step
     generator = torch.Generator(device).manual_seed(seed) if seed is not None else None
     seen = torch.zeros(1, cfg.vocab_size, dtype=torch.bool, device=device)
     seen[0, prompt] = True
-    try:
-        logits = model(torch.tensor([prompt], device=device), pos=torch.arange(len(prompt), device=device))[0]
-        out = []
-        for t in range(len(prompt), len(prompt) + max_new_tokens):
-            next_id = sample_next(logits[:, -1].float(), seen, temperature, top_k, top_p, repetition_penalty,
-                                  generator)  # (1, 1)
-            token = next_id.item()
-            if token == eos_id:
-                break
-            out.append(token)
-            seen[0, token] = True
-            if on_token:
-                on_token(out)
-            logits = decode_step(next_id, pos=torch.tensor([t], device=device))[0]
-        return out
-    finally:
-        for block in model.layers:
-            block.self_attn.cache = None
+    logits = model(torch.tensor([prompt], device=device), pos=torch.arange(len(prompt), device=device))[0]
+    out = []
+    for t in range(len(prompt), len(prompt) + max_new_tokens):
+        next_id = sample_next(logits[:, -1].float(), seen, temperature, top_k, top_p, repetition_penalty,
+                              generator)  # (1, 1)
+        token = next_id.item()
+        if token == eos_id:
+            break
+        out.append(token)
+        seen[0, token] = True
+        if on_token:
+            on_token(out)
+        logits = decode_step(next_id, pos=torch.tensor([t], device=device))[0]
+    return out
 
 
 class TextStream:
@@ -1070,7 +1070,9 @@ def cmd_generate(args) -> list[str]:
     if len(prompt) >= model.cfg.seq_len:
         raise UserError(f"the prompt is {len(prompt)} tokens, the model's context is {model.cfg.seq_len}. HINT: "
                         f"shorten the prompt")
-    decode_step = torch.compile(model, mode="reduce-overhead", fullgraph=True) if args.compile else None
+    decode_step = None
+    if args.compile:  # one graph for every decode step (CUDA graphs on GPU); the prefill runs eagerly
+        decode_step = torch.compile(model, fullgraph=True, mode="reduce-overhead" if device.type == "cuda" else None)
     texts = []
     for i in range(args.num_samples):
         if args.num_samples > 1:

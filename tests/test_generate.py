@@ -112,3 +112,11 @@ def test_cli_generate_refuses_bad_input(trained, docs_corpus, tmp_path):
     assert_user_error(run_cli("generate", "--ckpt", ckpt, "--prompt", "word " * 200, check=False),
                       "context is 64", "shorten the prompt")
     assert_user_error(run_cli("generate", "--ckpt", tmp_path / "missing.pt", check=False), "does not exist")
+
+
+def test_compiled_decode_step_matches_eager(model):
+    prompt = [1, 17, 42, 99]
+    eager = lm.generate(model, prompt, 12, temperature=0, eos_id=None)
+    compiled = lm.generate(model, prompt, 12, temperature=0, eos_id=None,
+                           decode_step=torch.compile(model, fullgraph=True))
+    assert compiled == eager
