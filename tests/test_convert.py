@@ -12,14 +12,14 @@ from pathlib import Path
 import pytest
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["HF_HUB_OFFLINE"] = "1"  # before transformers is imported: it reads this once
 
-import convert_to_llama as C  # noqa: E402
+import convert_to_llama as C  # noqa: E402  (conftest.py puts the repository root on sys.path)
 import standalone_transformer_lm as S  # noqa: E402
 from safetensors.torch import load_file, save_file  # noqa: E402
 from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
 
 VOCAB = 2000
 TINY = {**S.PRESETS["tiny"], "vocab_size": VOCAB}
