@@ -270,6 +270,67 @@ def split_offset(path: str, size: int, val_fraction: float) -> int:
         return f.tell()
 
 
+def is_long(line: str) -> bool:
+    return len(line) * 4 > SP_MAX_LINE_BYTES and len(line.encode()) > SP_MAX_LINE_BYTES
+
+
+def tokenizer_sample(text_path: str, size: int, sample_lines: int, seed: int, dedup: bool, normalize_ws: bool,
+                     progress: bool) -> list[str]:
+    """A seeded reservoir sample of the corpus's lines: bounded memory whatever the corpus size. A line over
+    SentencePiece's limit contributes its first part (one document per line is common; skipping them would train
+    the tokenizer on short documents only)."""
+    rng, sample, n_seen = random.Random(seed), [], 0
+    seen = set() if dedup else None
+    bar = tqdm(total=size, unit="B", unit_scale=True, desc="sampling", disable=not progress, mininterval=1.0)
+    for block in read_blocks(text_path, 0, size):
+        for line in drop_duplicates(clean_lines(block, normalize_ws, Counter()), seen, Counter()):
+            if is_long(line):
+                line = line.encode()[:SP_MAX_LINE_BYTES].decode(errors="ignore").rsplit(" ", 1)[0]
+            n_seen += 1
+            if len(sample) < sample_lines:
+                sample.append(line)
+            elif (j := rng.randrange(n_seen)) < sample_lines:
+                sample[j] = line
+        bar.update(len(block))
+    bar.close()
+    return sample
+
+
+def encode_corpus(text_path: str, splits: dict, model_proto: bytes, dtype, num_workers: int, dedup: bool,
+                  normalize_ws: bool, stats: Counter, progress: bool) -> dict:
+    """Encode byte ranges {path: (start, end)} of the corpus into token files, in blocks on num_workers processes,
+    at most 2 blocks per worker in flight (bounded memory), written in corpus order. Returns counts per path."""
+    counts = {path: Counter() for path in splits}
+    seen = set() if dedup else None  # exact dedup keeps 8 bytes per distinct line: the one cost that grows
+    pool = None if num_workers == 1 else mp.get_context("spawn").Pool(num_workers, _init_encoder, (model_proto,))
+    if pool is None:
+        _init_encoder(model_proto)
+    bar = tqdm(total=sum(e - s for s, e in splits.values()), unit="B", unit_scale=True, desc="encoding",
+               disable=not progress, mininterval=1.0)
+    try:
+        for path, (start, end) in splits.items():
+            pending = deque()
+            with open(path, "wb") as out:
+                for block in chain(read_blocks(text_path, start, end), [None]):
+                    if block is not None:
+                        lines = drop_duplicates(clean_lines(block, normalize_ws, stats), seen, stats)
+                        stats["long lines (> 4192 bytes, encoded, sampled in part)"] += sum(map(is_long, lines))
+                        args = (lines, dtype)
+                        pending.append((pool.apply_async(encode_samples, args) if pool else encode_samples(*args),
+                                        len(lines), len(block)))
+                    while pending and (block is None or len(pending) > 2 * num_workers):
+                        result, n_lines, n_bytes = pending.popleft()
+                        tokens = result.get() if pool else result
+                        tokens.tofile(out)
+                        counts[path].update(tokens=len(tokens), samples=n_lines)
+                        bar.update(n_bytes)
+    finally:
+        bar.close()
+        if pool is not None:
+            pool.terminate()
+    return counts
+
+
 # ----------------------------------------------------------------------------------------------------------------------
 # Prep: corpus -> tokenizer.model, train.bin, val.bin, meta.json
 
@@ -284,91 +345,42 @@ def prep(text_path: str, out_dir: str, vocab_size: int = 32000, val_fraction: fl
     if not 0.0 < val_fraction < 0.5:
         raise UserError(f"--val_fraction {val_fraction} must be in (0, 0.5)")
     size = os.path.getsize(text_path)
-    cut = split_offset(text_path, size, val_fraction)
     num_workers = num_workers or os.cpu_count() or 1
-    stats = Counter()
-
-    # Pass 1: a seeded reservoir sample of lines trains the tokenizer, so memory is bounded whatever the corpus size.
-    # A line over SentencePiece's limit contributes its first part only (a document per line is common).
-    rng, sample, n_seen = random.Random(seed), [], 0
-    seen = set() if dedup else None  # exact dedup keeps 8 bytes per distinct line: the one cost that grows
-    bar = tqdm(total=size, unit="B", unit_scale=True, desc="sampling", disable=not progress, mininterval=1.0)
-    for block in read_blocks(text_path, 0, size):
-        for line in drop_duplicates(clean_lines(block, normalize_whitespace, Counter()), seen, Counter()):
-            if len(line) * 4 > SP_MAX_LINE_BYTES and len(line.encode()) > SP_MAX_LINE_BYTES:
-                line = line.encode()[:SP_MAX_LINE_BYTES].decode(errors="ignore").rsplit(" ", 1)[0]
-            n_seen += 1
-            if len(sample) < sample_lines:
-                sample.append(line)
-            elif (j := rng.randrange(n_seen)) < sample_lines:
-                sample[j] = line
-        bar.update(len(block))
-    bar.close()
+    sample = tokenizer_sample(text_path, size, sample_lines, seed, dedup, normalize_whitespace, progress)
     if not sample:
         raise UserError(f"corpus {text_path!r} has no text (it is empty or only blank lines). HINT: pass a UTF-8 "
                         f"file with one sample per line")
     print0(f"training a {vocab_size}-token BPE tokenizer on {len(sample):,} sampled lines")
     model_proto = train_tokenizer(sample, vocab_size)
     del sample
-    dtype = token_dtype(vocab_size)
 
-    # Pass 2: encode in blocks on num_workers processes, at most 2 blocks per worker in flight, written in order.
+    # Everything goes to temporary names first: a failed run leaves an earlier run's files as they were.
     os.makedirs(out_dir, exist_ok=True)
-    tmp = {name: os.path.join(out_dir, f".{name}.tmp{os.getpid()}")
-           for name in ("tokenizer.model", "train.bin", "val.bin")}
-    counts = {"train": Counter(), "val": Counter()}
-    seen = set() if dedup else None
-    t0 = time.time()
-    pool = None if num_workers == 1 else mp.get_context("spawn").Pool(num_workers, _init_encoder, (model_proto,))
+    final = {name: os.path.join(out_dir, name) for name in ("tokenizer.model", "train.bin", "val.bin")}
+    tmp = {name: os.path.join(out_dir, f".{name}.tmp{os.getpid()}") for name in final}
+    cut = split_offset(text_path, size, val_fraction)
+    stats, t0 = Counter(), time.time()
     try:
-        if pool is None:
-            _init_encoder(model_proto)
         with open(tmp["tokenizer.model"], "wb") as f:
             f.write(model_proto)
-        bar = tqdm(total=size, unit="B", unit_scale=True, desc="encoding", disable=not progress, mininterval=1.0)
-        for split, (start, end) in (("train", (0, cut)), ("val", (cut, size))):
-            pending = deque()
-            with open(tmp[f"{split}.bin"], "wb") as out:
-                def drain(limit):
-                    while len(pending) > limit:
-                        result, n_lines, n_bytes = pending.popleft()
-                        tokens = result.get() if pool else result
-                        tokens.tofile(out)
-                        counts[split]["tokens"] += len(tokens)
-                        counts[split]["samples"] += n_lines
-                        bar.update(n_bytes)
-                for block in read_blocks(text_path, start, end):
-                    lines = drop_duplicates(clean_lines(block, normalize_whitespace, stats), seen, stats)
-                    stats["long lines (> 4192 bytes, encoded, sampled in part)"] += sum(
-                        len(line) * 4 > SP_MAX_LINE_BYTES and len(line.encode()) > SP_MAX_LINE_BYTES
-                        for line in lines)
-                    work = pool.apply_async(encode_samples, (lines, dtype)) if pool else encode_samples(lines, dtype)
-                    pending.append((work, len(lines), len(block)))
-                    drain(2 * num_workers)
-                drain(0)
-        bar.close()
-    except BaseException:
+        counts = encode_corpus(text_path, {tmp["train.bin"]: (0, cut), tmp["val.bin"]: (cut, size)}, model_proto,
+                               token_dtype(vocab_size), num_workers, dedup, normalize_whitespace, stats, progress)
+        counts = {"train": counts[tmp["train.bin"]], "val": counts[tmp["val.bin"]]}
+        for split in ("train", "val"):
+            if counts[split]["samples"] == 0:
+                raise UserError(f"the {split} split of {text_path!r} is empty ({size} bytes, --val_fraction "
+                                f"{val_fraction}). HINT: use a corpus with more lines, or change --val_fraction")
+        for name in final:
+            os.replace(tmp[name], final[name])
+    finally:
         for path in tmp.values():
             if os.path.exists(path):
                 os.remove(path)
-        raise
-    finally:
-        if pool is not None:
-            pool.terminate()
     elapsed = time.time() - t0
-    for split in ("train", "val"):
-        if counts[split]["samples"] == 0:
-            for path in tmp.values():
-                os.remove(path)
-            raise UserError(f"the {split} split of {text_path!r} is empty ({size} bytes, --val_fraction "
-                            f"{val_fraction}). HINT: use a corpus with more lines, or change --val_fraction")
-
-    for name, path in tmp.items():
-        os.replace(path, os.path.join(out_dir, name))
     meta = {
         "format_version": 1,
         "vocab_size": vocab_size,
-        "dtype": np.dtype(dtype).name,
+        "dtype": np.dtype(token_dtype(vocab_size)).name,
         "special_ids": {"unk": UNK_ID, "bos": BOS_ID, "eos": EOS_ID, "pad": PAD_ID},
         "tokenizer_sha256": hashlib.sha256(model_proto).hexdigest(),
         "train": dict(counts["train"]),
@@ -381,10 +393,9 @@ def prep(text_path: str, out_dir: str, vocab_size: int = 32000, val_fraction: fl
     atomic_write_json(os.path.join(out_dir, "meta.json"), meta)
     n_tokens = counts["train"]["tokens"] + counts["val"]["tokens"]
     n_samples = counts["train"]["samples"] + counts["val"]["samples"]
-    print0(f"wrote {out_dir}: {counts['train']['tokens']:,} train / {counts['val']['tokens']:,} val tokens ({dtype.__name__})"
-           f", {n_samples:,} samples, {n_tokens / max(n_samples, 1):.1f} tokens per sample, "
-           f"{n_tokens / max(elapsed, 1e-9):,.0f} tokens/s ({size / 1e6 / max(elapsed, 1e-9):.1f} MB/s) "
-           f"on {num_workers} worker(s)")
+    print0(f"wrote {out_dir}: {counts['train']['tokens']:,} train / {counts['val']['tokens']:,} val tokens "
+           f"({meta['dtype']}), {n_samples:,} samples, {n_tokens / n_samples:.1f} tokens per sample, "
+           f"{n_tokens / elapsed:,.0f} tokens/s ({size / 1e6 / elapsed:.1f} MB/s) on {num_workers} worker(s)")
     print0("  " + ", ".join(f"{k}: {v:,}" for k, v in sorted(stats.items())))
     return meta
 
