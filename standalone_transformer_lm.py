@@ -811,7 +811,8 @@ def _train(tc: TrainConfig, args, device: torch.device, rank: int, world: int) -
     cfg = resolve_model_config(args, meta["vocab_size"], ckpt["model_config"] if ckpt else None)
     for name, value in (("batch_size", tc.batch_size), ("grad_accum_steps", tc.grad_accum_steps),
                         ("max_steps", tc.max_steps), ("log_interval", tc.log_interval),
-                        ("eval_interval", tc.eval_interval), ("save_interval", tc.save_interval)):
+                        ("eval_interval", tc.eval_interval), ("eval_iters", tc.eval_iters),
+                        ("save_interval", tc.save_interval)):
         if value < 1:
             raise UserError(f"--{name} must be at least 1, got {value}")
     min_lr = tc.lr / 10 if tc.min_lr is None else tc.min_lr
