@@ -1,0 +1,565 @@
+"""Speed of standalone_transformer_lm.py: prep throughput, training steps and decoding, against Hugging Face LLaMA.
+
+    python bench/benchmark.py                                 # CPU: quick size; prep on 1 GB, train, generate
+    python bench/benchmark.py --only train,generate --rounds 3
+    python bench/benchmark.py --size presets                  # GPU: 138m, 350m, 700m at seq 1024 in bf16
+
+Prints one table per part and writes them, with the environment, to OUT/<device>-<size>-<time>.json.
+Models get random weights and random token batches: speed does not depend on what the weights are. HF's model gets
+a copy of ours, so both compute the same function (the tables show the first losses and the greedy tokens agree).
+"""
+
+import argparse
+import contextlib
+import copy
+import gc
+import io
+import json
+import os
+import platform
+import re
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+
+import numpy as np
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+import standalone_transformer_lm as lm  # noqa: E402  (after the path insert)
+
+# Model sizes: (name, ModelConfig fields, batch size). "quick" is the 2-core CPU size the targets below refer to.
+SIZES = {
+    "quick": [("quick", dict(vocab_size=32000, d_model=256, n_layer=4, n_head=4, seq_len=256), 8)],
+    "presets": [(name, dict(lm.PRESETS[name], vocab_size=32000, seq_len=1024), 16)
+                for name in ("138m", "350m", "700m")],
+}
+LR, WEIGHT_DECAY = 3e-4, 0.1  # any values: they do not change a step's cost
+CACHE_DIR = os.path.join(os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"),
+                         "standalone_transformer_lm_bench")
+# Issue targets, for a 2-core CPU in float32 (quick size) and prep with a 32K BPE on all cores.
+TARGETS = {"prep tokens/s (all cores)": 1.8e6, "train ours/HF, eager": 1.3, "train ours/HF, compiled": 1.7,
+           "decode ours/HF": 1.3}
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Environment and tables
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    with contextlib.suppress(OSError):
+        with open("/proc/cpuinfo") as f:
+            m = re.search(r"^model name\s*:\s*(.+)$", f.read(), re.M)
+            if m:
+                return m.group(1).strip()
+    return platform.processor() or platform.machine()
+
+
+def environment(device: torch.device) -> dict:
+    import sentencepiece
+    import transformers
+    return {"device": device_name(device), "device_type": device.type, "date": time.strftime("%Y-%m-%d %H:%M:%S %z"),
+            "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(), "python": platform.python_version(),
+            "torch": torch.__version__, "transformers": transformers.__version__,
+            "sentencepiece": sentencepiece.__version__, "numpy": np.__version__,
+            "cuda": torch.version.cuda if device.type == "cuda" else None,
+            "load_avg_at_start": os.getloadavg()}  # other work on the machine skews CPU figures: this shows it
+
+
+def fmt(v) -> str:
+    if v is None:
+        return "-"
+    if isinstance(v, float):
+        return f"{v:,.0f}" if abs(v) >= 100 else f"{v:#.3g}"  # 3 significant digits, trailing zeros kept
+    if isinstance(v, int):
+        return f"{v:,}"
+    return str(v)
+
+
+def print_table(title: str, rows: list[dict], columns: list[str]) -> None:
+    cells = [columns] + [[fmt(r.get(c)) for c in columns] for r in rows]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(columns))]
+    print(f"\n{title}")
+    for i, row in enumerate(cells):
+        print("  ".join(c.rjust(w) for c, w in zip(row, widths)))
+        if i == 0:
+            print("  ".join("-" * w for w in widths))
+
+
+def columns(rows: list[dict]) -> list[str]:  # lists (per-step times) go to the JSON only
+    return list(dict.fromkeys(k for r in rows for k, v in r.items() if not isinstance(v, list)))
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def free_memory(device: torch.device) -> None:
+    gc.collect()
+    torch._dynamo.reset()  # compiled graphs hold on to their models and CUDA graph pools
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+class PeakMemory:
+    """Peak memory of a block above what was in use when it began, in MiB: the CUDA allocator's, or on Linux CPUs
+    the process's resident set (VmHWM, whose reset needs Linux >= 4.0; elsewhere no figure)."""
+
+    def __init__(self, device: torch.device):
+        self.device, self.base, self.mib = device, None, None
+
+    def __enter__(self):
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+            self.base = torch.cuda.memory_allocated(self.device) / 2**20
+        else:
+            with contextlib.suppress(OSError):
+                with open("/proc/self/clear_refs", "w") as f:
+                    f.write("5")  # resets VmHWM to the current VmRSS
+                self.base = self._proc_status_mib("VmRSS")
+        return self
+
+    def __exit__(self, *exc):
+        if self.device.type == "cuda":
+            self.mib = torch.cuda.max_memory_allocated(self.device) / 2**20 - self.base
+        elif self.base is not None:
+            self.mib = self._proc_status_mib("VmHWM") - self.base
+
+    @staticmethod
+    def _proc_status_mib(field: str) -> float:
+        with open("/proc/self/status") as f:
+            return int(re.search(rf"^{field}:\s+(\d+) kB", f.read(), re.M).group(1)) / 1024
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Prep: a synthetic corpus, then `prep` with 1 worker and with all cores, each in a fresh process
+
+
+def make_corpus(path: str, mb: int, seed: int = 0) -> None:
+    """About mb MB of natural-ish text, one sample per line, from Python's own documentation.
+
+    Lines are runs of the docs' words from random places, of log-normal length (a few words to a few thousand). The
+    docs hold only ~9,000 distinct words, too few for a 32K BPE (SentencePiece refuses above ~15K), so one word in
+    ten is swapped for a Zipf-distributed made-up word spliced from two real ones: new words, English-like letters.
+    """
+    import pydoc_data.topics
+    rng = np.random.default_rng(seed)
+    words = "\n".join(pydoc_data.topics.topics[k] for k in sorted(pydoc_data.topics.topics)).split()
+    alpha = sorted({w for w in words if w.isalpha() and len(w) > 3})
+    made = sorted({a[:rng.integers(2, len(a))] + b[rng.integers(1, len(b) - 1):]
+                   for a, b in zip(rng.choice(alpha, 400_000), rng.choice(alpha, 400_000))})
+    made = list(rng.permutation(made)[:100_000])
+    zipf_cdf = np.cumsum(1.0 / np.arange(1, len(made) + 1))
+    vocab = np.array(words + made, dtype=object)
+    tmp, written = f"{path}.tmp{os.getpid()}", 0
+    with open(tmp, "w", encoding="utf-8") as f:
+        while written < mb * 1e6:
+            n = np.clip(rng.lognormal(3.5, 1.0, 20_000), 1, 3000).astype(np.int64)  # words per line
+            ends = np.cumsum(n)
+            ids = (np.repeat(rng.integers(len(words), size=len(n)), n) + np.arange(ends[-1]) - np.repeat(ends - n, n))
+            ids %= len(words)
+            swap = rng.random(len(ids)) < 0.1
+            ids[swap] = len(words) + np.searchsorted(zipf_cdf, rng.random(swap.sum()) * zipf_cdf[-1])
+            seps = np.full(len(ids), " ", dtype=object)
+            seps[ends - 1] = "\n"
+            text = np.empty(2 * len(ids), dtype=object)
+            text[0::2], text[1::2] = vocab[ids], seps
+            chunk = "".join(text.tolist())
+            f.write(chunk)
+            written += len(chunk.encode())
+    os.replace(tmp, path)
+
+
+def prep_child(text_path: str, out_dir: str, workers: int) -> None:
+    """Runs in a fresh process: one `prep` call; prints its figures as one JSON line."""
+    out = io.StringIO()
+    t0 = time.perf_counter()
+    with contextlib.redirect_stdout(out):
+        meta = lm.prep(text_path, out_dir, vocab_size=32000, num_workers=workers, progress=False)
+    wall = time.perf_counter() - t0
+    # The summary line times the encoding pass alone (after sampling and tokenizer training).
+    m = re.search(r"([\d,]+) tokens/s \(([\d.]+) MB/s\)", out.getvalue())
+    enc_tok_s = float(m.group(1).replace(",", "")) if m else None
+    tokens = meta["train"]["tokens"] + meta["val"]["tokens"]
+    # ru_maxrss (KiB on Linux) of this process only. RUSAGE_CHILDREN would mislead: a spawned worker is forked
+    # before it execs, so its peak starts at this process's size at that moment, however small the worker stays.
+    print(json.dumps({"workers": workers, "corpus_MB": os.path.getsize(text_path) / 1e6, "tokens": tokens,
+                      "wall_s": wall, "encode_s": tokens / enc_tok_s if m else None, "encode_tok_s": enc_tok_s,
+                      "encode_MB_s": float(m.group(2)) if m else None, "total_tok_s": tokens / wall,
+                      "rss_main_MiB": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+
+
+def tree_pss_mib(root: int) -> float | None:
+    """Proportional set size of a process and all its descendants (shared pages split among their users)."""
+    parent = {}
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        with contextlib.suppress(OSError, IndexError, ValueError):
+            with open(f"/proc/{pid}/stat") as f:
+                parent[int(pid)] = int(f.read().rsplit(")", 1)[1].split()[1])
+    tree = {root}
+    while grown := {pid for pid, ppid in parent.items() if ppid in tree and pid not in tree}:
+        tree |= grown
+    total = 0
+    for pid in tree:
+        with contextlib.suppress(OSError):
+            with open(f"/proc/{pid}/smaps_rollup") as f:
+                total += int(re.search(r"^Pss:\s+(\d+) kB", f.read(), re.M).group(1))
+    return total / 1024 or None
+
+
+def bench_prep(args) -> list[dict]:
+    os.makedirs(args.cache_dir, exist_ok=True)
+    corpus = os.path.join(args.cache_dir, f"corpus-{args.prep_mb}MB-seed0.txt")
+    if not os.path.exists(corpus):  # made once and reused: generating 1 GB takes about a minute
+        print(f"writing a {args.prep_mb} MB synthetic corpus to {corpus.replace(os.path.expanduser('~'), '~', 1)}")
+        make_corpus(corpus, args.prep_mb)
+    rows = []
+    for workers in sorted({1, os.cpu_count() or 1}):
+        with tempfile.TemporaryDirectory() as out_dir, tempfile.TemporaryFile("w+") as log:
+            cmd = [sys.executable, os.path.abspath(__file__), "--prep_child", corpus, out_dir, str(workers)]
+            proc, peak = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, text=True), 0.0
+            while proc.poll() is None:  # sampled: the workers' memory is invisible to getrusage (see prep_child)
+                peak = max(peak, tree_pss_mib(proc.pid) or 0.0)
+                time.sleep(1.0)
+            log.seek(0)
+            output = log.read()
+        if proc.returncode:
+            raise RuntimeError(f"prep with {workers} worker(s) failed:\n{output[-3000:]}")
+        rows.append({**json.loads(output.strip().splitlines()[-1]), "peak_pss_all_MiB": peak or None})
+        print_table("prep (so far)", rows, columns(rows))
+    return rows
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Hugging Face model of the same shape, with our weights
+
+
+def hf_model(cfg: lm.ModelConfig, dtype: torch.dtype):
+    """LlamaForCausalLM of cfg's shape; Mistral (no sliding window: the same network) when d_model % n_head != 0,
+    which LlamaConfig refuses even with an explicit head_dim (the 350m and 700m presets)."""
+    from transformers import AutoModelForCausalLM, LlamaConfig, MistralConfig
+    kw = dict(vocab_size=cfg.vocab_size, hidden_size=cfg.d_model, intermediate_size=cfg.ffn_hidden,
+              num_hidden_layers=cfg.n_layer, num_attention_heads=cfg.n_head, num_key_value_heads=cfg.n_kv_head,
+              head_dim=cfg.head_dim, max_position_embeddings=cfg.seq_len, rms_norm_eps=cfg.norm_eps,
+              rope_theta=cfg.rope_theta, rope_parameters={"rope_type": "default", "rope_theta": cfg.rope_theta},
+              tie_word_embeddings=cfg.tie_embeddings, hidden_act="silu", attention_dropout=0.0,
+              bos_token_id=lm.BOS_ID, eos_token_id=lm.EOS_ID, pad_token_id=lm.PAD_ID)
+    config = LlamaConfig(**kw) if cfg.d_model % cfg.n_head == 0 else MistralConfig(**kw, sliding_window=None)
+    # dtype here, as from_pretrained does it: weights in dtype, RoPE's inv_freq kept in float32. model.to(bfloat16)
+    # would round inv_freq too, shifting the angle of every position, and greedy tokens would part from ours.
+    return AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation="sdpa")
+
+
+def hf_state_dict(model: lm.Transformer) -> dict:
+    """Our parameters under HF names: split the fused q/k/v and gate/up rows."""
+    cfg, out = model.cfg, {}
+    qkv_rows = [cfg.n_head * cfg.head_dim, cfg.n_kv_head * cfg.head_dim, cfg.n_kv_head * cfg.head_dim]
+    for name, w in model.state_dict().items():
+        if name == "lm_head.weight":
+            if not cfg.tie_embeddings:
+                out[name] = w
+        elif name.endswith("qkv_proj.weight"):
+            for proj, part in zip(("q_proj", "k_proj", "v_proj"), w.split(qkv_rows)):
+                out["model." + name.replace("qkv_proj", proj)] = part
+        elif name.endswith("gate_up_proj.weight"):
+            for proj, part in zip(("gate_proj", "up_proj"), w.chunk(2)):
+                out["model." + name.replace("gate_up_proj", proj)] = part
+        else:
+            out["model." + name] = w
+    return out
+
+
+def model_pair(cfg: lm.ModelConfig, dtype: torch.dtype = torch.float32) -> tuple[lm.Transformer, torch.nn.Module]:
+    """Ours with seeded random weights and HF's with a copy of them, on the CPU."""
+    torch.manual_seed(0)
+    ours = lm.Transformer(cfg)
+    hf = hf_model(cfg, dtype)
+    hf.load_state_dict(hf_state_dict(ours), strict=True)  # copy_ casts to hf's dtype
+    return ours.to(dtype), hf
+
+
+def hf_optimizer(model, like: torch.optim.Optimizer) -> torch.optim.Optimizer:
+    """lm.make_optimizer's recipe on HF's parameter names: the same AdamW settings (betas, eps, fused or not), weight
+    decay on the matrices and not on the norm gains, which are HF's only 1-D parameters."""
+    params = list(model.parameters())
+    groups = [{"params": [p for p in params if p.ndim >= 2], "weight_decay": like.param_groups[0]["weight_decay"]},
+              {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, **{k: like.defaults[k] for k in ("lr", "betas", "eps", "foreach", "fused")})
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Training step: forward, loss, backward, clip, AdamW; ours vs HF, eager and compiled
+
+
+def peak_flops(device: torch.device) -> float | None:
+    if device.type != "cuda":
+        return None  # MFU against a CPU's peak would be a guess
+    return next((v for k, v in lm.PEAK_BF16_FLOPS.items() if k in torch.cuda.get_device_name(device)), None)
+
+
+def time_train(name: str, cpu_model, cfg: lm.ModelConfig, batch: int, compiled: bool, device: torch.device,
+               ours_optimizer: torch.optim.Optimizer, args) -> dict:
+    # As the trainer does: float32 weights, bf16 autocast on GPUs; plain float32 on CPU.
+    ctx = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
+    xy = torch.randint(0, cfg.vocab_size, (batch, cfg.seq_len + 1), generator=torch.Generator().manual_seed(1))
+    x, y = xy[:, :-1].contiguous().to(device), xy[:, 1:].contiguous().to(device)  # HF's loss needs .view()
+    with PeakMemory(device) as mem:  # weights, gradients, AdamW state and activations
+        raw = copy.deepcopy(cpu_model).to(device)
+        if name == "ours":
+            optimizer = lm.make_optimizer(raw, LR, WEIGHT_DECAY, device)
+        else:
+            optimizer = hf_optimizer(raw, ours_optimizer)
+        model = torch.compile(raw) if compiled else raw
+
+        def step() -> torch.Tensor:
+            with ctx:
+                if name == "ours":
+                    loss = model(x, y)[1]
+                else:  # shift_labels: HF's loss on exactly our targets, all T positions, inside the compiled forward
+                    loss = model(input_ids=x, labels=y, shift_labels=y, use_cache=False).loss
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(raw.parameters(), 1.0)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            return loss
+
+        t0 = time.perf_counter()
+        loss0 = step().item()  # the first step compiles
+        first_s = time.perf_counter() - t0
+        for _ in range(args.warmup - 1):
+            step()
+        times = []
+        for _ in range(args.steps):  # synced every step, as the trainer is by its per-step .item()
+            sync(device)
+            t0 = time.perf_counter()
+            loss = step()
+            sync(device)
+            times.append(time.perf_counter() - t0)
+    dt = min(times)  # other work on the machine can only slow a step down: the fastest is the cleanest figure
+    return {"model": name, "compile": int(compiled), "batch": batch, "ms_step": dt * 1e3,
+            "tok_s": batch * cfg.seq_len / dt, "peak_MiB": mem.mib, "first_step_s": first_s, "loss0": loss0,
+            "loss_last": loss.item(), "step_ms_all": [round(t * 1e3, 1) for t in times]}
+
+
+class Budget:
+    """Skips the remaining variants once --time_budget is spent, so that a GPU run fits its time slot."""
+
+    def __init__(self, seconds: float):
+        self.end, self.skipped = time.time() + seconds if seconds > 0 else float("inf"), []
+
+    def allows(self, what: str) -> bool:
+        if time.time() < self.end:
+            return True
+        print(f"  skipped {what}: --time_budget is spent")
+        self.skipped.append(what)
+        return False
+
+
+def fitting_train(name: str, size: str, cpu_model, cfg: lm.ModelConfig, batch: int, compiled: bool,
+                  device: torch.device, ours_optimizer, args, budget: Budget) -> dict | None:
+    """time_train, halving the batch on out-of-memory ("batch 16 or what fits"; the row says which)."""
+    while budget.allows(f"train {size} {name} compile={int(compiled)}"):
+        try:
+            return time_train(name, cpu_model, cfg, batch, compiled, device, ours_optimizer, args)
+        except torch.cuda.OutOfMemoryError:
+            if batch == 1:
+                raise
+            batch //= 2
+            print(f"  train {size} {name} compile={int(compiled)}: out of memory, retrying at batch {batch}")
+        finally:
+            free_memory(device)  # after the except block has dropped the failed step's tensors
+    return None
+
+
+def bench_train(args, device: torch.device, budget: Budget) -> list[dict]:
+    rows, peak = [], peak_flops(device)
+    for i, (size, fields, batch) in enumerate(SIZES[args.size]):
+        cfg = lm.ModelConfig(**fields)
+        models = dict(zip(("ours", "hf"), model_pair(cfg)))
+        # PaLM's count for MFU, forward + backward: 6 x matmul parameters + 12 x n_layer x n_head x head_dim x seq_len
+        # FLOPs per token. HF's model has the same shape, hence the same count.
+        flops_per_token = models["ours"].flops_per_token()
+        ours_optimizer = lm.make_optimizer(models["ours"], LR, WEIGHT_DECAY, device)  # settings for HF's to copy
+        if i == 0:  # the run's first variant pays one-time costs (libraries' setup, allocator growth): a throwaway
+            fitting_train("ours", size, models["ours"], cfg, batch, False, device, ours_optimizer,
+                          argparse.Namespace(warmup=1, steps=1), budget)
+        for compiled in (False, True):
+            best = {}
+            for _ in range(args.rounds):  # alternating rounds, each model's fastest kept: other load hits both alike
+                for name, cpu_model in models.items():
+                    b = best[name]["batch"] if name in best else batch
+                    row = fitting_train(name, size, cpu_model, cfg, b, compiled, device, ours_optimizer, args, budget)
+                    if row and (name not in best or row["ms_step"] < best[name]["ms_step"]):
+                        mfu = flops_per_token * row["tok_s"] / peak if peak else None
+                        best[name] = {"size": size, **row, "mfu": mfu}
+            if len(best) == 2:
+                best["ours"]["ours/HF"] = best["ours"]["tok_s"] / best["hf"]["tok_s"]
+            rows += best.values()
+            print_table("train (so far)", rows, columns(rows))
+    return rows
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Decoding at batch 1 (lm.generate decodes one sequence): ours eager and compiled, HF generate
+
+
+def bench_generate(args, device: torch.device, budget: Budget) -> list[dict]:
+    rows = []
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32  # as `generate` loads checkpoints
+    for size, fields, _ in SIZES[args.size]:
+        if not budget.allows(f"generate {size}"):
+            continue
+        cfg = lm.ModelConfig(**fields)
+        ours, hf = (m.to(device).eval() for m in model_pair(cfg, dtype))
+        ours.rope_cos, ours.rope_sin = (t.to(device) for t in lm.rope_tables(cfg))  # float32, as `generate` has them
+        hf.generation_config.eos_token_id = None  # ours runs with eos_id=None: both emit exactly new_tokens tokens
+        gen = torch.Generator().manual_seed(2)
+        prompt = [lm.BOS_ID] + torch.randint(4, cfg.vocab_size, (args.prompt_tokens - 1,), generator=gen).tolist()
+        prompt_t = torch.tensor([prompt], device=device)
+
+        def run_ours(decode_step=None):
+            return lm.generate(ours, prompt, args.new_tokens, temperature=0.0, eos_id=None, decode_step=decode_step)
+
+        def run_hf():
+            out = hf.generate(prompt_t, attention_mask=torch.ones_like(prompt_t), do_sample=False,
+                              max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens)
+            return out[0, len(prompt):].tolist()
+
+        # The decode step compiled as `generate --compile 1` does it: on GPUs with CUDA graphs, which replay the
+        # whole step with no per-kernel launch cost.
+        step = torch.compile(ours, fullgraph=True, mode="reduce-overhead" if device.type == "cuda" else None)
+        variants = {("ours", 0): run_ours, ("ours", 1): lambda: run_ours(step), ("hf", 0): run_hf}
+        first, extra, tokens = {}, {}, {}
+        for key, fn in variants.items():
+            with PeakMemory(device) as mem:  # KV cache and activations, beyond the weights
+                t0 = time.perf_counter()
+                tokens[key] = fn()  # warm-up: compiles and records the CUDA graphs on its first decode steps
+                first[key] = time.perf_counter() - t0
+            extra[key] = mem.mib
+        times = {key: [] for key in variants}
+        for _ in range(args.gen_reps):  # interleaved: other load on the machine slows every variant alike
+            for key, fn in variants.items():
+                sync(device)
+                t0 = time.perf_counter()
+                fn()
+                sync(device)
+                times[key].append(time.perf_counter() - t0)
+        ref = tokens[("ours", 0)]
+        for (name, compiled), toks in tokens.items():
+            same = next((f"differs at {i}" for i, (a, b) in enumerate(zip(ref, toks)) if a != b),
+                        "same" if len(ref) == len(toks) else f"{len(toks)} vs {len(ref)} tokens")
+            dt = min(times[(name, compiled)])
+            rows.append({"size": size, "model": name, "compile": compiled, "batch": 1, "new_tokens": len(toks),
+                         "tok_s": len(toks) / dt, "ms_token": dt * 1e3 / len(toks),
+                         "first_call_s": first[(name, compiled)], "extra_MiB": extra[(name, compiled)],
+                         "tokens_vs_ours": same})
+        hf_tok_s = next(r["tok_s"] for r in rows if r["size"] == size and r["model"] == "hf")
+        for r in rows:
+            if r["size"] == size and r["model"] == "ours":
+                r["ours/HF"] = r["tok_s"] / hf_tok_s
+        del ours, hf, variants, run_ours, run_hf, step  # the closures would keep the models alive
+        free_memory(device)
+        print_table("generate (so far)", rows, columns(rows))
+    return rows
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# CLI
+
+
+def check_targets(results: dict) -> list[dict]:
+    """The issue's targets, for a CPU quick run: measured value, target, met or not."""
+    found = {}
+    if results.get("prep"):
+        found["prep tokens/s (all cores)"] = results["prep"][-1]["encode_tok_s"]
+    for r in results.get("train", []):
+        if "ours/HF" in r:
+            found[f"train ours/HF, {'compiled' if r['compile'] else 'eager'}"] = r["ours/HF"]
+    for r in results.get("generate", []):
+        if "ours/HF" in r and not r["compile"]:
+            found["decode ours/HF"] = r["ours/HF"]
+    return [{"target": k, "measured": v, "wanted": TARGETS[k], "met": "yes" if v and v >= TARGETS[k] else "NO"}
+            for k, v in found.items()]
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--only", help="comma-separated parts: prep, train, generate (default: all three for the quick "
+                                  "size; train,generate for presets)")
+    p.add_argument("--size", choices=sorted(SIZES), help="default: presets on a GPU, quick on a CPU")
+    p.add_argument("--out", default=os.path.join(ROOT, "bench", "results"), help="folder for the JSON results "
+                                                                               "(default bench/results)")
+    p.add_argument("--prep_mb", type=int, default=1024, help="synthetic prep corpus size (default 1024)")
+    p.add_argument("--cache_dir", default=CACHE_DIR, help="where the synthetic corpus is kept between runs")
+    p.add_argument("--warmup", type=int, default=3, help="untimed training steps, the first compiles (default 3)")
+    p.add_argument("--steps", type=int, default=10, help="timed training steps (default 10)")
+    p.add_argument("--rounds", type=int, help="alternating timing rounds of ours and HF's training step, the "
+                                              "fastest kept (default: 2 on CPU, 1 on GPU)")
+    p.add_argument("--gen_reps", type=int, default=5, help="timed generate calls, the fastest kept (default 5)")
+    p.add_argument("--prompt_tokens", type=int, default=16, help="prompt length for generate (default 16)")
+    p.add_argument("--new_tokens", type=int, default=128, help="tokens to generate (default 128)")
+    p.add_argument("--time_budget", type=float, help="seconds; variants not started by then are skipped (default: "
+                                                     "540 for presets, so a GPU run ends within 10 minutes; none "
+                                                     "for quick)")
+    p.add_argument("--prep_child", nargs=3, metavar=("TEXT", "OUT", "WORKERS"), help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.prep_child:
+        text, out, workers = args.prep_child
+        return prep_child(text, out, int(workers))
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    args.size = args.size or ("presets" if device.type == "cuda" else "quick")
+    presets = args.size == "presets"
+    parts = [s.strip() for s in (args.only or ("train,generate" if presets else "prep,train,generate")).split(",")]
+    unknown = set(parts) - {"prep", "train", "generate"}
+    if unknown:
+        p.error(f"--only: unknown parts {sorted(unknown)}; choose from prep, train, generate")
+    args.rounds = args.rounds or (1 if device.type == "cuda" else 2)
+    if min(args.warmup, args.steps, args.rounds, args.gen_reps, args.prompt_tokens, args.new_tokens) < 1:
+        p.error("--warmup, --steps, --rounds, --gen_reps, --prompt_tokens and --new_tokens must be at least 1")
+    budget = Budget(args.time_budget if args.time_budget is not None else 540 if presets else 0)
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True  # as the trainer sets
+    env = environment(device)
+    print(" | ".join(f"{k} {v}" for k, v in env.items()))
+    kept = {k: v for k, v in vars(args).items() if k not in ("prep_child", "out", "cache_dir")}  # no local paths
+    results = {"env": env, "size": args.size, "args": kept,
+               "notes": ["generate: batch 1 only, as lm.generate decodes one sequence; tok_s includes the prefill",
+                         "train/generate peak memory: above what was in use before the variant (CPU: resident set)"]}
+    t_start = time.time()
+    if "prep" in parts:
+        results["prep"] = bench_prep(args)
+    if "train" in parts:
+        results["train"] = bench_train(args, device, budget)
+    if "generate" in parts:
+        results["generate"] = bench_generate(args, device, budget)
+    results["skipped"] = budget.skipped
+    env["load_avg_at_end"], env["wall_s"] = os.getloadavg(), round(time.time() - t_start, 1)
+
+    print(f"\n{env['device']}, {env['cpu_count']} CPUs, torch {env['torch']}, transformers {env['transformers']}, "
+          f"{env['date']}, {env['wall_s']} s, load average {env['load_avg_at_start'][0]:.1f} at start, "
+          f"{env['load_avg_at_end'][0]:.1f} at end")
+    for part in ("prep", "train", "generate"):
+        if results.get(part):
+            print_table(part, results[part], columns(results[part]))
+    if results["skipped"]:
+        print(f"\nskipped (time budget): {', '.join(results['skipped'])}")
+    if device.type == "cpu" and not presets:
+        results["targets"] = check_targets(results)
+        print_table("targets (2-core CPU, float32)", results["targets"], ["target", "measured", "wanted", "met"])
+    os.makedirs(args.out, exist_ok=True)
+    slug = re.sub(r"[^a-z0-9]+", "-", env["device"].lower()).strip("-")
+    path = os.path.join(args.out, f"{slug}-{args.size}-{time.strftime('%Y%m%d-%H%M%S')}.json")
+    with open(path, "w") as f:
+        json.dump(results, f, indent=2)
+    print(f"\nwrote {os.path.relpath(path)}")
+
+
+if __name__ == "__main__":
+    main()
