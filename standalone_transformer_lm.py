@@ -25,13 +25,13 @@ import hashlib
 import io
 import json
 import math
-import multiprocessing as mp
 import os
 import random
 import re
 import sys
 import time
 from collections import Counter, deque
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from itertools import chain
 
@@ -238,17 +238,9 @@ def train_tokenizer(lines: list[str], vocab_size: int) -> bytes:
     return model.getvalue()
 
 
-_worker_sp = None
-
-
-def _init_encoder(model_proto: bytes) -> None:
-    global _worker_sp
-    _worker_sp = load_tokenizer(model_proto)
-
-
-def encode_samples(lines: list[str], dtype) -> np.ndarray:
+def encode_samples(sp, lines: list[str], dtype) -> np.ndarray:
     """Each line to [bos] + ids + [eos], all concatenated."""
-    ids = _worker_sp.encode(lines)
+    ids = sp.encode(lines, num_threads=1)  # one thread per call: parallelism comes from the thread pool
     lens = np.fromiter(map(len, ids), dtype=np.int64, count=len(ids)) + 2
     out = np.empty(int(lens.sum()), dtype=dtype)
     ends = np.cumsum(lens)
@@ -298,13 +290,14 @@ def tokenizer_sample(text_path: str, size: int, sample_lines: int, seed: int, de
 
 def encode_corpus(text_path: str, splits: dict, model_proto: bytes, dtype, num_workers: int, dedup: bool,
                   normalize_ws: bool, stats: Counter, progress: bool) -> dict:
-    """Encode byte ranges {path: (start, end)} of the corpus into token files, in blocks on num_workers processes,
+    """Encode byte ranges {path: (start, end)} of the corpus into token files, in blocks on num_workers threads,
     at most 2 blocks per worker in flight (bounded memory), written in corpus order. Returns counts per path."""
     counts = {path: Counter() for path in splits}
     seen = set() if dedup else None  # exact dedup keeps 8 bytes per distinct line: the one cost that grows
-    pool = None if num_workers == 1 else mp.get_context("spawn").Pool(num_workers, _init_encoder, (model_proto,))
-    if pool is None:
-        _init_encoder(model_proto)
+    # Threads, not processes: SentencePiece releases the GIL while it encodes, so threads scale without starting
+    # interpreters, copying the model or risking a lost worker that would hang the pool.
+    sp = load_tokenizer(model_proto)
+    pool = ThreadPoolExecutor(num_workers)
     bar = tqdm(total=sum(e - s for s, e in splits.values()), unit="B", unit_scale=True, desc="encoding",
                disable=not progress, mininterval=1.0)
     try:
@@ -315,19 +308,16 @@ def encode_corpus(text_path: str, splits: dict, model_proto: bytes, dtype, num_w
                     if block is not None:
                         lines = drop_duplicates(clean_lines(block, normalize_ws, stats), seen, stats)
                         stats["long lines (> 4192 bytes, encoded, sampled in part)"] += sum(map(is_long, lines))
-                        args = (lines, dtype)
-                        pending.append((pool.apply_async(encode_samples, args) if pool else encode_samples(*args),
-                                        len(lines), len(block)))
+                        pending.append((pool.submit(encode_samples, sp, lines, dtype), len(lines), len(block)))
                     while pending and (block is None or len(pending) > 2 * num_workers):
                         result, n_lines, n_bytes = pending.popleft()
-                        tokens = result.get() if pool else result
+                        tokens = result.result()
                         tokens.tofile(out)
                         counts[path].update(tokens=len(tokens), samples=n_lines)
                         bar.update(n_bytes)
     finally:
         bar.close()
-        if pool is not None:
-            pool.terminate()
+        pool.shutdown(cancel_futures=True)
     return counts
 
 
@@ -1154,7 +1144,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--out_dir", default="./data")
     s.add_argument("--vocab_size", type=int, default=32000)
     s.add_argument("--val_fraction", type=float, default=0.005, help="share of the corpus (its tail) for val.bin")
-    s.add_argument("--num_workers", type=int, default=0, help="encoding processes; 0 = all cores")
+    s.add_argument("--num_workers", type=int, default=0, help="encoding threads; 0 = all cores")
     s.add_argument("--seed", type=int, default=1337, help="seeds the tokenizer's sample of lines")
     s.add_argument("--sample_lines", type=int, default=300_000, help="lines sampled to train the tokenizer")
     s.add_argument("--dedup", default=0, help="drop exact duplicate lines", **flag)
