@@ -731,16 +731,12 @@ def resolve_model_config(args, vocab_size: int, saved: dict | None) -> ModelConf
     cfg = ModelConfig(**d)
     if saved:
         old = ModelConfig.from_dict(saved)
-        diff = [f"{k} {getattr(old, k)} -> {getattr(cfg, k)}" for k in asdict_keys(old) if getattr(old, k) !=
-                getattr(cfg, k)]
+        diff = [f"{f.name} {getattr(old, f.name)} -> {getattr(cfg, f.name)}" for f in dataclasses.fields(old)
+                if getattr(old, f.name) != getattr(cfg, f.name)]
         if diff:
             raise UserError(f"resuming from {args.out_dir}/ckpt_last.pt, whose model differs: {', '.join(diff)}. "
                             f"HINT: drop those flags to continue that run, or use a new --out_dir for a new model")
     return cfg
-
-
-def asdict_keys(cfg) -> list[str]:
-    return [f.name for f in dataclasses.fields(cfg)]
 
 
 class StopSignal:
