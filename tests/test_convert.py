@@ -97,7 +97,7 @@ def test_transformers_model_matches_ours(tmp_path, spm_path, sp, arch):
         assert (ours(ids)[0] - hf(ids).logits).abs().max().item() < 1e-4
 
     prompt = [sp.bos_id()] + sp.encode("The sun is")
-    mine = S.generate(ours, prompt, 30, eos_id=sp.eos_id())  # stops before eos
+    mine = S.generate(ours, prompt, 30, eos_id=sp.eos_id())[0]  # stops before eos
     theirs = hf.generate(torch.tensor([prompt]), do_sample=False, max_new_tokens=30)[0, len(prompt):].tolist()
     assert len(mine) > 0 and mine == [t for t in theirs if t != sp.eos_id()]
 

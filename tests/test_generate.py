@@ -31,21 +31,50 @@ def greedy_by_full_recomputation(model, prompt, n):
 def test_kv_cache_greedy_equals_full_recomputation(model, prompt_len):
     prompt = torch.randint(4, 300, (prompt_len,), generator=torch.Generator().manual_seed(prompt_len)).tolist()
     n = 64 - prompt_len
-    assert lm.generate(model, prompt, n, temperature=0, eos_id=None) == greedy_by_full_recomputation(model, prompt, n)
+    assert lm.generate(model, prompt, n, temperature=0, eos_id=None) == [greedy_by_full_recomputation(model, prompt, n)]
 
 
 def test_generation_stops_at_eos_and_at_the_context(model):
-    full = lm.generate(model, [1, 5, 6], 40, temperature=0, eos_id=None)
+    full = lm.generate(model, [1, 5, 6], 40, temperature=0, eos_id=None)[0]
     eos = full[5]
-    assert lm.generate(model, [1, 5, 6], 40, temperature=0, eos_id=eos) == full[:full.index(eos)]
-    assert len(lm.generate(model, [1] * 60, 40, temperature=0, eos_id=None)) == 4  # 64-token context
+    assert lm.generate(model, [1, 5, 6], 40, temperature=0, eos_id=eos)[0] == full[:full.index(eos)]
+    assert len(lm.generate(model, [1] * 60, 40, temperature=0, eos_id=None)[0]) == 4  # 64-token context
 
 
 def test_same_seed_same_sample(model):
-    a = lm.generate(model, [1, 9], 30, temperature=1.0, seed=7, eos_id=None)
-    b = lm.generate(model, [1, 9], 30, temperature=1.0, seed=7, eos_id=None)
-    c = lm.generate(model, [1, 9], 30, temperature=1.0, seed=8, eos_id=None)
+    a = lm.generate(model, [1, 9], 30, temperature=1.0, seed=7, eos_id=None)[0]
+    b = lm.generate(model, [1, 9], 30, temperature=1.0, seed=7, eos_id=None)[0]
+    c = lm.generate(model, [1, 9], 30, temperature=1.0, seed=8, eos_id=None)[0]
     assert a == b and a != c
+
+
+def test_each_sample_of_a_batch_equals_its_own_full_recomputation(model):
+    """--num_samples decodes its samples as one batch: at every step, each row's logits are what that row alone,
+    recomputed from scratch, gives; and a row that reaches eos ends there while the others go on."""
+    prompt, steps = [1, 9, 33], []
+
+    def step(idx, pos):
+        logits, _ = model(idx, pos=pos)
+        steps.append(logits[:, -1])
+        return logits, None
+
+    rows = lm.generate(model, prompt, 20, temperature=1.0, seed=5, eos_id=None, decode_step=step, num_samples=4)
+    assert len(rows) == 4 and len({tuple(r) for r in rows}) == 4 and all(len(r) == 20 for r in rows)
+    with torch.no_grad():
+        for i, row in enumerate(rows):
+            full = model(torch.tensor([prompt + row]))[0][0, len(prompt):]
+            torch.testing.assert_close(torch.stack([s[i] for s in steps]), full)
+    eos = rows[0][5]
+    cut = lm.generate(model, prompt, 20, temperature=1.0, seed=5, eos_id=eos, num_samples=4)
+    assert cut == [r[:r.index(eos)] if eos in r else r for r in rows] and cut[0] == rows[0][:5]
+
+
+def test_output_layer_in_vocabulary_blocks_equals_lm_head():
+    torch.manual_seed(0)
+    m = lm.Transformer(lm.ModelConfig(vocab_size=640, n_layer=1, n_head=2, d_model=32, seq_len=16)).eval()
+    x = torch.randn(3, 5, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(m.output_layer(x), m.lm_head(x), rtol=1e-6, atol=1e-6)
 
 
 def draws(logits, n=4000, **kw):
@@ -112,11 +141,12 @@ def test_cli_generate_refuses_bad_input(trained, docs_corpus, tmp_path):
     assert_user_error(run_cli("generate", "--ckpt", ckpt, "--prompt", "word " * 200, check=False),
                       "context is 64", "shorten the prompt")
     assert_user_error(run_cli("generate", "--ckpt", tmp_path / "missing.pt", check=False), "does not exist")
+    assert_user_error(run_cli("generate", "--ckpt", ckpt, "--num_samples", 0, check=False), "at least 1 sample")
 
 
 def test_compiled_decode_step_matches_eager(model):
     prompt = [1, 17, 42, 99]
-    eager = lm.generate(model, prompt, 12, temperature=0, eos_id=None)
+    eager = lm.generate(model, prompt, 12, temperature=0, eos_id=None)[0]
     compiled = lm.generate(model, prompt, 12, temperature=0, eos_id=None,
-                           decode_step=torch.compile(model, fullgraph=True))
+                           decode_step=torch.compile(model, fullgraph=True))[0]
     assert compiled == eager
