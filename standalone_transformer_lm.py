@@ -491,7 +491,7 @@ class Attention(nn.Module):
         v = v.view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if pos is not None:  # decoding: attend over the whole cache, masked to the positions written so far
-            k, v = self.cache.update(pos, k, v)
+            k, v = (t[:, :, :mask.size(-1)] for t in self.cache.update(pos, k, v))
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
                                            dropout_p=self.dropout if self.training else 0.0,
                                            enable_gqa=self.n_kv_head != self.n_head)  # (B, n_head, T, head_dim)
@@ -560,9 +560,11 @@ class Transformer(nn.Module):
         T = idx.size(1)
         if pos is None:
             cos, sin, mask = self.rope_cos[:T], self.rope_sin[:T], None
-        else:  # query at position p sees cache slots 0..p
+        else:  # query at position p sees cache slots 0..p. Eager attends over the slots written so far; a compiled
+            # step over the whole cache, one static shape (CUDA graphs replay it).
             cos, sin = self.rope_cos[pos], self.rope_sin[pos]
-            mask = pos[:, None] >= torch.arange(self.cfg.seq_len, device=idx.device)  # (T, seq_len)
+            n_ctx = self.cfg.seq_len if torch.compiler.is_compiling() else int(pos[-1]) + 1
+            mask = pos[:, None] >= torch.arange(n_ctx, device=idx.device)  # (T, n_ctx)
         x = self.dropout(self.embed_tokens(idx))  # (B, T, d_model)
         for block in self.layers:
             x = block(x, cos, sin, pos, mask)
