@@ -26,6 +26,7 @@ import time
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
@@ -41,8 +42,8 @@ LR, WEIGHT_DECAY = 3e-4, 0.1  # any values: they do not change a step's cost
 CACHE_DIR = os.path.join(os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"),
                          "standalone_transformer_lm_bench")
 # Issue targets, for a 2-core CPU in float32 (quick size) and prep with a 32K BPE on all cores.
-TARGETS = {"prep tokens/s (all cores)": 1.8e6, "train ours/HF, eager": 1.3, "train ours/HF, compiled": 1.7,
-           "decode ours/HF": 1.3}
+TARGETS = {"prep tokens/s (all cores)": 1.8e6, "train ours eager / HF eager": 1.3,
+           "train ours compiled / HF eager": 1.7, "decode ours/HF": 1.3}
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -377,95 +378,148 @@ def fitting_train(name: str, size: str, cpu_model, cfg: lm.ModelConfig, batch: i
     return None
 
 
-def bench_train(args, device: torch.device, budget: Budget) -> list[dict]:
+def timed_min(fn, device: torch.device, reps: int = 5) -> float:
+    """Fastest of reps synced calls after one untimed, in seconds."""
+    times = []
+    for _ in range(reps + 1):
+        sync(device)
+        t0 = time.perf_counter()
+        fn()
+        sync(device)
+        times.append(time.perf_counter() - t0)
+    return min(times[1:])
+
+
+def step_floor_ms(cfg: lm.ModelConfig, batch: int, device: torch.device) -> float:
+    """The step's products alone, each timed on its own: for every weight matrix (out, in) and N = batch x seq_len
+    tokens, the forward (N, in) @ (in, out) and the backward's (N, out) @ (out, in) and (out, N) @ (N, in); and
+    each layer's causal attention (SDPA), forward and backward. Any implementation of this model computes them (in
+    bf16 on GPU, as under autocast); norms, activations, the loss and the optimizer come on top. So no step can be
+    faster than this, and HF's time over it bounds the ratio ours / HF that any implementation could reach."""
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    qkv = (cfg.n_head + 2 * cfg.n_kv_head) * cfg.head_dim
+    mats = [(qkv, cfg.d_model), (cfg.d_model, cfg.n_head * cfg.head_dim), (2 * cfg.ffn_hidden, cfg.d_model),
+            (cfg.d_model, cfg.ffn_hidden)]
+    mats = [(shape, cfg.n_layer) for shape in mats] + [((cfg.vocab_size, cfg.d_model), 1)]
+    n, total = batch * cfg.seq_len, 0.0
+    for (out_f, in_f), count in mats:
+        x, w, g = (torch.randn(*shape, device=device, dtype=dtype) for shape in ((n, in_f), (out_f, in_f), (n, out_f)))
+        total += count * sum(timed_min(fn, device) for fn in (lambda: x @ w.t(), lambda: g @ w, lambda: g.t() @ x))
+        del x, w, g
+    q = torch.randn(batch, cfg.n_head, cfg.seq_len, cfg.head_dim, device=device, dtype=dtype, requires_grad=True)
+    k, v = (torch.randn(batch, cfg.n_kv_head, cfg.seq_len, cfg.head_dim, device=device, dtype=dtype,
+                        requires_grad=True) for _ in range(2))
+    attention = lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True,  # noqa: E731
+                                                       enable_gqa=cfg.n_kv_head != cfg.n_head).sum().backward()
+    total += cfg.n_layer * timed_min(attention, device)
+    del q, k, v
+    free_memory(device)
+    return total * 1e3
+
+
+def bench_train(args, device: torch.device, budget: Budget, size: str, fields: dict, batch: int,
+                first: bool) -> list[dict]:
     rows, peak = [], peak_flops(device)
-    for i, (size, fields, batch) in enumerate(SIZES[args.size]):
-        cfg = lm.ModelConfig(**fields)
-        models = dict(zip(("ours", "hf"), model_pair(cfg)))
-        # PaLM's count for MFU, forward + backward: 6 x matmul parameters + 12 x n_layer x n_head x head_dim x seq_len
-        # FLOPs per token. HF's model has the same shape, hence the same count.
-        flops_per_token = models["ours"].flops_per_token()
-        ours_optimizer = lm.make_optimizer(models["ours"], LR, WEIGHT_DECAY, device)  # settings for HF's to copy
-        if i == 0:  # the run's first variant pays one-time costs (libraries' setup, allocator growth): a throwaway
-            fitting_train("ours", size, models["ours"], cfg, batch, False, device, ours_optimizer,
-                          argparse.Namespace(warmup=1, steps=1), budget)
-        for compiled in (False, True):
-            best = {}
-            for _ in range(args.rounds):  # alternating rounds, each model's fastest kept: other load hits both alike
-                for name, cpu_model in models.items():
-                    b = best[name]["batch"] if name in best else batch
-                    row = fitting_train(name, size, cpu_model, cfg, b, compiled, device, ours_optimizer, args, budget)
-                    if row and (name not in best or row["ms_step"] < best[name]["ms_step"]):
-                        mfu = flops_per_token * row["tok_s"] / peak if peak else None
-                        best[name] = {"size": size, **row, "mfu": mfu}
-            if len(best) == 2:
-                best["ours"]["ours/HF"] = best["ours"]["tok_s"] / best["hf"]["tok_s"]
-            rows += best.values()
-            print_table("train (so far)", rows, columns(rows))
+    cfg = lm.ModelConfig(**fields)
+    models = dict(zip(("ours", "hf"), model_pair(cfg)))
+    # PaLM's count for MFU, forward + backward: 6 x matmul parameters + 12 x n_layer x n_head x head_dim x seq_len
+    # FLOPs per token. HF's model has the same shape, hence the same count.
+    flops_per_token = models["ours"].flops_per_token()
+    ours_optimizer = lm.make_optimizer(models["ours"], LR, WEIGHT_DECAY, device)  # settings for HF's to copy
+    if first:  # the run's first variant pays one-time costs (libraries' setup, allocator growth): a throwaway
+        fitting_train("ours", size, models["ours"], cfg, batch, False, device, ours_optimizer,
+                      argparse.Namespace(warmup=1, steps=1), budget)
+    for compiled in (False, True):
+        best = {}
+        for _ in range(args.rounds):  # alternating rounds, each model's fastest kept: other load hits both alike
+            for name, cpu_model in models.items():
+                b = best[name]["batch"] if name in best else batch
+                row = fitting_train(name, size, cpu_model, cfg, b, compiled, device, ours_optimizer, args, budget)
+                if row and (name not in best or row["ms_step"] < best[name]["ms_step"]):
+                    mfu = flops_per_token * row["tok_s"] / peak if peak else None
+                    best[name] = {"size": size, **row, "mfu": mfu}
+        if len(best) == 2:
+            best["ours"]["ours/HF"] = best["ours"]["tok_s"] / best["hf"]["tok_s"]
+        hf_eager = next((r for r in rows if r["model"] == "hf" and not r["compile"]), None)
+        if compiled and "ours" in best and hf_eager:
+            best["ours"]["ours/HF_eager"] = best["ours"]["tok_s"] / hf_eager["tok_s"]
+        rows += best.values()
+        print_table("train (so far)", rows, columns(rows))
+    if budget.allows(f"step floor {size}"):
+        floor = step_floor_ms(cfg, batch, device)
+        for r in rows:
+            r["floor_ms"] = floor
+            if r["model"] == "hf":  # HF's time over the floor: the most any implementation could gain
+                r["HF/floor"] = batch * cfg.seq_len / (floor / 1e3) / r["tok_s"]
     return rows
 
 
 # ----------------------------------------------------------------------------------------------------------------------
-# Decoding at batch 1 (lm.generate decodes one sequence): ours eager and compiled, HF generate
+# Decoding at batch 1 and 16 (--num_samples): ours eager and compiled, HF generate
 
 
-def bench_generate(args, device: torch.device, budget: Budget) -> list[dict]:
+def time_generate(ours, hf, step, prompt: list[int], batch: int, size: str, device: torch.device, args) -> list[dict]:
+    prompt_t = torch.tensor([prompt] * batch, device=device)
+
+    def run_ours(decode_step=None):
+        return lm.generate(ours, prompt, args.new_tokens, temperature=0.0, eos_id=None, decode_step=decode_step,
+                           num_samples=batch)[0]
+
+    def run_hf():
+        out = hf.generate(prompt_t, attention_mask=torch.ones_like(prompt_t), do_sample=False,
+                          max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens)
+        return out[0, len(prompt):].tolist()
+
+    variants = {("ours", 0): run_ours, ("ours", 1): lambda: run_ours(step), ("hf", 0): run_hf}
+    first, extra, tokens = {}, {}, {}
+    for key, fn in variants.items():
+        with PeakMemory(device) as mem:  # KV cache and activations, beyond the weights
+            t0 = time.perf_counter()
+            tokens[key] = fn()  # warm-up: compiles and records the CUDA graphs on its first decode steps
+            first[key] = time.perf_counter() - t0
+        extra[key] = mem.mib
+    times = {key: [] for key in variants}
+    for _ in range(args.gen_reps):  # interleaved: other load on the machine slows every variant alike
+        for key, fn in variants.items():
+            sync(device)
+            t0 = time.perf_counter()
+            fn()
+            sync(device)
+            times[key].append(time.perf_counter() - t0)
+    rows, ref = [], tokens[("ours", 0)]
+    for (name, compiled), toks in tokens.items():
+        same = next((f"differs at {i}" for i, (a, b) in enumerate(zip(ref, toks)) if a != b),
+                    "same" if len(ref) == len(toks) else f"{len(toks)} vs {len(ref)} tokens")
+        dt = min(times[(name, compiled)])
+        rows.append({"size": size, "model": name, "compile": compiled, "batch": batch, "new_tokens": len(toks),
+                     "tok_s": batch * len(toks) / dt, "ms_step": dt * 1e3 / len(toks),
+                     "first_call_s": first[(name, compiled)], "extra_MiB": extra[(name, compiled)],
+                     "tokens_vs_ours": same})
+    for r in rows[:2]:
+        r["ours/HF"] = r["tok_s"] / rows[2]["tok_s"]
+    return rows
+
+
+def bench_generate(args, device: torch.device, budget: Budget, size: str, fields: dict) -> list[dict]:
     rows = []
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32  # as `generate` loads checkpoints
-    for size, fields, _ in SIZES[args.size]:
-        if not budget.allows(f"generate {size}"):
+    cfg = lm.ModelConfig(**fields)
+    ours, hf = (m.to(device).eval() for m in model_pair(cfg, dtype))
+    ours.rope_cos, ours.rope_sin = (t.to(device) for t in lm.rope_tables(cfg))  # float32, as `generate` has them
+    hf.generation_config.eos_token_id = None  # ours runs with eos_id=None: both emit exactly new_tokens tokens
+    gen = torch.Generator().manual_seed(2)
+    prompt = [lm.BOS_ID] + torch.randint(4, cfg.vocab_size, (args.prompt_tokens - 1,), generator=gen).tolist()
+
+    # The decode step compiled as `generate --compile 1` does it: on GPUs with CUDA graphs, which replay the
+    # whole step with no per-kernel launch cost.
+    step = torch.compile(ours, fullgraph=True, mode="reduce-overhead" if device.type == "cuda" else None)
+    for batch in args.gen_batch:  # batch b: `generate --num_samples b`, and HF's generate on b copies
+        if not budget.allows(f"generate {size} batch {batch}"):
             continue
-        cfg = lm.ModelConfig(**fields)
-        ours, hf = (m.to(device).eval() for m in model_pair(cfg, dtype))
-        ours.rope_cos, ours.rope_sin = (t.to(device) for t in lm.rope_tables(cfg))  # float32, as `generate` has them
-        hf.generation_config.eos_token_id = None  # ours runs with eos_id=None: both emit exactly new_tokens tokens
-        gen = torch.Generator().manual_seed(2)
-        prompt = [lm.BOS_ID] + torch.randint(4, cfg.vocab_size, (args.prompt_tokens - 1,), generator=gen).tolist()
-        prompt_t = torch.tensor([prompt], device=device)
-
-        def run_ours(decode_step=None):
-            return lm.generate(ours, prompt, args.new_tokens, temperature=0.0, eos_id=None, decode_step=decode_step)
-
-        def run_hf():
-            out = hf.generate(prompt_t, attention_mask=torch.ones_like(prompt_t), do_sample=False,
-                              max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens)
-            return out[0, len(prompt):].tolist()
-
-        # The decode step compiled as `generate --compile 1` does it: on GPUs with CUDA graphs, which replay the
-        # whole step with no per-kernel launch cost.
-        step = torch.compile(ours, fullgraph=True, mode="reduce-overhead" if device.type == "cuda" else None)
-        variants = {("ours", 0): run_ours, ("ours", 1): lambda: run_ours(step), ("hf", 0): run_hf}
-        first, extra, tokens = {}, {}, {}
-        for key, fn in variants.items():
-            with PeakMemory(device) as mem:  # KV cache and activations, beyond the weights
-                t0 = time.perf_counter()
-                tokens[key] = fn()  # warm-up: compiles and records the CUDA graphs on its first decode steps
-                first[key] = time.perf_counter() - t0
-            extra[key] = mem.mib
-        times = {key: [] for key in variants}
-        for _ in range(args.gen_reps):  # interleaved: other load on the machine slows every variant alike
-            for key, fn in variants.items():
-                sync(device)
-                t0 = time.perf_counter()
-                fn()
-                sync(device)
-                times[key].append(time.perf_counter() - t0)
-        ref = tokens[("ours", 0)]
-        for (name, compiled), toks in tokens.items():
-            same = next((f"differs at {i}" for i, (a, b) in enumerate(zip(ref, toks)) if a != b),
-                        "same" if len(ref) == len(toks) else f"{len(toks)} vs {len(ref)} tokens")
-            dt = min(times[(name, compiled)])
-            rows.append({"size": size, "model": name, "compile": compiled, "batch": 1, "new_tokens": len(toks),
-                         "tok_s": len(toks) / dt, "ms_token": dt * 1e3 / len(toks),
-                         "first_call_s": first[(name, compiled)], "extra_MiB": extra[(name, compiled)],
-                         "tokens_vs_ours": same})
-        hf_tok_s = next(r["tok_s"] for r in rows if r["size"] == size and r["model"] == "hf")
-        for r in rows:
-            if r["size"] == size and r["model"] == "ours":
-                r["ours/HF"] = r["tok_s"] / hf_tok_s
-        del ours, hf, variants, run_ours, run_hf, step  # the closures would keep the models alive
-        free_memory(device)
+        rows += time_generate(ours, hf, step, prompt, batch, size, device, args)
         print_table("generate (so far)", rows, columns(rows))
+    del ours, hf, step
+    free_memory(device)
     return rows
 
 
@@ -474,18 +528,21 @@ def bench_generate(args, device: torch.device, budget: Budget) -> list[dict]:
 
 
 def check_targets(results: dict) -> list[dict]:
-    """The issue's targets, for a CPU quick run: measured value, target, met or not."""
-    found = {}
+    """The issue's targets, for a CPU quick run: measured value, target, met or not. For training, `bound` is HF
+    eager's step time over the step floor (its products alone): no implementation of them can beat HF by more."""
+    rows, train = [], {(r["model"], r["compile"]): r for r in results.get("train", [])}
     if results.get("prep"):
-        found["prep tokens/s (all cores)"] = results["prep"][-1]["encode_tok_s"]
-    for r in results.get("train", []):
-        if "ours/HF" in r:
-            found[f"train ours/HF, {'compiled' if r['compile'] else 'eager'}"] = r["ours/HF"]
+        rows.append(("prep tokens/s (all cores)", results["prep"][-1]["encode_tok_s"], None))
+    bound = train.get(("hf", 0), {}).get("HF/floor")
+    if ("ours", 0) in train and ("hf", 0) in train:
+        rows.append(("train ours eager / HF eager", train[("ours", 0)]["ours/HF"], bound))
+    if ("ours", 1) in train and "ours/HF_eager" in train[("ours", 1)]:
+        rows.append(("train ours compiled / HF eager", train[("ours", 1)]["ours/HF_eager"], bound))
     for r in results.get("generate", []):
         if "ours/HF" in r and not r["compile"]:
-            found["decode ours/HF"] = r["ours/HF"]
-    return [{"target": k, "measured": v, "wanted": TARGETS[k], "met": "yes" if v and v >= TARGETS[k] else "NO"}
-            for k, v in found.items()]
+            rows.append((f"decode ours/HF, batch {r['batch']}", r["ours/HF"], None))
+    return [{"target": k, "measured": v, "wanted": TARGETS[k.split(", batch")[0]], "bound": bound,
+             "met": "yes" if v >= TARGETS[k.split(", batch")[0]] else "NO"} for k, v, bound in rows]
 
 
 def main(argv=None) -> None:
@@ -504,6 +561,7 @@ def main(argv=None) -> None:
     p.add_argument("--gen_reps", type=int, default=5, help="timed generate calls, the fastest kept (default 5)")
     p.add_argument("--prompt_tokens", type=int, default=16, help="prompt length for generate (default 16)")
     p.add_argument("--new_tokens", type=int, default=128, help="tokens to generate (default 128)")
+    p.add_argument("--gen_batch", default="1,16", help="decode batch sizes, comma-separated (default 1,16)")
     p.add_argument("--time_budget", type=float, help="seconds; variants not started by then are skipped (default: "
                                                      "540 for presets, so a GPU run ends within 10 minutes; none "
                                                      "for quick)")
@@ -521,8 +579,14 @@ def main(argv=None) -> None:
     if unknown:
         p.error(f"--only: unknown parts {sorted(unknown)}; choose from prep, train, generate")
     args.rounds = args.rounds or (1 if device.type == "cuda" else 2)
-    if min(args.warmup, args.steps, args.rounds, args.gen_reps, args.prompt_tokens, args.new_tokens) < 1:
-        p.error("--warmup, --steps, --rounds, --gen_reps, --prompt_tokens and --new_tokens must be at least 1")
+    try:
+        args.gen_batch = [int(b) for b in args.gen_batch.split(",")]
+    except ValueError:
+        p.error(f"--gen_batch: expected comma-separated integers, got {args.gen_batch!r}")
+    if min(args.warmup, args.steps, args.rounds, args.gen_reps, args.prompt_tokens, args.new_tokens,
+           *args.gen_batch) < 1:
+        p.error("--warmup, --steps, --rounds, --gen_reps, --prompt_tokens, --new_tokens and --gen_batch must be at "
+                "least 1")
     budget = Budget(args.time_budget if args.time_budget is not None else 540 if presets else 0)
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True  # as the trainer sets
@@ -530,15 +594,17 @@ def main(argv=None) -> None:
     print(" | ".join(f"{k} {v}" for k, v in env.items()))
     kept = {k: v for k, v in vars(args).items() if k not in ("prep_child", "out", "cache_dir")}  # no local paths
     results = {"env": env, "size": args.size, "args": kept,
-               "notes": ["generate: batch 1 only, as lm.generate decodes one sequence; tok_s includes the prefill",
+               "notes": ["generate: tok_s counts every sample's new tokens and includes the prefill; ms_step is per decode "
+                         "step of the whole batch",
                          "train/generate peak memory: above what was in use before the variant (CPU: resident set)"]}
     t_start = time.time()
     if "prep" in parts:
         results["prep"] = bench_prep(args)
-    if "train" in parts:
-        results["train"] = bench_train(args, device, budget)
-    if "generate" in parts:
-        results["generate"] = bench_generate(args, device, budget)
+    for i, (size, fields, batch) in enumerate(SIZES[args.size]):  # size by size: a spent budget cuts the largest
+        if "train" in parts:
+            results.setdefault("train", []).extend(bench_train(args, device, budget, size, fields, batch, i == 0))
+        if "generate" in parts:
+            results.setdefault("generate", []).extend(bench_generate(args, device, budget, size, fields))
     results["skipped"] = budget.skipped
     env["load_avg_at_end"], env["wall_s"] = os.getloadavg(), round(time.time() - t_start, 1)
 
@@ -552,7 +618,7 @@ def main(argv=None) -> None:
         print(f"\nskipped (time budget): {', '.join(results['skipped'])}")
     if device.type == "cpu" and not presets:
         results["targets"] = check_targets(results)
-        print_table("targets (2-core CPU, float32)", results["targets"], ["target", "measured", "wanted", "met"])
+        print_table("targets (2-core CPU, float32)", results["targets"], ["target", "measured", "wanted", "bound", "met"])
     os.makedirs(args.out, exist_ok=True)
     slug = re.sub(r"[^a-z0-9]+", "-", env["device"].lower()).strip("-")
     path = os.path.join(args.out, f"{slug}-{args.size}-{time.strftime('%Y%m%d-%H%M%S')}.json")
