@@ -468,10 +468,15 @@ class KVCache(nn.Module):
         self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
         self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
 
-    def update(self, pos: torch.Tensor, k, v):  # pos: (T,) absolute positions of the new keys
-        self.k.index_copy_(2, pos, k)
-        self.v.index_copy_(2, pos, v)
-        return self.k, self.v
+    def update(self, pos: torch.Tensor, k, v):  # pos: (T,) absolute positions of the new keys; rows 0..B-1
+        B = k.size(0)
+        self.k[:B].index_copy_(2, pos, k)
+        self.v[:B].index_copy_(2, pos, v)
+        return self.k[:B], self.v[:B]
+
+    def copy_row0(self, length: int):  # a prompt prefilled once, into row 0, serves every sample
+        self.k[1:, :, :length] = self.k[:1, :, :length]
+        self.v[1:, :, :length] = self.v[:1, :, :length]
 
 
 class Attention(nn.Module):
@@ -1026,8 +1031,10 @@ def generate(model: Transformer, prompt: list[int], max_new_tokens: int, tempera
     generator = torch.Generator(device).manual_seed(seed) if seed is not None else None
     seen = torch.zeros(num_samples, cfg.vocab_size, dtype=torch.bool, device=device)
     seen[:, prompt] = True
-    idx = torch.tensor([prompt], device=device).expand(num_samples, -1)
-    logits = model(idx, pos=torch.arange(len(prompt), device=device))[0]
+    logits = model(torch.tensor([prompt], device=device), pos=torch.arange(len(prompt), device=device))[0]
+    logits = logits.expand(num_samples, -1, -1)
+    for block in model.layers:
+        block.self_attn.cache.copy_row0(len(prompt))
     out, done = [[] for _ in range(num_samples)], [False] * num_samples
     for t in range(len(prompt), len(prompt) + max_new_tokens):
         next_id = sample_next(logits[:, -1].float(), seen, temperature, top_k, top_p, repetition_penalty,
