@@ -468,11 +468,13 @@ class KVCache(nn.Module):
         self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
         self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
 
-    def update(self, pos: torch.Tensor, k, v):  # pos: (T,) absolute positions of the new keys; rows 0..B-1
-        B = k.size(0)
-        self.k[:B].index_copy_(2, pos, k)
-        self.v[:B].index_copy_(2, pos, v)
-        return self.k[:B], self.v[:B]
+    def update(self, pos: torch.Tensor, k, v):  # pos: (T,) absolute positions of the new keys
+        rows = k.size(0)  # all of them when decoding; the first when prefilling a prompt shared by every sample.
+        # A view only then: a compiled decode step writing through one ran 50 % slower at batch 16 on CPU.
+        cache_k, cache_v = (self.k, self.v) if rows == self.k.size(0) else (self.k[:rows], self.v[:rows])
+        cache_k.index_copy_(2, pos, k)
+        cache_v.index_copy_(2, pos, v)
+        return cache_k, cache_v
 
     def copy_row0(self, length: int):  # a prompt prefilled once, into row 0, serves every sample
         self.k[1:, :, :length] = self.k[:1, :, :length]
