@@ -589,7 +589,8 @@ class Transformer(nn.Module):
         if x.device.type != "cpu" or torch.is_grad_enabled() or n > 256 or blocks < 4:
             return self.lm_head(x)
         w = self.lm_head.weight.view(blocks, -1, self.cfg.d_model)
-        return (x.view(1, n, -1) @ w.transpose(1, 2)).transpose(0, 1).reshape(*x.shape[:2], -1)
+        logits = x.view(1, n, -1) @ w.transpose(1, 2)  # (blocks, n, vocab_size / blocks)
+        return logits.transpose(0, 1).reshape(*x.shape[:2], -1)
 
     def num_params(self, matmul_only: bool = False) -> int:
         n = sum(p.numel() for p in self.parameters())  # parameters() counts a tied matrix once

@@ -145,8 +145,8 @@ def test_cli_generate_refuses_bad_input(trained, docs_corpus, tmp_path):
 
 
 def test_compiled_decode_step_matches_eager(model):
-    prompt = [1, 17, 42, 99]
-    eager = lm.generate(model, prompt, 12, temperature=0, eos_id=None)[0]
-    compiled = lm.generate(model, prompt, 12, temperature=0, eos_id=None,
-                           decode_step=torch.compile(model, fullgraph=True))[0]
-    assert compiled == eager
+    prompt, step = [1, 17, 42, 99], torch.compile(model, fullgraph=True)
+    for num_samples in (1, 3):  # one sequence, then a batch (a second graph)
+        kw = dict(temperature=1.0, seed=11, eos_id=None, num_samples=num_samples)
+        eager = lm.generate(model, prompt, 12, **kw)
+        assert lm.generate(model, prompt, 12, decode_step=step, **kw) == eager
