@@ -497,7 +497,7 @@ class Attention(nn.Module):
         k = k.view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)  # (B, n_kv_head, T, head_dim)
         v = v.view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        if pos is not None:  # decoding: attend over the whole cache, masked to the positions written so far
+        if pos is not None:  # decoding: attend over the cache's first mask.size(-1) slots, masked per query
             k, v = (t[:, :, :mask.size(-1)] for t in self.cache.update(pos, k, v))
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
                                            dropout_p=self.dropout if self.training else 0.0,
