@@ -46,27 +46,37 @@ def test_loss_falls_on_real_text(docs_data, tmp_path):
     assert all(r["tokens_per_s"] > 0 and r["lr"] > 0 for r in rows)
 
 
-def test_sigkill_then_resume_is_bit_identical(docs_data, tmp_path):
-    # dropout on, so the resumed run must also restore the RNG state exactly
-    common = dict(max_steps=120, save_interval=20, eval_interval=40, dropout=0.1, d_model=96, seq_len=128)
+def kill_then_resume_equals_uninterrupted(docs_data, tmp_path, kill_at, **common):
     run_cli("train", *train_args(tmp_path / "full", docs_data, **common))
     cmd = [sys.executable, SCRIPT, "train", *train_args(tmp_path / "killed", docs_data, **common)]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     config = tmp_path / "killed" / "config.json"
     deadline = time.time() + 300
     while proc.poll() is None and time.time() < deadline:
-        if config.exists() and json.loads(config.read_text())["step"] >= 40:
+        if config.exists() and json.loads(config.read_text())["step"] >= kill_at:
             proc.send_signal(signal.SIGKILL)
             break
         time.sleep(0.01)
     assert proc.wait() == -signal.SIGKILL, "the run ended before it could be killed"
     saved = json.loads(config.read_text())["step"]
-    assert 40 <= saved < 120
+    assert kill_at <= saved < common["max_steps"]
     out = run_cli("train", *train_args(tmp_path / "killed", docs_data, **common)).stdout
     assert f"resuming {tmp_path / 'killed'}/ckpt_last.pt at step {saved}" in out
     assert_same_weights(tmp_path / "full", tmp_path / "killed")
     assert [r["step"] for r in metrics(tmp_path / "killed")] == [r["step"] for r in metrics(tmp_path / "full")]
-    assert load(tmp_path / "killed" / "ckpt_last.pt")["step"] == 120
+    assert load(tmp_path / "killed" / "ckpt_last.pt")["step"] == common["max_steps"]
+
+
+def test_sigkill_then_resume_is_bit_identical(docs_data, tmp_path):
+    # dropout on, so the resumed run must also restore the RNG state exactly
+    kill_then_resume_equals_uninterrupted(docs_data, tmp_path, kill_at=40, max_steps=120, save_interval=20,
+                                          eval_interval=40, dropout=0.1, d_model=96, seq_len=128)
+
+
+def test_float16_with_grad_scaler_resumes_bit_identically(docs_data, tmp_path):
+    # float16 autocast and a GradScaler, as --dtype auto picks on GPUs without bf16 (CPU autocast runs the same code)
+    kill_then_resume_equals_uninterrupted(docs_data, tmp_path, kill_at=10, max_steps=30, save_interval=5,
+                                          eval_interval=10, dtype="float16")
 
 
 def test_two_gloo_ranks_match_one_process_with_accumulation(docs_data, tmp_path):
