@@ -21,6 +21,7 @@ HF LLaMA's names, so export to `transformers` is a rename plus splitting the fus
 import argparse
 import contextlib
 import dataclasses
+import functools
 import hashlib
 import io
 import json
@@ -699,6 +700,12 @@ PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e1
                    "4090": 165e12, "3090": 71e12}  # dense, per GPU; MFU is reported only for these
 
 
+def peak_bf16_flops(device: torch.device) -> float | None:
+    if device.type != "cuda":
+        return None  # MFU against a CPU's peak would be a guess
+    return next((v for k, v in PEAK_BF16_FLOPS.items() if k in torch.cuda.get_device_name(device)), None)
+
+
 def resolve_device(name: str) -> torch.device:
     if name == "cuda" and not torch.cuda.is_available():
         raise UserError("--device cuda was asked for but torch sees no CUDA GPU. HINT: use --device cpu, or "
@@ -868,8 +875,7 @@ def _train(tc: TrainConfig, args, device: torch.device, rank: int, world: int) -
     print0(f"tokens per step: {tokens_per_step:,} = batch_size {tc.batch_size} x seq_len {cfg.seq_len} x "
            f"grad_accum_steps {tc.grad_accum_steps} x world_size {world}; schedule: warmup {tc.warmup_steps}, "
            f"cosine from lr {tc.lr:g} to {min_lr:g} at step {tc.max_steps:,}")
-    peak = next((v for k, v in PEAK_BF16_FLOPS.items() if device.type == "cuda" and
-                 k in torch.cuda.get_device_name(device)), None)
+    peak = peak_bf16_flops(device)
     flops_per_step = raw_model.flops_per_token() * tokens_per_step
 
     metrics_path = os.path.join(tc.out_dir, "metrics.jsonl")
@@ -987,13 +993,17 @@ def _train(tc: TrainConfig, args, device: torch.device, rank: int, world: int) -
 # Sampling
 
 
+def for_sampling(model: Transformer, device: torch.device, dtype: torch.dtype) -> Transformer:
+    model = model.to(device=device, dtype=dtype).eval()
+    model.rope_cos, model.rope_sin = (t.to(device) for t in rope_tables(model.cfg))  # angles stay float32
+    return model
+
+
 def model_from_checkpoint(path: str, device: torch.device, dtype: torch.dtype) -> tuple[Transformer, dict]:
     ckpt = load_checkpoint(path)
     model = Transformer(ModelConfig.from_dict(ckpt["model_config"]))
     model.load_state_dict(ckpt["model"], strict=True)
-    model = model.to(device=device, dtype=dtype).eval()
-    model.rope_cos, model.rope_sin = (t.to(device) for t in rope_tables(model.cfg))  # angles stay float32
-    return model, ckpt
+    return for_sampling(model, device, dtype), ckpt
 
 
 def sample_next(logits: torch.Tensor, seen: torch.Tensor, temperature: float, top_k: int, top_p: float,
@@ -1108,18 +1118,16 @@ def cmd_generate(args) -> list[str]:
     decode_step = None
     if args.compile:  # one graph for every decode step (CUDA graphs on GPU); the prefill runs eagerly
         decode_step = torch.compile(model, fullgraph=True, mode="reduce-overhead" if device.type == "cuda" else None)
+    sample = functools.partial(generate, model, prompt, args.max_new_tokens, args.temperature, args.top_k, args.top_p,
+                               args.repetition_penalty, eos_id=EOS_ID, decode_step=decode_step)
     if args.num_samples == 1:  # printed as it decodes
         print(sp.decode(prompt), end="", flush=True)
         stream = TextStream(sp, prompt)
-        ids = generate(model, prompt, args.max_new_tokens, args.temperature, args.top_k, args.top_p,
-                       args.repetition_penalty, args.seed, EOS_ID, decode_step, stream)[0]
-        return [stream(ids, final=True)]
+        return [stream(sample(seed=args.seed, on_token=stream)[0], final=True)]
     texts = []
     for first in range(0, args.num_samples, SAMPLES_PER_BATCH):
         seed = None if args.seed is None else args.seed + first
-        for ids in generate(model, prompt, args.max_new_tokens, args.temperature, args.top_k, args.top_p,
-                            args.repetition_penalty, seed, EOS_ID, decode_step,
-                            num_samples=min(SAMPLES_PER_BATCH, args.num_samples - first)):
+        for ids in sample(seed=seed, num_samples=min(SAMPLES_PER_BATCH, args.num_samples - first)):
             texts.append(sp.decode(prompt + ids))
             print(f"--- sample {len(texts)}\n{texts[-1]}", flush=True)
     return texts

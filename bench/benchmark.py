@@ -298,12 +298,6 @@ def hf_optimizer(model, like: torch.optim.Optimizer) -> torch.optim.Optimizer:
 # Training step: forward, loss, backward, clip, AdamW; ours vs HF, eager and compiled
 
 
-def peak_flops(device: torch.device) -> float | None:
-    if device.type != "cuda":
-        return None  # MFU against a CPU's peak would be a guess
-    return next((v for k, v in lm.PEAK_BF16_FLOPS.items() if k in torch.cuda.get_device_name(device)), None)
-
-
 def time_train(name: str, cpu_model, cfg: lm.ModelConfig, batch: int, compiled: bool, device: torch.device,
                ours_optimizer: torch.optim.Optimizer, args) -> dict:
     # As the trainer does: float32 weights, bf16 autocast on GPUs; plain float32 on CPU.
@@ -419,7 +413,7 @@ def step_floor_ms(cfg: lm.ModelConfig, batch: int, device: torch.device) -> floa
 
 def bench_train(args, device: torch.device, budget: Budget, size: str, fields: dict, batch: int,
                 first: bool) -> list[dict]:
-    rows, peak = [], peak_flops(device)
+    rows, peak = [], lm.peak_bf16_flops(device)
     cfg = lm.ModelConfig(**fields)
     models = dict(zip(("ours", "hf"), model_pair(cfg)))
     # PaLM's count for MFU, forward + backward: 6 x matmul parameters + 12 x n_layer x n_head x head_dim x seq_len
@@ -504,8 +498,8 @@ def bench_generate(args, device: torch.device, budget: Budget, size: str, fields
     rows = []
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32  # as `generate` loads checkpoints
     cfg = lm.ModelConfig(**fields)
-    ours, hf = (m.to(device).eval() for m in model_pair(cfg, dtype))
-    ours.rope_cos, ours.rope_sin = (t.to(device) for t in lm.rope_tables(cfg))  # float32, as `generate` has them
+    ours, hf = model_pair(cfg, dtype)
+    ours, hf = lm.for_sampling(ours, device, dtype), hf.to(device).eval()  # ours as `generate` loads it
     hf.generation_config.eos_token_id = None  # ours runs with eos_id=None: both emit exactly new_tokens tokens
     gen = torch.Generator().manual_seed(2)
     prompt = [lm.BOS_ID] + torch.randint(4, cfg.vocab_size, (args.prompt_tokens - 1,), generator=gen).tolist()
@@ -594,8 +588,8 @@ def main(argv=None) -> None:
     print(" | ".join(f"{k} {v}" for k, v in env.items()))
     kept = {k: v for k, v in vars(args).items() if k not in ("prep_child", "out", "cache_dir")}  # no local paths
     results = {"env": env, "size": args.size, "args": kept,
-               "notes": ["generate: tok_s counts every sample's new tokens and includes the prefill; ms_step is per decode "
-                         "step of the whole batch",
+               "notes": ["generate: tok_s counts every sample's new tokens and includes the prefill; ms_step is "
+                         "per decode step of the whole batch",
                          "train/generate peak memory: above what was in use before the variant (CPU: resident set)"]}
     t_start = time.time()
     if "prep" in parts:
@@ -618,7 +612,8 @@ def main(argv=None) -> None:
         print(f"\nskipped (time budget): {', '.join(results['skipped'])}")
     if device.type == "cpu" and not presets:
         results["targets"] = check_targets(results)
-        print_table("targets (2-core CPU, float32)", results["targets"], ["target", "measured", "wanted", "bound", "met"])
+        print_table("targets (2-core CPU, float32)", results["targets"],
+                    ["target", "measured", "wanted", "bound", "met"])
     os.makedirs(args.out, exist_ok=True)
     slug = re.sub(r"[^a-z0-9]+", "-", env["device"].lower()).strip("-")
     path = os.path.join(args.out, f"{slug}-{args.size}-{time.strftime('%Y%m%d-%H%M%S')}.json")
