@@ -1097,7 +1097,7 @@ def cmd_train(args) -> dict:
     return train(tc, args)
 
 
-SAMPLES_PER_BATCH = 16  # --num_samples decode together in batches of this many, which bounds the KV cache's memory
+SAMPLES_PER_BATCH = 16  # --num_samples decode together in batches of at most this many: it bounds the KV cache
 
 
 def cmd_generate(args) -> list[str]:
@@ -1124,10 +1124,12 @@ def cmd_generate(args) -> list[str]:
         print(sp.decode(prompt), end="", flush=True)
         stream = TextStream(sp, prompt)
         return [stream(sample(seed=args.seed, on_token=stream)[0], final=True)]
+    # Equal batches, the last one padded: a single KV cache shape, so --compile 1 compiles (and records) one graph.
+    rows = -(-args.num_samples // -(-args.num_samples // SAMPLES_PER_BATCH))  # 20 samples: two batches of 10
     texts = []
-    for first in range(0, args.num_samples, SAMPLES_PER_BATCH):
+    for first in range(0, args.num_samples, rows):
         seed = None if args.seed is None else args.seed + first
-        for ids in sample(seed=seed, num_samples=min(SAMPLES_PER_BATCH, args.num_samples - first)):
+        for ids in sample(seed=seed, num_samples=rows)[:args.num_samples - first]:
             texts.append(sp.decode(prompt + ids))
             print(f"--- sample {len(texts)}\n{texts[-1]}", flush=True)
     return texts

@@ -150,3 +150,20 @@ def test_compiled_decode_step_matches_eager(model):
         kw = dict(temperature=1.0, seed=11, eos_id=None, num_samples=num_samples)
         eager = lm.generate(model, prompt, 12, **kw)
         assert lm.generate(model, prompt, 12, decode_step=step, **kw) == eager
+
+
+def test_cli_samples_decode_in_equal_batches(trained, monkeypatch):
+    """--num_samples 20 runs two batches of 10, not 16 + 4: one KV cache shape, hence one compiled graph. Each batch
+    is seeded by its first sample's index, so the second batch is what `--num_samples 10 --seed 13` prints."""
+    sizes, real = [], lm.generate
+    monkeypatch.setattr(lm, "generate", lambda *a, num_samples=1, **kw: sizes.append(num_samples) or
+                        real(*a, num_samples=num_samples, **kw))
+    args = ["generate", "--ckpt", str(trained / "ckpt_last.pt"), "--prompt", "The", "--max_new_tokens", "8",
+            "--temperature", "1.0", "--seed", "3"]
+    texts = lm.cmd_generate(lm.build_parser().parse_args([*args, "--num_samples", "20"]))
+    assert sizes == [10, 10] and len(texts) == 20
+    second = lm.cmd_generate(lm.build_parser().parse_args([*args[:-1], "13", "--num_samples", "10"]))
+    assert texts[10:] == second
+    sizes.clear()
+    assert len(lm.cmd_generate(lm.build_parser().parse_args([*args, "--num_samples", "17"]))) == 17
+    assert sizes == [9, 9]  # the last batch padded with one sample, dropped
