@@ -507,16 +507,20 @@ def bench_trainer(args, device: torch.device, budget: Budget, size: str, fields:
 # Decoding at batch 1 and 16 (--num_samples): ours eager and compiled, HF generate
 
 
-def time_generate(ours, hf, step, prompt: list[int], batch: int, size: str, device: torch.device, args) -> list[dict]:
+def time_generate(ours, hf, step, prompt: list[int], batch: int, size: str, device: torch.device, args,
+                  sampled: bool) -> list[dict]:
     prompt_t = torch.tensor([prompt] * batch, device=device)
+    # Greedy, or sampling with the CLI's defaults (temperature 0.8, top_k 200), given to HF's generate as well.
+    ours_kw = dict(temperature=0.8, top_k=200, seed=0) if sampled else dict(temperature=0.0)
+    hf_kw = dict(do_sample=True, temperature=0.8, top_k=200, top_p=1.0) if sampled else dict(do_sample=False)
 
     def run_ours(decode_step=None):
-        return lm.generate(ours, prompt, args.new_tokens, temperature=0.0, eos_id=None, decode_step=decode_step,
-                           num_samples=batch)[0]
+        return lm.generate(ours, prompt, args.new_tokens, eos_id=None, decode_step=decode_step, num_samples=batch,
+                           **ours_kw)[0]
 
     def run_hf():
-        out = hf.generate(prompt_t, attention_mask=torch.ones_like(prompt_t), do_sample=False,
-                          max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens)
+        out = hf.generate(prompt_t, attention_mask=torch.ones_like(prompt_t), max_new_tokens=args.new_tokens,
+                          min_new_tokens=args.new_tokens, **hf_kw)
         return out[0, len(prompt):].tolist()
 
     variants = {("ours", 0): run_ours, ("ours", 1): lambda: run_ours(step), ("hf", 0): run_hf}
@@ -540,10 +544,11 @@ def time_generate(ours, hf, step, prompt: list[int], batch: int, size: str, devi
         same = next((f"differs at {i}" for i, (a, b) in enumerate(zip(ref, toks)) if a != b),
                     "same" if len(ref) == len(toks) else f"{len(toks)} vs {len(ref)} tokens")
         dt = min(times[(name, compiled)])
-        rows.append({"size": size, "model": name, "compile": compiled, "batch": batch, "new_tokens": len(toks),
+        rows.append({"size": size, "decoding": "sampled" if sampled else "greedy", "model": name,
+                     "compile": compiled, "batch": batch, "new_tokens": len(toks),
                      "tok_s": batch * len(toks) / dt, "ms_step": dt * 1e3 / len(toks),
                      "first_call_s": first[(name, compiled)], "extra_MiB": extra[(name, compiled)],
-                     "tokens_vs_ours": same})
+                     "tokens_vs_ours": None if sampled and name == "hf" else same})
     for r in rows[:2]:
         r["ours/HF"] = r["tok_s"] / rows[2]["tok_s"]
     return rows
@@ -562,11 +567,12 @@ def bench_generate(args, device: torch.device, budget: Budget, size: str, fields
     # The decode step compiled as `generate --compile 1` does it: on GPUs with CUDA graphs, which replay the
     # whole step with no per-kernel launch cost.
     step = torch.compile(ours, fullgraph=True, mode="reduce-overhead" if device.type == "cuda" else None)
-    for batch in args.gen_batch:  # batch b: `generate --num_samples b`, and HF's generate on b copies
-        if not budget.allows(f"generate {size} batch {batch}"):
-            continue
-        rows += time_generate(ours, hf, step, prompt, batch, size, device, args)
-        print_table("generate (so far)", rows, columns(rows))
+    for sampled in (False, True):
+        for batch in args.gen_batch:  # batch b: `generate --num_samples b`, and HF's generate on b copies
+            if not budget.allows(f"generate {size} {'sampled' if sampled else 'greedy'} batch {batch}"):
+                continue
+            rows += time_generate(ours, hf, step, prompt, batch, size, device, args, sampled)
+            print_table("generate (so far)", rows, columns(rows))
     del ours, hf, step
     free_memory(device)
     return rows
@@ -582,7 +588,8 @@ def check_targets(results: dict, device: torch.device) -> list[dict]:
     alone): no implementation of those products can beat HF by more."""
     train = {(r["size"], r["model"], r["compile"]): r for r in results.get("train", [])}
     trainer = {r["size"]: r for r in results.get("trainer", [])}
-    decode = {(r["size"], r["batch"], r["compile"]): r for r in results.get("generate", []) if r["model"] == "ours"}
+    decode = {(r["size"], r["batch"], r["compile"]): r for r in results.get("generate", [])
+              if r["model"] == "ours" and r["decoding"] == "greedy"}
     rows = []  # (target, measured or None, wanted, bound)
     if device.type == "cpu":
         if results.get("prep"):

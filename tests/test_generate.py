@@ -86,12 +86,34 @@ def draws(logits, n=4000, **kw):
 
 
 def test_top_k_and_top_p_restrict_the_support():
-    logits = torch.tensor([[0.5, 0.3, 0.15, 0.05]]).log()
+    logits = torch.tensor([[0.15, 0.5, 0.05, 0.3]]).log()  # most likely first: ids 1, 3, 0, 2
     assert draws(logits) == {0, 1, 2, 3}
-    assert draws(logits, top_k=2) == {0, 1}
-    assert draws(logits, top_p=0.7) == {0, 1}  # 0.5 < 0.7 needs the second token; 0.8 reaches it
-    assert draws(logits, top_p=0.85) == {0, 1, 2}
-    assert draws(logits, top_p=0.01) == {0}
+    assert draws(logits, top_k=2) == {1, 3}
+    assert draws(logits, top_p=0.7) == {1, 3}  # 0.5 < 0.7 needs the second token; 0.8 reaches it
+    assert draws(logits, top_p=0.85) == {0, 1, 3}
+    assert draws(logits, top_p=0.01) == {1}
+
+
+def textbook_distribution(logits, top_k, top_p):
+    """Top-k, then the nucleus, on the whole vocabulary: mask, renormalise."""
+    if top_k:
+        logits = logits.masked_fill(logits < logits.topk(top_k).values[:, -1:], float("-inf"))
+    probs = logits.softmax(-1)
+    if top_p < 1:
+        sorted_probs, order = probs.sort(descending=True)
+        drop = sorted_probs.cumsum(-1) - sorted_probs >= top_p
+        probs = probs.masked_fill(drop.scatter(-1, order, drop), 0.0)
+    return probs / probs.sum(-1, keepdim=True)
+
+
+@pytest.mark.parametrize("top_k, top_p", [(0, 1.0), (7, 1.0), (300, 1.0), (0, 0.9), (50, 0.8), (50, 0.01)])
+def test_sampling_draws_from_the_textbook_distribution(top_k, top_p):
+    """The sampler draws among top_k candidates only (cheap); scattered back over the vocabulary, their
+    probabilities are exactly top-k-then-nucleus over the whole vocabulary."""
+    logits = 3 * torch.randn(3, 300, generator=torch.Generator().manual_seed(top_k), dtype=torch.float64)
+    probs, ids = lm.candidates(logits, top_k, top_p)
+    full = probs if ids is None else torch.zeros_like(logits).scatter_(-1, ids, probs)
+    torch.testing.assert_close(full / full.sum(-1, keepdim=True), textbook_distribution(logits, top_k, top_p))
 
 
 def test_repetition_penalty_moves_greedy_off_seen_tokens():
