@@ -25,6 +25,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import traceback
 
 import numpy as np
 import torch
@@ -339,10 +340,17 @@ def time_train(name: str, cpu_model, cfg: lm.ModelConfig, batch: int, compiled: 
 
 
 class Budget:
-    """Skips the remaining variants once --time_budget is spent, so that a GPU run fits its time slot."""
+    """Skips the remaining variants once --time_budget is spent, so that a GPU run fits its time slot. A variant that
+    fails is reported (traceback on stdout, one line in the JSON) and the run goes on: on a borrowed GPU, one broken
+    variant should not cost the figures of all the others."""
 
     def __init__(self, seconds: float):
-        self.end, self.skipped = time.time() + seconds if seconds > 0 else float("inf"), []
+        self.end, self.skipped, self.failed = time.time() + seconds if seconds > 0 else float("inf"), [], []
+
+    def failure(self, what: str, e: Exception) -> None:
+        traceback.print_exc()
+        self.failed.append(f"{what}: {type(e).__name__}: {(str(e).strip().splitlines() or [''])[0][:300]}")
+        print(f"  FAILED {self.failed[-1]}; going on")
 
     def allows(self, what: str) -> bool:
         if time.time() < self.end:
@@ -358,11 +366,15 @@ def fitting_train(name: str, size: str, cpu_model, cfg: lm.ModelConfig, batch: i
     while budget.allows(f"train {size} {name} compile={int(compiled)}"):
         try:
             return time_train(name, cpu_model, cfg, batch, compiled, device, ours_optimizer, args)
-        except torch.cuda.OutOfMemoryError:
+        except torch.cuda.OutOfMemoryError as e:
             if batch == 1:
-                raise
+                budget.failure(f"train {size} {name} compile={int(compiled)}", e)
+                return None
             batch //= 2
             print(f"  train {size} {name} compile={int(compiled)}: out of memory, retrying at batch {batch}")
+        except Exception as e:
+            budget.failure(f"train {size} {name} compile={int(compiled)}", e)
+            return None
         finally:
             free_memory(device)  # after the except block has dropped the failed step's tensors
     return None
@@ -489,9 +501,11 @@ def bench_trainer(args, device: torch.device, budget: Budget, size: str, fields:
         proc = subprocess.run(cmd, capture_output=True, text=True)
         wall = time.perf_counter() - t0
         if proc.returncode:
-            print(f"  trainer {size} failed:\n{(proc.stdout + proc.stderr)[-3000:]}")
-            return [{"size": size, "model": "ours trainer", "compile": compiled, "batch": batch,
-                     "error": (proc.stderr.strip().splitlines() or ["exit " + str(proc.returncode)])[-1]}]
+            print((proc.stdout + proc.stderr)[-3000:])
+            budget.failed.append(f"trainer {size}: exit {proc.returncode}: "
+                                 f"{(proc.stderr.strip().splitlines() or [''])[-1][:300]}")
+            print(f"  FAILED {budget.failed[-1]}; going on")
+            return []
         with open(os.path.join(out, "metrics.jsonl")) as f:
             logs = [json.loads(line) for line in f if line.strip()]
     best = min((r for r in logs if r["step"] > args.steps), key=lambda r: r["ms_per_step"])
@@ -508,7 +522,7 @@ def bench_trainer(args, device: torch.device, budget: Budget, size: str, fields:
 
 
 def time_generate(ours, hf, step, prompt: list[int], batch: int, size: str, device: torch.device, args,
-                  sampled: bool) -> list[dict]:
+                  sampled: bool, budget: Budget) -> list[dict]:
     prompt_t = torch.tensor([prompt] * batch, device=device)
     # Greedy, or sampling with the CLI's defaults (temperature 0.8, top_k 200), given to HF's generate as well.
     ours_kw = dict(temperature=0.8, top_k=200, seed=0) if sampled else dict(temperature=0.0)
@@ -525,12 +539,17 @@ def time_generate(ours, hf, step, prompt: list[int], batch: int, size: str, devi
 
     variants = {("ours", 0): run_ours, ("ours", 1): lambda: run_ours(step), ("hf", 0): run_hf}
     first, extra, tokens = {}, {}, {}
-    for key, fn in variants.items():
-        with PeakMemory(device) as mem:  # KV cache and activations, beyond the weights
-            t0 = time.perf_counter()
-            tokens[key] = fn()  # warm-up: compiles and records the CUDA graphs on its first decode steps
-            first[key] = time.perf_counter() - t0
-        extra[key] = mem.mib
+    for key, fn in list(variants.items()):
+        try:
+            with PeakMemory(device) as mem:  # KV cache and activations, beyond the weights
+                t0 = time.perf_counter()
+                tokens[key] = fn()  # warm-up: compiles and records the CUDA graphs on its first decode steps
+                first[key] = time.perf_counter() - t0
+            extra[key] = mem.mib
+        except Exception as e:
+            budget.failure(f"generate {size} {'sampled' if sampled else 'greedy'} batch {batch} {key[0]} "
+                           f"compile={key[1]}", e)
+            del variants[key]
     times = {key: [] for key in variants}
     for _ in range(args.gen_reps):  # interleaved: other load on the machine slows every variant alike
         for key, fn in variants.items():
@@ -539,7 +558,7 @@ def time_generate(ours, hf, step, prompt: list[int], batch: int, size: str, devi
             fn()
             sync(device)
             times[key].append(time.perf_counter() - t0)
-    rows, ref = [], tokens[("ours", 0)]
+    rows, ref = [], next(iter(tokens.values()), [])  # ours eager's tokens, when it ran
     for (name, compiled), toks in tokens.items():
         same = next((f"differs at {i}" for i, (a, b) in enumerate(zip(ref, toks)) if a != b),
                     "same" if len(ref) == len(toks) else f"{len(toks)} vs {len(ref)} tokens")
@@ -549,8 +568,10 @@ def time_generate(ours, hf, step, prompt: list[int], batch: int, size: str, devi
                      "tok_s": batch * len(toks) / dt, "ms_step": dt * 1e3 / len(toks),
                      "first_call_s": first[(name, compiled)], "extra_MiB": extra[(name, compiled)],
                      "tokens_vs_ours": None if sampled and name == "hf" else same})
-    for r in rows[:2]:
-        r["ours/HF"] = r["tok_s"] / rows[2]["tok_s"]
+    hf_row = next((r for r in rows if r["model"] == "hf"), None)
+    for r in rows:
+        if r["model"] == "ours" and hf_row:
+            r["ours/HF"] = r["tok_s"] / hf_row["tok_s"]
     return rows
 
 
@@ -571,7 +592,7 @@ def bench_generate(args, device: torch.device, budget: Budget, size: str, fields
         for batch in args.gen_batch:  # batch b: `generate --num_samples b`, and HF's generate on b copies
             if not budget.allows(f"generate {size} {'sampled' if sampled else 'greedy'} batch {batch}"):
                 continue
-            rows += time_generate(ours, hf, step, prompt, batch, size, device, args, sampled)
+            rows += time_generate(ours, hf, step, prompt, batch, size, device, args, sampled, budget)
             print_table("generate (so far)", rows, columns(rows))
     del ours, hf, step
     free_memory(device)
@@ -667,24 +688,36 @@ def main(argv=None) -> None:
     env = environment(device)
     print(" | ".join(f"{k} {v}" for k, v in env.items()))
     kept = {k: v for k, v in vars(args).items() if k not in ("prep_child", "out", "cache_dir")}  # no local paths
-    results = {"env": env, "sizes": sizes, "args": kept,
+    results = {"env": env, "sizes": sizes, "args": kept, "skipped": budget.skipped, "failed": budget.failed,
                "notes": ["generate: tok_s counts every sample's new tokens and includes the prefill; ms_step is "
                          "per decode step of the whole batch",
                          "train/generate peak memory: above what was in use before the variant (CPU: resident set)"]}
+    os.makedirs(args.out, exist_ok=True)
+    slug = re.sub(r"[^a-z0-9]+", "-", env["device"].lower()).strip("-")
+    path = os.path.join(args.out, f"{slug}-{'-'.join(sizes)}-{time.strftime('%Y%m%d-%H%M%S')}.json")
     t_start = time.time()
+
+    def save() -> None:  # after every part: a run cut short by a time limit or a crash keeps what it measured
+        env["load_avg_at_end"], env["wall_s"] = os.getloadavg(), round(time.time() - t_start, 1)
+        lm.atomic_write_json(path, results)
+
     if "prep" in parts:
         results["prep"] = bench_prep(args)
+        save()
     for i, size in enumerate(sizes):  # size by size: a spent budget cuts the largest
         fields, batch = SIZES[size]
-        if "train" in parts:
-            results.setdefault("train", []).extend(bench_train(args, device, budget, size, fields, batch, i == 0))
-        if "trainer" in parts:
-            results.setdefault("trainer", []).extend(bench_trainer(args, device, budget, size, fields, batch,
-                                                                   results.get("train", [])))
-        if "generate" in parts:
-            results.setdefault("generate", []).extend(bench_generate(args, device, budget, size, fields))
-    results["skipped"] = budget.skipped
-    env["load_avg_at_end"], env["wall_s"] = os.getloadavg(), round(time.time() - t_start, 1)
+        benches = {"train": lambda: bench_train(args, device, budget, size, fields, batch, i == 0),
+                   "trainer": lambda: bench_trainer(args, device, budget, size, fields, batch,
+                                                    results.get("train", [])),
+                   "generate": lambda: bench_generate(args, device, budget, size, fields)}
+        for part, bench in benches.items():
+            if part in parts:
+                try:
+                    results.setdefault(part, []).extend(bench())
+                except Exception as e:
+                    budget.failure(f"{part} {size}", e)
+                    free_memory(device)
+                save()
 
     print(f"\n{env['device']}, {env['cpu_count']} CPUs, torch {env['torch']}, transformers {env['transformers']}, "
           f"{env['date']}, {env['wall_s']} s, load average {env['load_avg_at_start'][0]:.1f} at start, "
@@ -694,15 +727,13 @@ def main(argv=None) -> None:
             print_table(part, results[part], columns(results[part]))
     if results["skipped"]:
         print(f"\nskipped (time budget): {', '.join(results['skipped'])}")
+    if results["failed"]:
+        print("\nfailed:\n  " + "\n  ".join(results["failed"]))
     if (device.type == "cpu") == ("quick" in sizes):  # the issue sets targets for quick on CPUs, presets on GPUs
         results["targets"] = check_targets(results, device)
         print_table("targets (2-core CPU, float32)" if device.type == "cpu" else "targets (one H100, bf16)",
                     results["targets"], ["target", "measured", "wanted", "bound", "met"])
-    os.makedirs(args.out, exist_ok=True)
-    slug = re.sub(r"[^a-z0-9]+", "-", env["device"].lower()).strip("-")
-    path = os.path.join(args.out, f"{slug}-{'-'.join(sizes)}-{time.strftime('%Y%m%d-%H%M%S')}.json")
-    with open(path, "w") as f:
-        json.dump(results, f, indent=2)
+    save()
     print(f"\nwrote {os.path.relpath(path)}")
 
 
