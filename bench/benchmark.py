@@ -35,8 +35,10 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 import standalone_transformer_lm as lm  # noqa: E402  (after the path insert)
 
-# Model sizes: ModelConfig fields and batch size. "quick" is the 2-core CPU size the CPU targets refer to.
-SIZES = {"quick": (dict(vocab_size=32000, d_model=256, n_layer=4, n_head=4, seq_len=256), 8),
+# Model sizes: ModelConfig fields and batch size. "quick" is the 2-core CPU size the CPU targets refer to; "tiny"
+# runs in seconds, for the test that keeps this script working between the days a GPU is at hand.
+SIZES = {"tiny": (dict(lm.PRESETS["tiny"], vocab_size=512), 4),
+         "quick": (dict(vocab_size=32000, d_model=256, n_layer=4, n_head=4, seq_len=256), 8),
          **{name: (dict(lm.PRESETS[name], vocab_size=32000, seq_len=1024), 16) for name in ("138m", "350m", "700m")}}
 LR, WEIGHT_DECAY = 3e-4, 0.1  # any values: they do not change a step's cost
 CACHE_DIR = os.path.join(os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"),
