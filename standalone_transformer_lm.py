@@ -1133,7 +1133,7 @@ def cmd_generate(args) -> list[str]:
         stream = TextStream(sp, prompt)
         return [stream(sample(seed=args.seed, on_token=stream)[0], final=True)]
     # Equal batches, the last one padded: a single KV cache shape, so --compile 1 compiles (and records) one graph.
-    rows = -(-args.num_samples // -(-args.num_samples // SAMPLES_PER_BATCH))  # 20 samples: two batches of 10
+    rows = math.ceil(args.num_samples / math.ceil(args.num_samples / SAMPLES_PER_BATCH))  # 20: two batches of 10
     texts = []
     for first in range(0, args.num_samples, rows):
         seed = None if args.seed is None else args.seed + first
