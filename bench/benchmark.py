@@ -1,9 +1,9 @@
 """Speed of standalone_transformer_lm.py: prep throughput, training steps and decoding, against Hugging Face LLaMA.
 
-    python bench/benchmark.py                         # CPU: quick size; prep on 1 GB, train, trainer, generate
+    python bench/benchmark.py                         # CPU: quick size; prep on 1 GB, trainer, train, generate
     python bench/benchmark.py --only train,generate --rounds 3
     python bench/benchmark.py --size presets          # GPU: 138m, 350m, 700m at seq 1024 in bf16
-    python bench/benchmark.py --size 350m             # one preset: each fits a 10-minute slot on one H100
+    python bench/benchmark.py --size 350m             # one preset: each should fit 10 minutes on one H100
 
 Prints one table per part and writes them, with the environment, to OUT/<device>-<size>-<time>.json.
 Models get random weights and random token batches: speed does not depend on what the weights are. HF's model gets
@@ -476,18 +476,14 @@ def token_folder(path: str, vocab_size: int, tokens: int) -> None:
                    "tokenizer_sha256": hashlib.sha256(proto).hexdigest()}, f)
 
 
-def bench_trainer(args, device: torch.device, budget: Budget, size: str, fields: dict, batch: int,
-                  train_rows: list[dict]) -> list[dict]:
+def bench_trainer(args, device: torch.device, budget: Budget, size: str, fields: dict, batch: int) -> list[dict]:
     """`standalone_transformer_lm.py train` as a user runs it (compiled on a GPU, eager on a CPU), for three log
     windows of --steps steps each; the first compiles, the faster of the other two is kept. Its own log gives
-    ms/step, tokens/s and MFU, averaged over a window; `trainer/step` compares them with the median step of the
-    train table's bare step (its fastest would flatter the step on a busy CPU, where steps vary by 2x)."""
+    ms/step, tokens/s and MFU, averaged over a window. It runs first for each size, since the GPU's MFU targets
+    rest on it: a spent time budget cuts the comparisons with HF instead."""
     compiled = int(device.type == "cuda")
     if not budget.allows(f"trainer {size} compile={compiled}"):
         return []
-    step_row = next((r for r in train_rows if r["size"] == size and r["model"] == "ours" and r["compile"] == compiled),
-                    None)
-    batch = step_row["batch"] if step_row else batch  # what fitted in the train table
     cfg = lm.ModelConfig(**fields)
     with tempfile.TemporaryDirectory() as tmp:
         data, out = os.path.join(tmp, "data"), os.path.join(tmp, "run")
@@ -513,10 +509,18 @@ def bench_trainer(args, device: torch.device, budget: Budget, size: str, fields:
     best = min((r for r in logs if r["step"] > args.steps), key=lambda r: r["ms_per_step"])
     row = {"size": size, "model": "ours trainer", "compile": compiled, "batch": batch, "ms_step": best["ms_per_step"],
            "tok_s": best["tokens_per_s"], "mfu": best.get("mfu"), "wall_s": wall, "loss_last": best["loss"]}
-    if step_row:
-        row["trainer/step"] = float(np.median(step_row["step_ms_all"])) / row["ms_step"]
     print_table("trainer (so far)", [row], columns([row]))
     return [row]
+
+
+def trainer_over_step(results: dict) -> None:
+    """`trainer/step`: the train table's bare step, at its median (its fastest would flatter it on a busy CPU, where
+    steps vary by 2x), over the trainer's step at the same size, batch and compile setting."""
+    for row in results.get("trainer", []):
+        step = next((r for r in results.get("train", []) if r["model"] == "ours" and
+                     all(r[k] == row[k] for k in ("size", "compile", "batch"))), None)
+        if step:
+            row["trainer/step"] = float(np.median(step["step_ms_all"])) / row["ms_step"]
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -708,9 +712,8 @@ def main(argv=None) -> None:
         save()
     for i, size in enumerate(sizes):  # size by size: a spent budget cuts the largest
         fields, batch = SIZES[size]
-        benches = {"train": lambda: bench_train(args, device, budget, size, fields, batch, i == 0),
-                   "trainer": lambda: bench_trainer(args, device, budget, size, fields, batch,
-                                                    results.get("train", [])),
+        benches = {"trainer": lambda: bench_trainer(args, device, budget, size, fields, batch),
+                   "train": lambda: bench_train(args, device, budget, size, fields, batch, i == 0),
                    "generate": lambda: bench_generate(args, device, budget, size, fields)}
         for part, bench in benches.items():
             if part in parts:
@@ -719,6 +722,7 @@ def main(argv=None) -> None:
                 except Exception as e:
                     budget.failure(f"{part} {size}", e)
                     free_memory(device)
+                trainer_over_step(results)
                 save()
 
     print(f"\n{env['device']}, {env['cpu_count']} CPUs, torch {env['torch']}, transformers {env['transformers']}, "

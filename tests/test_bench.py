@@ -24,7 +24,8 @@ def test_benchmark_runs_every_part_and_compares_like_with_like(tmp_path):
     assert all(abs(r["loss0"] - train[("ours", 0)]["loss0"]) < 1e-5 for r in train.values())
     assert all(abs(r["loss_last"] - train[("ours", 0)]["loss_last"]) < 1e-3 for r in train.values())  # 3 AdamW steps
     [trainer] = results["trainer"]
-    assert trainer["tok_s"] > 0 and trainer["loss_last"] < train[("ours", 0)]["loss0"] + 0.5
+    assert trainer["tok_s"] > 0 and trainer["trainer/step"] > 0
+    assert trainer["loss_last"] < train[("ours", 0)]["loss0"] + 0.5  # random tokens: it stays near log(vocab)
     decode = {(r["decoding"], r["batch"], r["model"], r["compile"]): r for r in results["generate"]}
     assert len(decode) == 12 and all(r["new_tokens"] == 8 for r in decode.values())
     # Greedy: HF's tokens are ours. Sampled: the compiled decode step draws what eager draws.
