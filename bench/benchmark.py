@@ -100,6 +100,15 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def timed(fn, device: torch.device):
+    """fn()'s result and its wall time in seconds, with the device's queue drained before and after."""
+    sync(device)
+    t0 = time.perf_counter()
+    result = fn()
+    sync(device)
+    return result, time.perf_counter() - t0
+
+
 def free_memory(device: torch.device) -> None:
     gc.collect()
     torch._dynamo.reset()  # compiled graphs hold on to their models and CUDA graph pools
@@ -330,11 +339,8 @@ def time_train(name: str, cpu_model, cfg: lm.ModelConfig, batch: int, compiled: 
             step()
         times = []
         for _ in range(args.steps):  # synced every step, as the trainer is by its per-step .item()
-            sync(device)
-            t0 = time.perf_counter()
-            loss = step()
-            sync(device)
-            times.append(time.perf_counter() - t0)
+            loss, seconds = timed(step, device)
+            times.append(seconds)
     dt = min(times)  # other work on the machine can only slow a step down: the fastest is the cleanest figure
     return {"model": name, "compile": int(compiled), "batch": batch, "ms_step": dt * 1e3,
             "tok_s": batch * cfg.seq_len / dt, "peak_MiB": mem.mib, "first_step_s": first_s, "loss0": loss0,
@@ -384,14 +390,8 @@ def fitting_train(name: str, size: str, cpu_model, cfg: lm.ModelConfig, batch: i
 
 def timed_min(fn, device: torch.device, reps: int = 5) -> float:
     """Fastest of reps synced calls after one untimed, in seconds."""
-    times = []
-    for _ in range(reps + 1):
-        sync(device)
-        t0 = time.perf_counter()
-        fn()
-        sync(device)
-        times.append(time.perf_counter() - t0)
-    return min(times[1:])
+    timed(fn, device)  # untimed: the first call pays one-time costs
+    return min(timed(fn, device)[1] for _ in range(reps))
 
 
 def step_floor_ms(cfg: lm.ModelConfig, batch: int, device: torch.device) -> float:
@@ -557,11 +557,7 @@ def time_generate(ours, hf, step, prompt: list[int], batch: int, size: str, devi
     times = {key: [] for key in variants}
     for _ in range(args.gen_reps):  # interleaved: other load on the machine slows every variant alike
         for key, fn in variants.items():
-            sync(device)
-            t0 = time.perf_counter()
-            fn()
-            sync(device)
-            times[key].append(time.perf_counter() - t0)
+            times[key].append(timed(fn, device)[1])
     rows, ref = [], next(iter(tokens.values()), [])  # ours eager's tokens, when it ran
     for (name, compiled), toks in tokens.items():
         same = next((f"differs at {i}" for i, (a, b) in enumerate(zip(ref, toks)) if a != b),
