@@ -1066,7 +1066,8 @@ def generate(model: Transformer, prompt: list[int], max_new_tokens: int, tempera
                 out[i].append(token)
         if all(done):
             break
-        seen.scatter_(1, next_id, True)
+        if repetition_penalty != 1.0:  # the only reader of `seen`
+            seen.scatter_(1, next_id, True)
         if on_token:
             on_token(out[0])
         logits = decode_step(next_id, pos=torch.tensor([t], device=device))[0]

@@ -123,6 +123,14 @@ def test_repetition_penalty_moves_greedy_off_seen_tokens():
     assert lm.sample_next(logits, seen, repetition_penalty=1.5, **args).item() == 1
 
 
+def test_repetition_penalty_in_the_decode_loop_sees_every_token_so_far(model):
+    prompt = [1, 17, 42]
+    plain = lm.generate(model, prompt, 30, temperature=0, eos_id=None)[0]
+    assert len(set(prompt + plain)) < len(prompt + plain)  # this model repeats itself when greedy
+    ids = prompt + lm.generate(model, prompt, 30, temperature=0, repetition_penalty=1e6, eos_id=None)[0]
+    assert len(set(ids)) == len(ids)  # a huge penalty: no token of the prompt or of the output comes twice
+
+
 @pytest.fixture(scope="module")
 def trained(docs_data, tmp_path_factory):
     out = tmp_path_factory.mktemp("gen") / "run"
