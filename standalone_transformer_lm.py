@@ -696,8 +696,10 @@ class TrainConfig:
 
 ARCH_FLAGS = ("n_layer", "n_head", "n_kv_head", "d_model", "head_dim", "ffn_mult", "seq_len", "rope_theta",
               "tie_embeddings")
-PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12, "L4": 121e12, "A10G": 70e12,
-                   "4090": 165e12, "3090": 71e12}  # dense, per GPU; MFU is reported only for these
+PEAK_BF16_FLOPS = {"H100 PCIe": 756e12, "H100 NVL": 835e12, "H100": 989e12, "H200": 989e12, "A100": 312e12,
+                   "L40S": 362e12, "L40": 181e12, "L4": 121e12, "A10G": 70e12, "4090": 165e12, "3090": 71e12}
+# dense, per GPU; the first name found in the device's name wins (so "H100 PCIe" before "H100"). MFU is reported
+# only for these.
 
 
 def peak_bf16_flops(device: torch.device) -> float | None:
@@ -803,12 +805,11 @@ def set_rng_state(state: dict, device: torch.device) -> None:
 def train(tc: TrainConfig, args) -> dict:
     device = resolve_device(tc.device)
     rank, world = setup_distributed(device, tc.dist_timeout)
-    ddp = world > 1
     import torch.distributed as dist
     try:
         return _train(tc, args, device, rank, world)
     finally:
-        if ddp and dist.is_initialized():
+        if dist.is_initialized():  # torchrun with one process joins a group too
             dist.destroy_process_group()
 
 
@@ -849,7 +850,8 @@ def _train(tc: TrainConfig, args, device: torch.device, rank: int, world: int) -
         raw_model.load_state_dict(ckpt["model"], strict=True)
         optimizer.load_state_dict(ckpt["optimizer"])
         optimizer.param_groups[0]["weight_decay"] = tc.weight_decay  # today's flags, not the checkpoint's
-        scaler.load_state_dict(ckpt["scaler"])
+        if ckpt["scaler"] and scaler.is_enabled():  # empty when saved by a bf16/fp32 run, which had no scaler
+            scaler.load_state_dict(ckpt["scaler"])
         step, best_val = ckpt["step"], ckpt["best_val_loss"]
         states = ckpt["rng"]
         set_rng_state(states[rank] if rank < len(states) else states[0], device)

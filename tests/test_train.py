@@ -79,6 +79,17 @@ def test_float16_with_grad_scaler_resumes_bit_identically(docs_data, tmp_path):
                                           eval_interval=10, dtype="float16")
 
 
+def test_resume_switches_between_bfloat16_and_float16(docs_data, tmp_path):
+    # A bf16 run resumed on a GPU without bf16 (where --dtype auto picks float16): the loss scaler starts fresh; and
+    # back again, the float16 run's scaler state is dropped.
+    for max_steps, dtype in ((4, "bfloat16"), (8, "float16"), (12, "bfloat16")):
+        out = run_cli("train", *train_args(tmp_path / "run", docs_data, max_steps=max_steps, save_interval=4,
+                                           eval_interval=4, dtype=dtype)).stdout
+        ckpt = load(tmp_path / "run" / "ckpt_last.pt")
+        assert ckpt["step"] == max_steps and bool(ckpt["scaler"]) == (dtype == "float16")
+    assert "resuming" in out and "dtype bfloat16" in out
+
+
 def test_two_gloo_ranks_match_one_process_with_accumulation(docs_data, tmp_path):
     run_cli("train", *train_args(tmp_path / "one", docs_data, grad_accum_steps=2, max_steps=12))
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", SCRIPT,
