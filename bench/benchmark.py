@@ -374,15 +374,12 @@ def fitting_train(name: str, size: str, cpu_model, cfg: lm.ModelConfig, batch: i
     while budget.allows(f"train {size} {name} compile={int(compiled)}"):
         try:
             return time_train(name, cpu_model, cfg, batch, compiled, device, ours_optimizer, args)
-        except torch.cuda.OutOfMemoryError as e:
-            if batch == 1:
+        except Exception as e:  # out of memory inside a compile comes wrapped in the compiler's error
+            if batch == 1 or not (isinstance(e, torch.cuda.OutOfMemoryError) or "out of memory" in str(e)):
                 budget.failure(f"train {size} {name} compile={int(compiled)}", e)
                 return None
             batch //= 2
             print(f"  train {size} {name} compile={int(compiled)}: out of memory, retrying at batch {batch}")
-        except Exception as e:
-            budget.failure(f"train {size} {name} compile={int(compiled)}", e)
-            return None
         finally:
             free_memory(device)  # after the except block has dropped the failed step's tensors
     return None
