@@ -67,6 +67,11 @@ class ModelConfig:
 
     def __post_init__(self):
         self.tie_embeddings = bool(self.tie_embeddings)  # flags arrive as 0/1; the saved config says true/false
+        sizes = {k: getattr(self, k) for k in ("vocab_size", "n_layer", "n_head", "d_model", "n_kv_head", "head_dim",
+                                                "ffn_mult", "ffn_multiple_of", "seq_len", "rope_theta", "norm_eps")}
+        bad = [f"{k} {v}" for k, v in sizes.items() if v is not None and not v > 0]
+        if bad:
+            raise UserError(f"model sizes must be positive, got {', '.join(bad)}")
         if self.n_kv_head is None:
             self.n_kv_head = self.n_head
         if self.head_dim is None:
@@ -78,8 +83,6 @@ class ModelConfig:
             raise UserError(f"n_head {self.n_head} is not a multiple of n_kv_head {self.n_kv_head}")
         if self.head_dim % 2:
             raise UserError(f"head_dim {self.head_dim} must be even for RoPE")
-        if min(self.vocab_size, self.n_layer, self.n_head, self.d_model, self.seq_len) <= 0:
-            raise UserError(f"model sizes must be positive, got {self}")
 
     @property
     def ffn_hidden(self) -> int:  # LLaMA: 2/3 of ffn_mult * d_model (SwiGLU has three matrices), rounded up
@@ -131,6 +134,13 @@ def atomic_write(path: str, write_fn) -> None:
 
 def atomic_write_json(path: str, obj) -> None:
     atomic_write(path, lambda f: f.write((json.dumps(obj, indent=2) + "\n").encode()))
+
+
+def make_dir(path: str, flag: str) -> None:
+    try:
+        os.makedirs(path, exist_ok=True)
+    except OSError as e:  # a file in the way, no permission
+        raise UserError(f"{flag} {path!r} cannot be made a folder ({e.strerror}). HINT: pass another path") from None
 
 
 def require_file(path: str, what: str, hint: str) -> None:
@@ -232,9 +242,10 @@ def train_tokenizer(lines: list[str], vocab_size: int) -> bytes:
     except RuntimeError as e:
         m = re.search(r"Please set it to a value <= (\d+)", str(e))
         if m:
+            most = int(m.group(1))
+            fix = f"pass --vocab_size {most} or less, or use more text" if most >= MIN_VOCAB else "use more text"
             raise UserError(f"the corpus is too small for --vocab_size {vocab_size}: its tokenizer sample supports "
-                            f"at most {m.group(1)}. HINT: pass --vocab_size {m.group(1)} or less, or use more "
-                            f"text") from None
+                            f"at most {most}. HINT: {fix}") from None
         raise UserError(f"SentencePiece could not train a tokenizer: {e}") from None
     return model.getvalue()
 
@@ -274,7 +285,8 @@ def tokenizer_sample(text_path: str, size: int, sample_lines: int, seed: int, de
     the tokenizer on short documents only)."""
     rng, sample, n_seen = random.Random(seed), [], 0
     seen = set() if dedup else None
-    bar = tqdm(total=size, unit="B", unit_scale=True, desc="sampling", disable=not progress, mininterval=1.0)
+    bar = tqdm(total=size, unit="B", unit_scale=True, desc="sampling",
+               disable=not (progress and sys.stderr.isatty()), mininterval=1.0)
     for block in read_blocks(text_path, 0, size):
         for line in drop_duplicates(clean_lines(block, normalize_ws, Counter()), seen, Counter()):
             if is_long(line):
@@ -300,7 +312,7 @@ def encode_corpus(text_path: str, splits: dict, model_proto: bytes, dtype, num_w
     sp = load_tokenizer(model_proto)
     pool = ThreadPoolExecutor(num_workers)
     bar = tqdm(total=sum(e - s for s, e in splits.values()), unit="B", unit_scale=True, desc="encoding",
-               disable=not progress, mininterval=1.0)
+               disable=not (progress and sys.stderr.isatty()), mininterval=1.0)
     try:
         for path, (start, end) in splits.items():
             pending = deque()
@@ -335,6 +347,10 @@ def prep(text_path: str, out_dir: str, vocab_size: int = 32000, val_fraction: fl
                         f"LLaMA's; small corpora need a few thousand)")
     if not 0.0 < val_fraction < 0.5:
         raise UserError(f"--val_fraction {val_fraction} must be in (0, 0.5)")
+    if num_workers < 0 or sample_lines < 1:
+        raise UserError(f"--num_workers {num_workers} must be 0 (all cores) or more, --sample_lines {sample_lines} "
+                        f"at least 1")
+    make_dir(out_dir, "--out_dir")
     size = os.path.getsize(text_path)
     num_workers = num_workers or os.cpu_count() or 1
     sample = tokenizer_sample(text_path, size, sample_lines, seed, dedup, normalize_whitespace, progress)
@@ -346,7 +362,6 @@ def prep(text_path: str, out_dir: str, vocab_size: int = 32000, val_fraction: fl
     del sample
 
     # Everything goes to temporary names first: a failed run leaves an earlier run's files as they were.
-    os.makedirs(out_dir, exist_ok=True)
     final = {name: os.path.join(out_dir, name) for name in ("tokenizer.model", "train.bin", "val.bin")}
     tmp = {name: os.path.join(out_dir, f".{name}.tmp{os.getpid()}") for name in final}
     cut = split_offset(text_path, size, val_fraction)
@@ -407,10 +422,12 @@ class Batches:
     def __init__(self, path: str, dtype, seq_len: int, seed: int, global_batch: int):
         self.data = np.memmap(path, dtype=dtype, mode="r")
         self.seq_len, self.seed, self.global_batch = seq_len, seed, global_batch
-        self.n_windows = len(self.data) // seq_len - 1
-        if self.n_windows < 1:
-            raise UserError(f"{path} holds {len(self.data):,} tokens, fewer than two sequences of --seq_len "
-                            f"{seq_len}. HINT: use a shorter --seq_len or a bigger corpus")
+        if len(self.data) <= seq_len:
+            raise UserError(f"{path} holds {len(self.data):,} tokens, not one sequence of --seq_len {seq_len} + 1. "
+                            f"HINT: use a shorter --seq_len, a bigger corpus, or for val.bin a larger --val_fraction "
+                            f"in prep")
+        self.n_windows = max(1, len(self.data) // seq_len - 1)  # one fewer than fit: room for the shift
+        self.max_shift = min(seq_len, len(self.data) - self.n_windows * seq_len)
         self._epoch, self._order, self._shift = -1, None, 0
 
     def window(self, index: int) -> np.ndarray:
@@ -418,7 +435,7 @@ class Batches:
         if epoch != self._epoch:
             rng = np.random.default_rng([self.seed, epoch])
             self._epoch, self._order = epoch, rng.permutation(self.n_windows)
-            self._shift = int(rng.integers(self.seq_len))
+            self._shift = int(rng.integers(self.max_shift))
         start = self._shift + int(self._order[i]) * self.seq_len
         return self.data[start:start + self.seq_len + 1]
 
@@ -645,8 +662,8 @@ def load_checkpoint(path: str) -> dict:
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)  # never unpickle arbitrary objects
     except Exception as e:  # a malicious, foreign or truncated file: refuse, whatever torch raises
-        raise UserError(f"{path!r} is not a loadable checkpoint ({type(e).__name__}: {str(e).splitlines()[0]})") \
-            from None
+        reason = (str(e).strip().splitlines() or ["the file is empty or cut short"])[0]
+        raise UserError(f"{path!r} is not a loadable checkpoint ({type(e).__name__}: {reason})") from None
     if not isinstance(ckpt, dict) or ckpt.get("format") != CKPT_FORMAT:
         raise UserError(f"{path!r} is not a checkpoint of this script (no {CKPT_FORMAT!r} format tag)")
     if ckpt.get("version") != CKPT_VERSION:
@@ -743,11 +760,18 @@ def setup_distributed(device: torch.device, timeout_s: int) -> tuple[int, int]:
 def read_meta(data_dir: str) -> dict:
     path = os.path.join(data_dir, "meta.json")
     hint = f"run `python {os.path.basename(__file__)} prep --text_path corpus.txt --out_dir {data_dir}` first"
-    require_file(path, "data meta file", hint)
-    for name in ("train.bin", "val.bin", "tokenizer.model"):
+    if not os.path.isdir(data_dir):
+        raise UserError(f"--data_dir {data_dir!r} does not exist or is not a folder. HINT: {hint}")
+    for name in ("meta.json", "train.bin", "val.bin", "tokenizer.model"):
         require_file(os.path.join(data_dir, name), "data file", hint)
-    with open(path) as f:
-        return json.load(f)
+    try:
+        with open(path) as f:
+            meta = json.load(f)
+        if not {"vocab_size", "dtype", "tokenizer_sha256"} <= set(meta):
+            raise ValueError("keys missing")
+    except ValueError as e:  # torn, edited or foreign
+        raise UserError(f"{path!r} is not a meta.json that prep wrote ({e}). HINT: {hint}") from None
+    return meta
 
 
 def resolve_model_config(args, vocab_size: int, saved: dict | None) -> ModelConfig:
@@ -757,15 +781,13 @@ def resolve_model_config(args, vocab_size: int, saved: dict | None) -> ModelConf
         d.update(PRESETS[args.preset])
     d.update({k: getattr(args, k) for k in ARCH_FLAGS if getattr(args, k) is not None})
     d["vocab_size"] = vocab_size
-    cfg = ModelConfig(**d)
-    if saved:
-        old = ModelConfig.from_dict(saved)
-        diff = [f"{f.name} {getattr(old, f.name)} -> {getattr(cfg, f.name)}" for f in dataclasses.fields(old)
-                if getattr(old, f.name) != getattr(cfg, f.name)]
-        if diff:
-            raise UserError(f"resuming from {args.out_dir}/ckpt_last.pt, whose model differs: {', '.join(diff)}. "
-                            f"HINT: drop those flags to continue that run, or use a new --out_dir for a new model")
-    return cfg
+    if not saved:
+        return ModelConfig(**d)
+    diff = [f"{k} {saved.get(k)} -> {v}" for k, v in d.items() if saved.get(k) != v]  # before the derived values
+    if diff:  # (n_kv_head, head_dim) are checked against a shape that is not the checkpoint's
+        raise UserError(f"resuming from {args.out_dir}/ckpt_last.pt, whose model differs: {', '.join(diff)}. "
+                        f"HINT: drop those flags to continue that run, or use a new --out_dir for a new model")
+    return ModelConfig.from_dict(saved)
 
 
 class StopSignal:
@@ -818,18 +840,23 @@ def _train(tc: TrainConfig, args, device: torch.device, rank: int, world: int) -
     from torch.nn.parallel import DistributedDataParallel as DDP
     ddp = world > 1
     meta = read_meta(tc.data_dir)
+    if rank == 0:
+        make_dir(tc.out_dir, "--out_dir")
     last_path = os.path.join(tc.out_dir, "ckpt_last.pt")
     ckpt = load_checkpoint(last_path) if os.path.exists(last_path) else None
     if ckpt and ckpt.get("tokenizer_sha256") != meta["tokenizer_sha256"]:
         raise UserError(f"{last_path} was trained with another tokenizer than {tc.data_dir}/tokenizer.model. HINT: "
                         f"resume with the --data_dir it was trained on, or start a new --out_dir")
     cfg = resolve_model_config(args, meta["vocab_size"], ckpt["model_config"] if ckpt else None)
-    for name, value in (("batch_size", tc.batch_size), ("grad_accum_steps", tc.grad_accum_steps),
-                        ("max_steps", tc.max_steps), ("log_interval", tc.log_interval),
-                        ("eval_interval", tc.eval_interval), ("eval_iters", tc.eval_iters),
-                        ("save_interval", tc.save_interval)):
-        if value < 1:
-            raise UserError(f"--{name} must be at least 1, got {value}")
+    counts = ("batch_size", "grad_accum_steps", "max_steps", "log_interval", "eval_interval", "eval_iters",
+              "save_interval")
+    checks = [(name, getattr(tc, name) >= 1, "at least 1") for name in counts] + [
+        ("dropout", 0 <= tc.dropout < 1, "in [0, 1)"), ("lr", tc.lr > 0, "above 0")] + [
+        (name, getattr(tc, name) is None or getattr(tc, name) >= 0, "0 or more")
+        for name in ("warmup_steps", "min_lr", "weight_decay", "grad_clip")]
+    for name, ok, want in checks:
+        if not ok:
+            raise UserError(f"--{name} must be {want}, got {getattr(tc, name)}")
     min_lr = tc.lr / 10 if tc.min_lr is None else tc.min_lr
     dtype = resolve_dtype(tc.dtype, device)
     # Decided once, before the loop: autocast context, unwrapped model, compiled + DDP-wrapped model.
@@ -880,13 +907,17 @@ def _train(tc: TrainConfig, args, device: torch.device, rank: int, world: int) -
     peak = peak_bf16_flops(device)
     flops_per_step = raw_model.flops_per_token() * tokens_per_step
 
-    metrics_path = os.path.join(tc.out_dir, "metrics.jsonl")
-    if rank == 0:
-        os.makedirs(tc.out_dir, exist_ok=True)
-        if os.path.exists(metrics_path):  # keep the log of the run we continue: drop lines past the checkpoint
-            with open(metrics_path) as f:
-                kept = [line for line in f if line.strip() and json.loads(line)["step"] <= step]
-            atomic_write(metrics_path, lambda f: f.write("".join(kept).encode()))
+    metrics_path, last_log = os.path.join(tc.out_dir, "metrics.jsonl"), {}
+    if rank == 0 and os.path.exists(metrics_path):  # the log of the run we continue, up to its checkpoint
+        kept = []
+        with open(metrics_path) as f:
+            for line in f:
+                with contextlib.suppress(ValueError, TypeError, KeyError):  # a line torn by a crash mid-write
+                    row = json.loads(line)
+                    if row["step"] <= step:
+                        kept.append(row)
+        atomic_write(metrics_path, lambda f: f.write("".join(json.dumps(row) + "\n" for row in kept).encode()))
+        last_log = kept[-1] if kept else {}
 
     def save(names: list[str]):
         states = [None] * world
@@ -921,10 +952,14 @@ def _train(tc: TrainConfig, args, device: torch.device, rank: int, world: int) -
         first = (micro * world + rank) * tc.batch_size
         return range(first, first + tc.batch_size)
 
+    if step >= tc.max_steps:
+        print0(f"nothing to train: {last_path} is at step {step:,}, --max_steps is {tc.max_steps:,}. HINT: raise "
+               f"--max_steps to train on")
     stop = StopSignal()
-    bar = tqdm(total=tc.max_steps, initial=step, desc="train", unit="step", disable=rank != 0, mininterval=1.0)
+    bar = tqdm(total=tc.max_steps, initial=step, desc="train", unit="step", mininterval=1.0,
+               disable=rank != 0 or not sys.stderr.isatty())  # no bar in log files
     x, y = train_data.get(step, rows(0), device)
-    t_log, steps_since_log, last_log = time.time(), 0, {}
+    t_log, steps_since_log = time.time(), 0
     try:
         while step < tc.max_steps:
             lr = lr_at(step, tc.lr, min_lr, tc.warmup_steps, tc.max_steps)
@@ -1114,6 +1149,9 @@ SAMPLES_PER_BATCH = 16  # --num_samples decode together in batches of at most th
 def cmd_generate(args) -> list[str]:
     if args.num_samples < 1:
         raise UserError(f"--num_samples is {args.num_samples}. HINT: ask for at least 1 sample")
+    if not (0 < args.top_p <= 1 and args.repetition_penalty > 0):
+        raise UserError(f"--top_p must be in (0, 1] (1 = off), got {args.top_p}; --repetition_penalty above 0 "
+                        f"(1 = off), got {args.repetition_penalty}")
     device = resolve_device(args.device)
     dtype = resolve_dtype("auto", device) if device.type == "cuda" else torch.float32
     model, _ = model_from_checkpoint(args.ckpt, device, dtype)
@@ -1152,12 +1190,17 @@ DEMO_TRAIN = dict(n_layer=4, n_head=4, d_model=128, ffn_mult=4.0, seq_len=128)
 def cmd_demo(args) -> None:
     import pydoc_data.topics
     out = args.out_dir
-    os.makedirs(out, exist_ok=True)
+    make_dir(out, "--out_dir")
+    data_dir, run_dir = os.path.join(out, "data"), os.path.join(out, "run")
+    if os.path.exists(os.path.join(run_dir, "ckpt_last.pt")):  # run again: it resumes, on the same tokenizer
+        vocab = load_checkpoint(os.path.join(run_dir, "ckpt_last.pt"))["model_config"]["vocab_size"]
+        if vocab != args.vocab_size:
+            raise UserError(f"{out} holds a demo run with a {vocab}-token vocabulary. HINT: pass --vocab_size "
+                            f"{vocab} to run it again, or a new --out_dir")
     corpus = os.path.join(out, "corpus.txt")
     text = "\n".join(pydoc_data.topics.topics[k] for k in sorted(pydoc_data.topics.topics))
     atomic_write(corpus, lambda f: f.write(text.encode()))
     print(f"== 1/3 prep: {corpus} ({len(text) / 1e6:.1f} MB, Python's own documentation) ==")
-    data_dir, run_dir = os.path.join(out, "data"), os.path.join(out, "run")
     prep(corpus, data_dir, vocab_size=args.vocab_size, val_fraction=0.05)
     print(f"== 2/3 train: {run_dir} ==")
     parser = build_parser()
@@ -1175,7 +1218,8 @@ def cmd_demo(args) -> None:
                                         "--temperature", "0.8", "--top_k", "50", "--seed", "0",
                                         "--device", args.device]))
     me = os.path.basename(__file__)
-    print(f"\ndone: loss {result['loss']:.3f}, val loss {result.get('val_loss', float('nan')):.3f} after "
+    nan = float("nan")
+    print(f"\ndone: loss {result.get('loss', nan):.3f}, val loss {result.get('val_loss', nan):.3f} after "
           f"{result['step']} steps.\n  corpus     {corpus}\n  tokenizer  {data_dir}/tokenizer.model (+ train.bin, "
           f"val.bin, meta.json)\n  checkpoint {ckpt} (+ ckpt_best.pt, pytorch_model.bin, config.json, metrics.jsonl)"
           f"\nnext:\n  python {me} generate --ckpt {ckpt} --prompt \"Lists are\"\n"
@@ -1186,8 +1230,14 @@ def cmd_demo(args) -> None:
 # CLI
 
 
+class Parser(argparse.ArgumentParser):
+    def error(self, message):  # one `error:` line and status 2, as for every other mistake; no usage block
+        print(f"error: {message}. HINT: `{self.prog} --help` lists the flags", file=sys.stderr)
+        sys.exit(2)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
+    p = Parser(description=__doc__.split("\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     sub = p.add_subparsers(dest="command", required=True)
     flag = dict(type=int, choices=[0, 1])

@@ -172,6 +172,9 @@ def test_cli_generate_refuses_bad_input(trained, docs_corpus, tmp_path):
                       "context is 64", "shorten the prompt")
     assert_user_error(run_cli("generate", "--ckpt", tmp_path / "missing.pt", check=False), "does not exist")
     assert_user_error(run_cli("generate", "--ckpt", ckpt, "--num_samples", 0, check=False), "at least 1 sample")
+    assert_user_error(run_cli("generate", "--ckpt", ckpt, "--top_p", 0, check=False), "--top_p must be in (0, 1]")
+    assert_user_error(run_cli("generate", "--ckpt", ckpt, "--repetition_penalty", 0, check=False),
+                      "--repetition_penalty above 0")
 
 
 def test_compiled_decode_step_matches_eager(model):

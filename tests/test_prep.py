@@ -146,6 +146,18 @@ def test_bad_input_is_refused_and_good_outputs_survive(case, needle, docs_corpus
     assert sorted(os.listdir(out)) == ["meta.json", "tokenizer.model", "train.bin", "val.bin"]  # no temp files left
 
 
+def test_bad_flags_and_a_file_in_the_way(docs_corpus, tmp_path):
+    (tmp_path / "file").write_text("keep me")
+    for out in (tmp_path / "file", tmp_path / "file" / "sub"):
+        assert_user_error(run_cli("prep", "--text_path", docs_corpus, "--out_dir", out, check=False),
+                          "cannot be made a folder")
+    assert (tmp_path / "file").read_text() == "keep me"
+    assert_user_error(run_cli("prep", "--text_path", docs_corpus, "--out_dir", tmp_path / "d", "--num_workers", -1,
+                              check=False), "--num_workers -1")
+    with pytest.raises(lm.UserError, match=r"supports at most 2\d\d. HINT: use more text$"):
+        lm.train_tokenizer(["a", "b"], 300)  # no vocabulary of the allowed 300 or more fits: no size to suggest
+
+
 def peak_rss_mb(corpus, out):
     """Peak RSS of prep (main process + its largest worker), in MB, with small blocks so both corpora span many."""
     code = ("import resource, sys; sys.path.insert(0, sys.argv[1]); import standalone_transformer_lm as lm; "

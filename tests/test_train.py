@@ -6,6 +6,7 @@ import subprocess
 import sys
 import time
 
+import numpy as np
 import pytest
 import torch
 
@@ -79,6 +80,19 @@ def test_float16_with_grad_scaler_resumes_bit_identically(docs_data, tmp_path):
                                           eval_interval=10, dtype="float16")
 
 
+@pytest.mark.parametrize("tokens", [17, 21, 31, 32, 33, 55])
+def test_every_window_lies_inside_the_split_however_short(tmp_path, tokens):
+    # a split needs seq_len + 1 tokens, one window; the seeded shift of the window grid must stay inside it
+    path = tmp_path / "split.bin"
+    np.arange(tokens, dtype=np.uint16).tofile(path)
+    batches = lm.Batches(str(path), np.uint16, 16, seed=0, global_batch=4)
+    for step in range(25):  # many epochs, each with its own order and shift
+        x, y = batches.get(step, range(4), torch.device("cpu"))
+        assert x.shape == y.shape == (4, 16) and torch.equal(y, x + 1)  # consecutive tokens, none past the end
+    with pytest.raises(lm.UserError, match="not one sequence"):
+        lm.Batches(str(path), np.uint16, tokens, seed=0, global_batch=4)
+
+
 def test_resume_switches_between_bfloat16_and_float16(docs_data, tmp_path):
     # A bf16 run resumed on a GPU without bf16 (where --dtype auto picks float16): the loss scaler starts fresh; and
     # back again, the float16 run's scaler state is dropped.
@@ -131,6 +145,21 @@ def test_resume_refuses_another_architecture(docs_data, tmp_path):
     run_cli("train", *train_args(tmp_path / "run", docs_data, max_steps=5, save_interval=5))
     proc = run_cli("train", *train_args(tmp_path / "run", docs_data, max_steps=10, n_layer=3), check=False)
     assert_user_error(proc, "n_layer 2 -> 3", "new --out_dir")
+    # a checkpoint with 8 heads, resumed with the preset's 4: named as such, not as a derived value's conflict
+    run_cli("train", *train_args(tmp_path / "run8", docs_data, max_steps=5, save_interval=5, n_head=8))
+    assert_user_error(run_cli("train", *train_args(tmp_path / "run8", docs_data, max_steps=10), check=False),
+                      "n_head 8 -> 4")
+
+
+def test_resume_drops_a_torn_metrics_line_and_a_finished_run_has_nothing_to_train(docs_data, tmp_path):
+    run_cli("train", *train_args(tmp_path / "run", docs_data, max_steps=10))
+    with open(tmp_path / "run" / "metrics.jsonl", "a") as f:
+        f.write('{"step": 15, "lo')  # what a crash in the middle of a write could leave
+    run_cli("train", *train_args(tmp_path / "run", docs_data, max_steps=20))
+    assert [r["step"] for r in metrics(tmp_path / "run")] == [5, 10, 15, 20]
+    out = run_cli("train", *train_args(tmp_path / "run", docs_data, max_steps=20)).stdout
+    assert "nothing to train" in out and "raise --max_steps" in out
+    assert [r["step"] for r in metrics(tmp_path / "run")] == [5, 10, 15, 20]
 
 
 def test_resume_accepts_new_max_steps_lr_and_dropout(docs_data, tmp_path):
@@ -165,9 +194,28 @@ def test_bad_train_input(docs_data, tmp_path):
     assert_user_error(run_cli("train", *train_args(tmp_path / "r", tmp_path / "nothing"), check=False),
                       "does not exist", "prep")
     assert_user_error(run_cli("train", *train_args(tmp_path / "r", docs_data, seq_len=100000), check=False),
-                      "fewer than two sequences")
+                      "not one sequence", "--val_fraction")
+    for flag, value, needle in (("n_head", 0, "must be positive, got n_head 0"), ("n_kv_head", 0, "n_kv_head 0"),
+                                ("ffn_mult", -1, "ffn_mult -1"), ("dropout", 1.5, "--dropout must be in [0, 1)"),
+                                ("lr", -1e-3, "--lr must be above 0"), ("grad_clip", -1, "--grad_clip must be 0"),
+                                ("batch_size", "x", "invalid int value")):
+        assert_user_error(run_cli("train", *train_args(tmp_path / "r", docs_data, **{flag: value}), check=False),
+                          needle)
+    (tmp_path / "file").write_text("x")
+    assert_user_error(run_cli("train", *train_args(tmp_path / "file", docs_data), check=False),
+                      "cannot be made a folder")
+    assert_user_error(run_cli("train", *train_args(tmp_path / "r", tmp_path / "file"), check=False),
+                      "is not a folder")
+    (tmp_path / "data").mkdir()
+    for name in ("train.bin", "val.bin", "tokenizer.model"):
+        (tmp_path / "data" / name).write_bytes((docs_data / name).read_bytes())
+    (tmp_path / "data" / "meta.json").write_text('{"vocab_size": 1000')
+    assert_user_error(run_cli("train", *train_args(tmp_path / "r", tmp_path / "data"), check=False),
+                      "is not a meta.json that prep wrote")
     assert_user_error(run_cli("train", *train_args(tmp_path / "r", docs_data, n_head=5, d_model=64), check=False),
                       "not divisible", "--head_dim")
     (tmp_path / "r2").mkdir()
     (tmp_path / "r2" / "ckpt_last.pt").write_bytes(b"not a checkpoint")
+    assert_user_error(run_cli("train", *train_args(tmp_path / "r2", docs_data), check=False), "not a loadable")
+    (tmp_path / "r2" / "ckpt_last.pt").write_bytes(b"")  # a save cut short by a full disk
     assert_user_error(run_cli("train", *train_args(tmp_path / "r2", docs_data), check=False), "not a loadable")
