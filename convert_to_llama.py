@@ -12,7 +12,6 @@ fused q/k/v and gate/up rows. The tokenizer is rebuilt as a `tokenizers` BPE who
 every string, and is checked against SentencePiece before anything is written.
 """
 
-import argparse
 import dataclasses
 import json
 import os
@@ -26,7 +25,7 @@ from safetensors.torch import save_file
 from tokenizers import AddedToken, Tokenizer, decoders, normalizers, processors
 from tokenizers.models import BPE
 
-from standalone_transformer_lm import ModelConfig, Transformer, UserError, load_tokenizer, require_file
+from standalone_transformer_lm import ModelConfig, Parser, Transformer, UserError, load_tokenizer, require_file
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 DEFAULT_OUT = "./RSCaLM-138M-LLaMA"
@@ -273,7 +272,7 @@ def convert(ckpt: str, spm_path: str, out: str, dtype: str = "float32", force: b
 
 
 def main(argv=None) -> None:
-    p = argparse.ArgumentParser(description="Convert a checkpoint into a Hugging Face LLaMA folder.")
+    p = Parser(description="Convert a checkpoint into a Hugging Face LLaMA folder.")
     p.add_argument("--ckpt", required=True, help="ckpt_last.pt, ckpt_best.pt or an exported pytorch_model.bin")
     p.add_argument("--spm", help="SentencePiece tokenizer.model (default: the one beside --ckpt)")
     p.add_argument("--out", default=DEFAULT_OUT, help=f"folder to write (default {DEFAULT_OUT})")

@@ -7,14 +7,13 @@ With --ckpt it also runs our own model from that checkpoint on the same tokens (
 prints the largest logit difference and exits with status 1 above --tol.
 """
 
-import argparse
 import os
 import sys
 
 import torch
 
 from convert_to_llama import DEFAULT_OUT, VerificationError, load_our_model, max_logit_diff
-from standalone_transformer_lm import UserError
+from standalone_transformer_lm import Parser, UserError
 
 
 def run(args) -> None:
@@ -49,7 +48,7 @@ def run(args) -> None:
 
 
 def main(argv=None) -> None:
-    p = argparse.ArgumentParser(description="Generate with a converted LLaMA folder; optionally compare with ours.")
+    p = Parser(description="Generate with a converted LLaMA folder; optionally compare with ours.")
     p.add_argument("folder", nargs="?", default=DEFAULT_OUT, help=f"converted folder (default {DEFAULT_OUT})")
     p.add_argument("--prompt", default="The sun is")
     p.add_argument("--max_new_tokens", type=int, default=50)

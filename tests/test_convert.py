@@ -214,7 +214,7 @@ def test_non_empty_out_needs_force_and_failed_verify_keeps_old_folder(converted,
 
 
 @pytest.mark.parametrize("mistake", ["missing", "directory", "truncated", "text", "bin-without-config",
-                                     "vocab-mismatch", "out-is-file"])
+                                     "vocab-mismatch", "out-is-file", "bad-flag-value"])
 def test_user_mistakes_give_one_error_line(converted, tmp_path, spm_path, capsys, mistake):
     run_dir, _ = converted
     ckpt, out = run_dir / "ckpt_last.pt", tmp_path / "hf"
@@ -231,10 +231,11 @@ def test_user_mistakes_give_one_error_line(converted, tmp_path, spm_path, capsys
         shutil.copy(run_dir / "pytorch_model.bin", ckpt)
     elif mistake == "vocab-mismatch":
         ckpt = make_run(tmp_path / "run", spm_path, vocab_size=VOCAB + 8) / "ckpt_last.pt"
-    else:
+    elif mistake == "out-is-file":
         out.write_text("")
     with pytest.raises(SystemExit) as e:
-        C.main(["--ckpt", str(ckpt), "--spm", str(spm_path), "--out", str(out)])
+        C.main(["--ckpt", str(ckpt), "--spm", str(spm_path), "--out", str(out)]
+               + (["--tol", "small"] if mistake == "bad-flag-value" else []))
     err = capsys.readouterr().err
     assert e.value.code == 2 and err.startswith("error:") and err.count("\n") == 1, err
     assert mistake == "out-is-file" or not out.exists()
