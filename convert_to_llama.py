@@ -13,6 +13,7 @@ every string, and is checked against SentencePiece before anything is written.
 """
 
 import dataclasses
+import hashlib
 import json
 import os
 import pickle
@@ -41,7 +42,8 @@ PARITY_TEXTS = [
 ]
 
 
-def load_our_model(path: str) -> Transformer:
+def load_our_model(path: str) -> tuple[Transformer, str | None]:
+    """The model, and the sha256 of the tokenizer it was trained with (None when unknown)."""
     require_file(path, "checkpoint", "pass ckpt_last.pt, ckpt_best.pt or pytorch_model.bin written by `train`")
     try:
         with warnings.catch_warnings():  # e.g. about a foreign pickle protocol: the error below says all there is
@@ -53,7 +55,7 @@ def load_our_model(path: str) -> Transformer:
                         f"pytorch_model.bin written by `train`; files that need arbitrary unpickling are refused") \
             from None
     if isinstance(obj, dict) and "model" in obj and "model_config" in obj:  # ckpt_last.pt / ckpt_best.pt
-        cfg, state = obj["model_config"], obj["model"]
+        cfg, state, sha = obj["model_config"], obj["model"], obj.get("tokenizer_sha256")
     elif isinstance(obj, dict) and obj and all(isinstance(v, torch.Tensor) for v in obj.values()):  # export
         cfg_path = os.path.join(os.path.dirname(os.path.abspath(path)), "config.json")
         require_file(cfg_path, "model config", "keep the config.json that `train` wrote beside pytorch_model.bin")
@@ -61,6 +63,8 @@ def load_our_model(path: str) -> Transformer:
             cfg = json.load(f)
         fields = {f.name for f in dataclasses.fields(ModelConfig)}
         cfg, state = {k: v for k, v in cfg.items() if k in fields}, obj  # the export adds "format" and "step"
+        beside = os.path.join(os.path.dirname(os.path.abspath(path)), "tokenizer.model")  # train copies it there
+        sha = file_sha256(beside) if os.path.isfile(beside) else None
     else:
         raise UserError(f"{path!r} holds neither a training checkpoint nor a state_dict. HINT: pass ckpt_last.pt, "
                         f"ckpt_best.pt or pytorch_model.bin written by `train`")
@@ -69,7 +73,12 @@ def load_our_model(path: str) -> Transformer:
         model.load_state_dict(state, strict=True)
     except RuntimeError as e:
         raise UserError(f"the weights in {path!r} do not match its model config: {str(e).splitlines()[0]}") from None
-    return model.eval()
+    return model.eval(), sha
+
+
+def file_sha256(path: str) -> str:
+    with open(path, "rb") as f:
+        return hashlib.sha256(f.read()).hexdigest()
 
 
 def hf_state_dict(model: Transformer, dtype: torch.dtype) -> dict:
@@ -89,6 +98,10 @@ def hf_state_dict(model: Transformer, dtype: torch.dtype) -> dict:
                 out["model." + name.replace("gate_up_proj", proj)] = part.clone()
         else:
             out["model." + name] = w
+    bad = [k for k, v in out.items() if not torch.isfinite(v).all()]
+    if bad:
+        raise UserError(f"{len(bad)} weights are not finite in {str(dtype)[6:]} (first: {bad[0]}). HINT: export in "
+                        f"bfloat16 or float32 (--dtype), or convert a checkpoint from before the run diverged")
     return out
 
 
@@ -212,11 +225,15 @@ def verify(folder: str, model: Transformer, sp, tol: float) -> float:
     return diff
 
 
-def check_out(out: str, force: bool) -> None:
+def check_out(out: str, force: bool, keep: list[str]) -> None:
     if os.path.exists(out) and not os.path.isdir(out):
         raise UserError(f"--out {out!r} is a file, expected a folder. HINT: pick another --out")
     if os.path.isdir(out) and os.listdir(out) and not force:
         raise UserError(f"--out {out!r} is not empty. HINT: pass --force to replace it, or pick another --out")
+    root = os.path.realpath(out)
+    for path in keep:  # --force replaces the whole folder
+        if os.path.realpath(path) == root or os.path.realpath(path).startswith(root + os.sep):
+            raise UserError(f"--out {out!r} holds {path!r}, which replacing it would delete. HINT: pick another --out")
 
 
 def write_json(path: str, obj: dict) -> None:
@@ -227,12 +244,15 @@ def write_json(path: str, obj: dict) -> None:
 
 def convert(ckpt: str, spm_path: str, out: str, dtype: str = "float32", force: bool = False,
             verify_tol: float | None = None) -> Transformer:
-    check_out(out, force)
-    model = load_our_model(ckpt)
+    check_out(out, force, keep=[ckpt, spm_path, os.getcwd()])
+    model, trained_sha = load_our_model(ckpt)
     sp = load_tokenizer(spm_path)
     if sp.get_piece_size() != model.cfg.vocab_size:
         raise UserError(f"tokenizer {spm_path!r} has {sp.get_piece_size()} pieces but the model's vocabulary is "
                         f"{model.cfg.vocab_size}. HINT: pass the tokenizer.model the model was trained with (--spm)")
+    if trained_sha and file_sha256(spm_path) != trained_sha:  # same size, other pieces: a prep run since training
+        raise UserError(f"tokenizer {spm_path!r} is not the one {ckpt!r} was trained with (sha256 differs). HINT: "
+                        f"pass the tokenizer.model that `train` copied beside the checkpoint, or leave out --spm")
     tok = build_tokenizer(sp)
     tok.encode_special_tokens = True  # what split_special_tokens in tokenizer_config.json makes transformers do
     check_tokenizer(lambda t: tok.encode(t, add_special_tokens=False).ids, tok.decode, sp)
@@ -241,7 +261,11 @@ def convert(ckpt: str, spm_path: str, out: str, dtype: str = "float32", force: b
     out = os.path.abspath(out)
     tmp, old = f"{out}.tmp{os.getpid()}", f"{out}.old{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
-    os.makedirs(tmp)
+    try:
+        os.makedirs(tmp)
+    except OSError as e:
+        raise UserError(f"--out {out!r} cannot be written ({e.strerror}). HINT: pick a folder you can write to") \
+            from None
     try:
         save_file(hf_state_dict(model, DTYPES[dtype]), os.path.join(tmp, "model.safetensors"),
                   metadata={"format": "pt"})
@@ -250,7 +274,9 @@ def convert(ckpt: str, spm_path: str, out: str, dtype: str = "float32", force: b
         os.chmod(os.path.join(tmp, "model.safetensors"), 0o666 & ~umask)  # safetensors writes it owner-only
         config = hf_config(model.cfg, sp, dtype)
         write_json(os.path.join(tmp, "config.json"), config)
-        write_json(os.path.join(tmp, "generation_config.json"), special_ids(sp))
+        # A bare generate() samples as our `generate` does by default
+        write_json(os.path.join(tmp, "generation_config.json"),
+                   {**special_ids(sp), "do_sample": True, "temperature": 0.8, "top_k": 200, "max_new_tokens": 100})
         tok.save(os.path.join(tmp, "tokenizer.json"))
         for name, obj in tokenizer_files(sp, model.cfg.seq_len).items():
             write_json(os.path.join(tmp, name), obj)

@@ -13,34 +13,43 @@ import sys
 import torch
 
 from convert_to_llama import DEFAULT_OUT, VerificationError, load_our_model, max_logit_diff
-from standalone_transformer_lm import Parser, UserError
+from standalone_transformer_lm import Parser, UserError, require_file
 
 
 def run(args) -> None:
     if not os.path.isfile(os.path.join(args.folder, "config.json")):
         raise UserError(f"{args.folder!r} is not a converted model folder (no config.json). HINT: run "
                         f"`python convert_to_llama.py --ckpt CKPT --out {args.folder}` first, or pass the folder")
+    if args.max_new_tokens < 1:
+        raise UserError(f"--max_new_tokens is {args.max_new_tokens}. HINT: ask for at least 1")
+    if args.ckpt:
+        require_file(args.ckpt, "checkpoint", "pass the ckpt_last.pt the folder was converted from")
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
     hf_logging.disable_progress_bar()  # a local folder loads in seconds; the bar would only bury the output
-    tok = AutoTokenizer.from_pretrained(args.folder)
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    model = AutoModelForCausalLM.from_pretrained(args.folder).to(device).eval()  # in the dtype it was saved in
+    try:
+        tok = AutoTokenizer.from_pretrained(args.folder)
+        model = AutoModelForCausalLM.from_pretrained(args.folder).to(device).eval()  # in the dtype it was saved in
+    except Exception as e:  # a missing or torn file: transformers and safetensors raise many kinds
+        raise UserError(f"{args.folder!r} does not load with transformers ({type(e).__name__}: "
+                        f"{(str(e).strip().splitlines() or [''])[0][:200]}). HINT: convert it again") from None
     inputs = tok(args.prompt, return_tensors="pt").to(device)
     n_prompt, context = inputs["input_ids"].shape[1], model.config.max_position_embeddings
     if n_prompt >= context:
         raise UserError(f"the prompt is {n_prompt} tokens, the model's context is {context}. HINT: shorten it")
     max_new = min(args.max_new_tokens, context - n_prompt)
     greedy = model.generate(**inputs, do_sample=False, max_new_tokens=max_new)
-    torch.manual_seed(args.seed)
-    sampled = model.generate(**inputs, do_sample=True, temperature=args.temperature, top_k=args.top_k,
-                             max_new_tokens=max_new)
     # Decode whole sequences: a continuation decoded alone would lose the space its first token starts with.
     print(f"greedy : {tok.decode(greedy[0], skip_special_tokens=True)}")
-    print(f"sampled: {tok.decode(sampled[0], skip_special_tokens=True)}")
+    if args.temperature > 0:  # 0: greedy only, as in our `generate`
+        torch.manual_seed(args.seed)
+        sampled = model.generate(**inputs, do_sample=True, temperature=args.temperature, top_k=args.top_k,
+                                 max_new_tokens=max_new)
+        print(f"sampled: {tok.decode(sampled[0], skip_special_tokens=True)}")
     if args.ckpt:
         ids = greedy[:, :context].cpu()
-        diff = max_logit_diff(args.folder, load_our_model(args.ckpt), ids)
+        diff = max_logit_diff(args.folder, load_our_model(args.ckpt)[0], ids)
         print(f"largest logit difference vs {args.ckpt} on {ids.shape[1]} tokens: {diff:.2e} (tolerance {args.tol:g})")
         if not diff <= args.tol:
             raise VerificationError(f"logits differ by up to {diff:.3g}, above --tol {args.tol:g}: the folder does "
@@ -52,7 +61,7 @@ def main(argv=None) -> None:
     p.add_argument("folder", nargs="?", default=DEFAULT_OUT, help=f"converted folder (default {DEFAULT_OUT})")
     p.add_argument("--prompt", default="The sun is")
     p.add_argument("--max_new_tokens", type=int, default=50)
-    p.add_argument("--temperature", type=float, default=0.8)
+    p.add_argument("--temperature", type=float, default=0.8, help="0 = greedy only")
     p.add_argument("--top_k", type=int, default=50)
     p.add_argument("--seed", type=int, default=1337)
     p.add_argument("--ckpt", help="our checkpoint the folder came from: compare logits on the same tokens")

@@ -38,6 +38,7 @@ def spm_path(tmp_path_factory):
     lines += ["中文字符测试 日本語のテキスト 한국어 😀🎉 Ünïcödé"] * 50  # some multi-byte pieces, so they get merged
     path = tmp_path_factory.mktemp("tok") / "tokenizer.model"
     path.write_bytes(S.train_tokenizer(lines, VOCAB))
+    path.with_name("lines.txt").write_text("\n".join(lines))  # for a second tokenizer of the same size
     return path
 
 
@@ -55,7 +56,7 @@ def make_run(run_dir: Path, spm_path: Path, **overrides) -> Path:
         for p in model.parameters():
             p.add_(torch.randn_like(p) * 0.1)
     ckpt = {"format": S.CKPT_FORMAT, "version": S.CKPT_VERSION, "model_config": dataclasses.asdict(cfg),
-            "model": S.cpu_state_dict(model), "step": 7}
+            "model": S.cpu_state_dict(model), "step": 7, "tokenizer_sha256": C.file_sha256(str(spm_path))}
     run_dir.mkdir(parents=True)
     S.save_checkpoint(str(run_dir), ["ckpt_last.pt", "ckpt_best.pt"], ckpt, str(spm_path))
     return run_dir
@@ -83,7 +84,7 @@ def run_cli(script: str, *args: str, cwd: Path) -> subprocess.CompletedProcess:
 def test_transformers_model_matches_ours(tmp_path, spm_path, sp, arch):
     run_dir = make_run(tmp_path / "run", spm_path, **ARCHS[arch])
     out = convert(run_dir, tmp_path / "hf")
-    ours = C.load_our_model(str(run_dir / "ckpt_last.pt"))
+    ours, _ = C.load_our_model(str(run_dir / "ckpt_last.pt"))
     hf = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
     c, h = ours.cfg, hf.config
     assert type(hf).__name__ == ("LlamaForCausalLM" if c.d_model % c.n_head == 0 else "MistralForCausalLM")
@@ -155,7 +156,7 @@ def test_bfloat16_export_loads(tmp_path, spm_path, sp):
     assert hf.dtype == torch.bfloat16
     assert hf.generate(torch.tensor([[sp.bos_id()]]), do_sample=False, max_new_tokens=5).shape == (1, 6)
     ids = torch.randint(0, VOCAB, (2, 32), generator=torch.Generator().manual_seed(2))
-    assert C.max_logit_diff(str(out), C.load_our_model(str(run_dir / "ckpt_last.pt")), ids) < 1e-4
+    assert C.max_logit_diff(str(out), C.load_our_model(str(run_dir / "ckpt_last.pt"))[0], ids) < 1e-4
 
 
 @pytest.mark.parametrize("name", ["ckpt_best.pt", "pytorch_model.bin"])
@@ -214,10 +215,11 @@ def test_non_empty_out_needs_force_and_failed_verify_keeps_old_folder(converted,
 
 
 @pytest.mark.parametrize("mistake", ["missing", "directory", "truncated", "text", "bin-without-config",
-                                     "vocab-mismatch", "out-is-file", "bad-flag-value"])
+                                     "vocab-mismatch", "out-is-file", "bad-flag-value", "other-tokenizer",
+                                     "out-holds-the-run", "float16-overflow"])
 def test_user_mistakes_give_one_error_line(converted, tmp_path, spm_path, capsys, mistake):
     run_dir, _ = converted
-    ckpt, out = run_dir / "ckpt_last.pt", tmp_path / "hf"
+    ckpt, out, extra = run_dir / "ckpt_last.pt", tmp_path / "hf", []
     if mistake == "missing":
         ckpt = tmp_path / "nope.pt"
     elif mistake == "directory":
@@ -233,12 +235,29 @@ def test_user_mistakes_give_one_error_line(converted, tmp_path, spm_path, capsys
         ckpt = make_run(tmp_path / "run", spm_path, vocab_size=VOCAB + 8) / "ckpt_last.pt"
     elif mistake == "out-is-file":
         out.write_text("")
+    elif mistake == "bad-flag-value":
+        extra = ["--tol", "small"]
+    elif mistake == "other-tokenizer":  # as many pieces, other text: what a later prep leaves in ./data
+        lines = [line.upper() for line in spm_path.with_name("lines.txt").read_text().splitlines()]
+        (tmp_path / "other.model").write_bytes(S.train_tokenizer(lines, VOCAB))
+        extra = ["--spm", str(tmp_path / "other.model")]
+    elif mistake == "out-holds-the-run":  # --force would replace the folder and the checkpoint with it
+        ckpt, out, extra = make_run(tmp_path / "run", spm_path) / "ckpt_last.pt", tmp_path, ["--force"]
+    elif mistake == "float16-overflow":
+        ckpt = make_run(tmp_path / "run", spm_path, d_model=64) / "ckpt_last.pt"
+        state = torch.load(ckpt, weights_only=True)
+        state["model"]["norm.weight"][0] = 1e6
+        torch.save(state, ckpt)
+        extra = ["--dtype", "float16"]
     with pytest.raises(SystemExit) as e:
-        C.main(["--ckpt", str(ckpt), "--spm", str(spm_path), "--out", str(out)]
-               + (["--tol", "small"] if mistake == "bad-flag-value" else []))
+        C.main(["--ckpt", str(ckpt), "--spm", str(spm_path), "--out", str(out)] + extra)
     err = capsys.readouterr().err
     assert e.value.code == 2 and err.startswith("error:") and err.count("\n") == 1, err
-    assert mistake == "out-is-file" or not out.exists()
+    needle = {"other-tokenizer": "is not the one", "out-holds-the-run": "which replacing it would delete",
+              "float16-overflow": "not finite in float16"}.get(mistake, "")
+    assert needle in err, err
+    assert mistake in ("out-is-file", "out-holds-the-run") or not out.exists()
+    assert mistake != "out-holds-the-run" or ckpt.exists()
 
 
 def test_test_llama_model_generates_and_compares(converted, tmp_path):
@@ -248,6 +267,16 @@ def test_test_llama_model_generates_and_compares(converted, tmp_path):
     assert r.returncode == 0, r.stderr
     assert "greedy : The sun is" in r.stdout and "sampled: The sun is" in r.stdout
     assert "largest logit difference" in r.stdout
+    r = run_cli("test_llama_model.py", str(out), "--temperature", "0", "--max_new_tokens", "4", cwd=tmp_path)
+    assert r.returncode == 0 and "greedy : The sun is" in r.stdout and "sampled" not in r.stdout, r.stderr
+
+    torn = tmp_path / "torn"  # a copy cut short: one error line, no traceback
+    shutil.copytree(out, torn)
+    weights = (torn / "model.safetensors").read_bytes()
+    (torn / "model.safetensors").write_bytes(weights[:len(weights) // 2])
+    r = run_cli("test_llama_model.py", str(torn), cwd=tmp_path)
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
+    assert r.stderr.splitlines()[-1].startswith("error:") and "does not load with transformers" in r.stderr
 
     broken = tmp_path / "broken"  # the comparison must notice a wrong weight: swap q and k of layer 0
     shutil.copytree(out, broken)
