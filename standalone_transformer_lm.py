@@ -127,9 +127,30 @@ def atomic_write(path: str, write_fn) -> None:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
+        folder = os.open(os.path.dirname(tmp), os.O_RDONLY)  # the rename itself survives a power cut
+        os.fsync(folder)
+        os.close(folder)
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
+
+
+def remove_stale_tmp(folder: str, names) -> None:
+    """Temporary files of ours that a killed process left behind (a checkpoint's can take gigabytes)."""
+    for entry in os.listdir(folder):
+        m = re.fullmatch(r"\.(.+)\.tmp(\d+)", entry)
+        if m and m.group(1) in names and not pid_alive(int(m.group(2))):
+            os.remove(os.path.join(folder, entry))
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, another user's
+        pass
+    return True
 
 
 def atomic_write_json(path: str, obj) -> None:
@@ -351,6 +372,7 @@ def prep(text_path: str, out_dir: str, vocab_size: int = 32000, val_fraction: fl
         raise UserError(f"--num_workers {num_workers} must be 0 (all cores) or more, --sample_lines {sample_lines} "
                         f"at least 1")
     make_dir(out_dir, "--out_dir")
+    remove_stale_tmp(out_dir, ("tokenizer.model", "train.bin", "val.bin", "meta.json"))
     size = os.path.getsize(text_path)
     num_workers = num_workers or os.cpu_count() or 1
     sample = tokenizer_sample(text_path, size, sample_lines, seed, dedup, normalize_whitespace, progress)
@@ -660,7 +682,8 @@ def cpu_state_dict(module: nn.Module) -> dict:
 def load_checkpoint(path: str) -> dict:
     require_file(path, "checkpoint", "pass the ckpt_last.pt or ckpt_best.pt that `train` wrote")
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)  # never unpickle arbitrary objects
+        # never unpickle arbitrary objects; mmap: ranks of a node share the file's pages, not a copy each
+        ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except Exception as e:  # a malicious, foreign or truncated file: refuse, whatever torch raises
         reason = (str(e).strip().splitlines() or ["the file is empty or cut short"])[0]
         raise UserError(f"{path!r} is not a loadable checkpoint ({type(e).__name__}: {reason})") from None
@@ -791,19 +814,22 @@ def resolve_model_config(args, vocab_size: int, saved: dict | None) -> ModelConf
 
 
 class StopSignal:
-    """SIGTERM/SIGINT ask for a save at the next step boundary; a second signal interrupts at once."""
+    """SIGTERM/SIGINT ask for a save at the next step boundary. A repeat is the same request (a scheduler may signal
+    every process while torchrun forwards the signal to them too); only Ctrl-C again, 3 s later, stops at once."""
 
     def __init__(self):
         import signal
-        self.requested = False
+        self.requested, self.since = False, 0.0
         self._old = {s: signal.signal(s, self._handle) for s in (signal.SIGTERM, signal.SIGINT)}
 
     def _handle(self, signum, frame):
+        import signal
         if self.requested:
-            raise KeyboardInterrupt
-        self.requested = True
-        print(f"\nsignal {signum}: saving at the end of this step (send again to stop at once)", file=sys.stderr,
-              flush=True)
+            if signum == signal.SIGINT and time.monotonic() - self.since > 3:
+                raise KeyboardInterrupt
+            return
+        self.requested, self.since = True, time.monotonic()
+        print0(f"\nsignal {signum}: saving at the end of this step (Ctrl-C again to stop at once)", file=sys.stderr)
 
     def restore(self):
         import signal
@@ -839,15 +865,6 @@ def _train(tc: TrainConfig, args, device: torch.device, rank: int, world: int) -
     import torch.distributed as dist
     from torch.nn.parallel import DistributedDataParallel as DDP
     ddp = world > 1
-    meta = read_meta(tc.data_dir)
-    if rank == 0:
-        make_dir(tc.out_dir, "--out_dir")
-    last_path = os.path.join(tc.out_dir, "ckpt_last.pt")
-    ckpt = load_checkpoint(last_path) if os.path.exists(last_path) else None
-    if ckpt and ckpt.get("tokenizer_sha256") != meta["tokenizer_sha256"]:
-        raise UserError(f"{last_path} was trained with another tokenizer than {tc.data_dir}/tokenizer.model. HINT: "
-                        f"resume with the --data_dir it was trained on, or start a new --out_dir")
-    cfg = resolve_model_config(args, meta["vocab_size"], ckpt["model_config"] if ckpt else None)
     counts = ("batch_size", "grad_accum_steps", "max_steps", "log_interval", "eval_interval", "eval_iters",
               "save_interval")
     checks = [(name, getattr(tc, name) >= 1, "at least 1") for name in counts] + [
@@ -857,6 +874,17 @@ def _train(tc: TrainConfig, args, device: torch.device, rank: int, world: int) -
     for name, ok, want in checks:
         if not ok:
             raise UserError(f"--{name} must be {want}, got {getattr(tc, name)}")
+    meta = read_meta(tc.data_dir)
+    last_path = os.path.join(tc.out_dir, "ckpt_last.pt")
+    ckpt = load_checkpoint(last_path) if os.path.exists(last_path) else None
+    if ckpt and ckpt.get("tokenizer_sha256") != meta["tokenizer_sha256"]:
+        raise UserError(f"{last_path} was trained with another tokenizer than {tc.data_dir}/tokenizer.model. HINT: "
+                        f"resume with the --data_dir it was trained on, or start a new --out_dir")
+    cfg = resolve_model_config(args, meta["vocab_size"], ckpt["model_config"] if ckpt else None)
+    if rank == 0:
+        make_dir(tc.out_dir, "--out_dir")
+        remove_stale_tmp(tc.out_dir, ("ckpt_last.pt", "ckpt_best.pt", "pytorch_model.bin", "config.json",
+                                      "tokenizer.model", "metrics.jsonl"))
     min_lr = tc.lr / 10 if tc.min_lr is None else tc.min_lr
     dtype = resolve_dtype(tc.dtype, device)
     # Decided once, before the loop: autocast context, unwrapped model, compiled + DDP-wrapped model.
@@ -865,6 +893,7 @@ def _train(tc: TrainConfig, args, device: torch.device, rank: int, world: int) -
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     torch.manual_seed(tc.seed)  # same initial weights on every rank and every device
     raw_model = Transformer(cfg, tc.dropout).to(device)
+    torch.manual_seed(tc.seed + rank)  # then each rank draws its own dropout masks, as it reads its own rows
     optimizer = make_optimizer(raw_model, tc.lr, tc.weight_decay, device)
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
     global_batch = tc.batch_size * tc.grad_accum_steps * world
@@ -891,6 +920,12 @@ def _train(tc: TrainConfig, args, device: torch.device, rank: int, world: int) -
             print0(f"  note: the global batch is now {global_batch} sequences (was {ckpt['data']['global_batch']}),"
                    f" so batches from here differ from those the old setup would have drawn")
         del ckpt
+    if ddp:  # a node that reads another --out_dir (not shared, or relative to another folder) would train apart
+        steps = [None] * world
+        dist.all_gather_object(steps, step)
+        if len(set(steps)) > 1:
+            raise UserError(f"the processes start at different steps {steps}: they do not all see the same "
+                            f"{tc.out_dir}. HINT: put --out_dir on a filesystem every node shares, as an absolute path")
     model = torch.compile(raw_model) if tc.compile else raw_model
     if ddp:
         model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
@@ -936,17 +971,18 @@ def _train(tc: TrainConfig, args, device: torch.device, rank: int, world: int) -
             dist.barrier()
 
     @torch.no_grad()
-    def evaluate() -> float:
+    def evaluate() -> float:  # the first eval_iters x batch_size windows of val.bin, shared out among the ranks
         raw_model.eval()
-        total = torch.zeros((), device=device)
-        for i in range(tc.eval_iters):
-            x, y = val_data.get(i, range(rank * tc.batch_size, (rank + 1) * tc.batch_size), device)
+        total, n = torch.zeros((), device=device), tc.eval_iters * tc.batch_size
+        mine = range(rank, n, world)  # so the val loss does not depend on the number of processes
+        for i in range(0, len(mine), tc.batch_size):
+            x, y = val_data.get(0, mine[i:i + tc.batch_size], device)
             with ctx:
-                total += raw_model(x, y)[1].float()
+                total += raw_model(x, y)[1].float() * len(x)  # every row has seq_len targets
         if ddp:
             dist.all_reduce(total)
         raw_model.train()
-        return total.item() / (tc.eval_iters * world)
+        return total.item() / n
 
     def rows(micro: int) -> range:  # this rank's rows of the global batch at micro-step `micro`
         first = (micro * world + rank) * tc.batch_size
@@ -956,6 +992,7 @@ def _train(tc: TrainConfig, args, device: torch.device, rank: int, world: int) -
         print0(f"nothing to train: {last_path} is at step {step:,}, --max_steps is {tc.max_steps:,}. HINT: raise "
                f"--max_steps to train on")
     stop = StopSignal()
+    launcher = os.getppid() if "TORCHELASTIC_RUN_ID" in os.environ else None  # torchrun's agent
     bar = tqdm(total=tc.max_steps, initial=step, desc="train", unit="step", mininterval=1.0,
                disable=rank != 0 or not sys.stderr.isatty())  # no bar in log files
     x, y = train_data.get(step, rows(0), device)
@@ -979,6 +1016,9 @@ def _train(tc: TrainConfig, args, device: torch.device, rank: int, world: int) -
                 loss_sum += loss.detach()
             scaler.unscale_(optimizer)
             grad_norm = torch.nn.utils.clip_grad_norm_(raw_model.parameters(), tc.grad_clip or float("inf"))
+            if launcher and os.getppid() != launcher and not stop.requested:  # torchrun was killed: save, stop
+                stop.requested = True
+                print(f"rank {rank}: torchrun is gone; saving at the end of this step", file=sys.stderr, flush=True)
             # One small all-reduce and one host sync per step: every rank then agrees on stopping (signal or a
             # non-finite loss) before the optimizer step. The grad norm is the same on every rank after DDP.
             flags = torch.stack([loss_sum.float(), grad_norm.float(), torch.tensor(float(stop.requested),
@@ -988,8 +1028,8 @@ def _train(tc: TrainConfig, args, device: torch.device, rank: int, world: int) -
             loss_val, norm_val, stop_votes = (flags / torch.tensor([world, world, 1.0], device=device)).tolist()
             if not math.isfinite(loss_val) or (not scaler.is_enabled() and not math.isfinite(norm_val)):
                 raise UserError(f"training diverged at step {step + 1}: loss {loss_val}, grad norm {norm_val} "
-                                f"(lr {lr:.3g}); {tc.out_dir}/ckpt_last.pt is untouched. HINT: resume with a "
-                                f"lower --lr or more --warmup_steps")
+                                f"(lr {lr:.3g}); {last_path} is as it was. HINT: resume with a lower --lr or "
+                                f"more --warmup_steps")
             scaler.step(optimizer)
             scaler.update()
             optimizer.zero_grad(set_to_none=True)

@@ -106,30 +106,77 @@ def test_resume_switches_between_bfloat16_and_float16(docs_data, tmp_path):
 
 def test_two_gloo_ranks_match_one_process_with_accumulation(docs_data, tmp_path):
     run_cli("train", *train_args(tmp_path / "one", docs_data, grad_accum_steps=2, max_steps=12))
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", SCRIPT,
-           "train", *train_args(tmp_path / "two", docs_data, grad_accum_steps=1, max_steps=12)]
+    cmd = torchrun(SCRIPT, "train", *train_args(tmp_path / "two", docs_data, grad_accum_steps=1, max_steps=12))
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "x 2 process(es)" in proc.stdout and "grad_accum_steps 1 x world_size 2" in proc.stdout
     assert_same_weights(tmp_path / "one", tmp_path / "two", atol=1e-5)
     losses = [r["loss"] for r in metrics(tmp_path / "one")], [r["loss"] for r in metrics(tmp_path / "two")]
     assert losses[0] == pytest.approx(losses[1], abs=1e-4)
+    val = [[r["val_loss"] for r in metrics(tmp_path / run) if "val_loss" in r] for run in ("one", "two")]
+    assert len(val[0]) == 2 and val[0] == pytest.approx(val[1], abs=1e-4)  # the same windows, however many ranks
 
 
-def test_sigterm_saves_at_the_step_boundary_and_exits_cleanly(docs_data, tmp_path):
+def wait_for_metrics(out_dir):
+    deadline = time.time() + 120
+    while not ((out_dir / "metrics.jsonl").exists() and (out_dir / "metrics.jsonl").read_text()):
+        assert time.time() < deadline, "no log line in 120 s"
+        time.sleep(0.05)
+
+
+def test_sigterm_twice_saves_at_the_step_boundary_exits_cleanly_and_clears_stale_temp_files(docs_data, tmp_path):
+    gone = subprocess.Popen([sys.executable, "-c", ""])
+    gone.wait()
+    (tmp_path / "run").mkdir()
+    stale, live = tmp_path / "run" / f".ckpt_last.pt.tmp{gone.pid}", tmp_path / "run" / f".config.json.tmp{os.getpid()}"
+    stale.write_text("left by a run killed while it saved")
+    live.write_text("being written by a live process")
     cmd = [sys.executable, SCRIPT, "train", *train_args(tmp_path / "run", docs_data, max_steps=100000,
                                                         save_interval=100000, eval_interval=100000)]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    metrics_path = tmp_path / "run" / "metrics.jsonl"
-    deadline = time.time() + 120
-    while not (metrics_path.exists() and metrics_path.read_text()) and time.time() < deadline:
-        time.sleep(0.05)
+    wait_for_metrics(tmp_path / "run")
+    proc.send_signal(signal.SIGTERM)  # a scheduler signals every process, and torchrun forwards it again
+    time.sleep(0.02)
     proc.send_signal(signal.SIGTERM)
     stdout, stderr = proc.communicate(timeout=120)
     assert proc.returncode == 0, stderr
     ckpt = load(tmp_path / "run" / "ckpt_last.pt")
     assert 5 <= ckpt["step"] < 100000 and f"stopped by signal at step {ckpt['step']:,}" in stdout
     assert metrics(tmp_path / "run")[-1]["step"] == ckpt["step"]
+    assert not stale.exists() and live.exists()
+
+
+def torchrun(*args, nproc=2):
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", *args]
+
+
+def test_workers_save_and_stop_when_torchrun_is_killed(docs_data, tmp_path):
+    cmd = torchrun(SCRIPT, "train", *train_args(tmp_path / "run", docs_data, max_steps=3000, save_interval=100000,
+                                                eval_interval=100000, log_interval=1))
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    wait_for_metrics(tmp_path / "run")
+    proc.kill()  # the workers live on, orphaned: they must notice, save and stop, not train on unseen
+    proc.wait()
+    deadline = time.time() + 120
+    while not (tmp_path / "run" / "ckpt_last.pt").exists() and time.time() < deadline:
+        time.sleep(0.1)
+    time.sleep(1)
+    step = load(tmp_path / "run" / "ckpt_last.pt")["step"]
+    assert step < 3000 and metrics(tmp_path / "run")[-1]["step"] == step
+
+
+def test_ranks_that_see_different_out_dirs_refuse_to_train(docs_data, tmp_path):
+    # two "nodes", each with its own folder: --out_dir run is a different folder for each rank
+    for node in ("node0", "node1"):
+        (tmp_path / node).mkdir()
+    run_cli("train", *train_args("run", docs_data, max_steps=5, save_interval=5), cwd=tmp_path / "node0")
+    wrapper = tmp_path / "node.sh"
+    wrapper.write_text(f'cd "{tmp_path}/node$LOCAL_RANK" && exec "{sys.executable}" "{SCRIPT}" "$@"\n')
+    cmd = torchrun("--no-python", "sh", wrapper, "train", *train_args("run", docs_data, max_steps=10))
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode != 0 and "error: the processes start at different steps [5, 0]" in proc.stderr
+    assert load(tmp_path / "node0" / "run" / "ckpt_last.pt")["step"] == 5
 
 
 def test_divergence_stops_with_error_and_keeps_the_last_good_checkpoint(docs_data, tmp_path):
