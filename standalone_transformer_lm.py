@@ -167,8 +167,11 @@ def make_dir(path: str, flag: str) -> None:
 def require_file(path: str, what: str, hint: str) -> None:
     if os.path.isdir(path):
         raise UserError(f"{what} {path!r} is a directory, expected a file. HINT: {hint}")
-    if not os.path.isfile(path):
+    if not os.path.exists(path):
         raise UserError(f"{what} {path!r} does not exist. HINT: {hint}")
+    if not os.path.isfile(path):
+        raise UserError(f"{what} {path!r} is not a regular file (a pipe or a device?); it is read more than once. "
+                        f"HINT: save it to a file first")
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -179,7 +182,8 @@ SP_MAX_LINE_BYTES = 4192  # SentencePiece's training limit per sentence; longer 
 BLOCK_BYTES = 1 << 22  # prep reads and encodes the corpus in blocks of about this many bytes
 MIN_VOCAB, MAX_VOCAB = 300, 1 << 20  # 4 specials + 256 byte pieces need room; a million is beyond any sane LM
 
-# Trainer options, chosen so that decode(encode(line)) == line for every line, as with LLaMA's tokenizer:
+# Trainer options, chosen so that decode(encode(line)) == line for every line (but one holding "▁", which SentencePiece
+# decodes as a space), as with LLaMA's tokenizer:
 # identity normalisation and no whitespace cleanup keep tabs, runs of spaces and leading spaces (nmt_nfkc would turn
 # tabs into spaces and merge double spaces); byte fallback means no text is ever unknown; split digits as LLaMA does;
 # the dummy prefix makes a line's first word the same token as it is mid-line. sentencepiece is imported where used.
@@ -221,7 +225,8 @@ def read_blocks(path: str, start: int, end: int):
 
 
 def clean_lines(block: bytes, normalize_ws: bool, stats: Counter) -> list[str]:
-    """Bytes to the samples they hold: one per line, CR of CRLF dropped, invalid UTF-8 replaced, blank lines out."""
+    """Bytes to the samples they hold: one per line, CR of CRLF and a leading byte order mark dropped, invalid UTF-8
+    replaced, blank lines out."""
     try:
         text = block.decode("utf-8")
     except UnicodeDecodeError:
@@ -233,6 +238,9 @@ def clean_lines(block: bytes, normalize_ws: bool, stats: Counter) -> list[str]:
     if "\r" in text:
         stats["CRLF line ends"] += sum(line.endswith("\r") for line in lines)
         lines = [line[:-1] if line.endswith("\r") else line for line in lines]
+    if "\ufeff" in text:  # `cat *.txt` puts each file's UTF-8 byte order mark at the start of a line
+        stats["byte order marks removed"] += sum(line.startswith("\ufeff") for line in lines)
+        lines = [line.lstrip("\ufeff") for line in lines]
     if normalize_ws:
         lines = [" ".join(line.split()) for line in lines]
     kept = [line for line in lines if line and not line.isspace()]
@@ -267,6 +275,10 @@ def train_tokenizer(lines: list[str], vocab_size: int) -> bytes:
             fix = f"pass --vocab_size {most} or less, or use more text" if most >= MIN_VOCAB else "use more text"
             raise UserError(f"the corpus is too small for --vocab_size {vocab_size}: its tokenizer sample supports "
                             f"at most {most}. HINT: {fix}") from None
+        m = re.search(r"(\d+) vs (\d+)", str(e))  # more distinct characters to cover than the vocabulary holds
+        if m and "required_chars" in str(e):
+            raise UserError(f"--vocab_size {vocab_size} cannot hold the corpus's {m.group(2)} distinct characters "
+                            f"(99.95 % of it). HINT: pass --vocab_size {int(m.group(2)) + 300} or more") from None
         raise UserError(f"SentencePiece could not train a tokenizer: {e}") from None
     return model.getvalue()
 
@@ -293,6 +305,24 @@ def split_offset(path: str, size: int, val_fraction: float) -> int:
         f.seek(cut - 1)
         f.readline()
         return f.tell()
+
+
+def check_encoding(path: str) -> None:
+    """Refuse, before any work, a corpus whose first megabyte is not UTF-8 text with \\n line ends: read as UTF-8,
+    UTF-16 or Latin-1 would be trained on as garbage, and old-Mac \\r line ends would make the file one sample."""
+    with open(path, "rb") as f:
+        head = f.read(1 << 20)
+    bad = len(head.decode("utf-8", errors="replace")) - len(head.decode("utf-8", errors="ignore"))
+    hint = f"HINT: convert it, e.g. `iconv -f LATIN1 -t UTF-8 {path} > corpus.utf8.txt`"
+    if head.startswith((b"\xff\xfe", b"\xfe\xff")) or head.count(b"\x00") > len(head) // 100:
+        raise UserError(f"corpus {path!r} looks like UTF-16 or UTF-32 (a byte order mark or many NUL bytes), not "
+                        f"UTF-8. {hint.replace('LATIN1', 'UTF-16')}")
+    if bad > max(10, len(head) // 1000):  # a few bad bytes are repaired and counted in the stats
+        raise UserError(f"corpus {path!r} is not UTF-8: {bad:,} invalid sequences in its first {len(head):,} bytes "
+                        f"(Latin-1 or Windows-1252?). {hint}")
+    if b"\n" not in head and b"\r" in head:
+        raise UserError(f"corpus {path!r} ends its lines with \\r alone (old Mac style), so it would be one sample. "
+                        f"HINT: `tr '\\r' '\\n' < {path} > corpus.lf.txt`")
 
 
 def is_long(line: str) -> bool:
@@ -327,7 +357,7 @@ def encode_corpus(text_path: str, splits: dict, model_proto: bytes, dtype, num_w
     """Encode byte ranges {path: (start, end)} of the corpus into token files, in blocks on num_workers threads,
     at most 2 blocks per worker in flight (bounded memory), written in corpus order. Returns counts per path."""
     counts = {path: Counter() for path in splits}
-    seen = set() if dedup else None  # exact dedup keeps 8 bytes per distinct line: the one cost that grows
+    seen = set() if dedup else None  # exact dedup: about 65 bytes per distinct line, the one cost that grows
     # Threads, not processes: SentencePiece releases the GIL while it encodes, so threads scale without starting
     # interpreters, copying the model or risking a lost worker that would hang the pool.
     sp = load_tokenizer(model_proto)
@@ -349,6 +379,8 @@ def encode_corpus(text_path: str, splits: dict, model_proto: bytes, dtype, num_w
                         tokens.tofile(out)
                         counts[path].update(tokens=len(tokens), samples=n_lines)
                         bar.update(n_bytes)
+                out.flush()
+                os.fsync(out.fileno())  # on disk before prep renames it into place
     finally:
         bar.close()
         pool.shutdown(cancel_futures=True)
@@ -372,13 +404,20 @@ def prep(text_path: str, out_dir: str, vocab_size: int = 32000, val_fraction: fl
         raise UserError(f"--num_workers {num_workers} must be 0 (all cores) or more, --sample_lines {sample_lines} "
                         f"at least 1")
     make_dir(out_dir, "--out_dir")
+    if not os.access(out_dir, os.W_OK | os.X_OK) or not os.access(text_path, os.R_OK):
+        raise UserError(f"cannot read {text_path!r} or write into {out_dir!r}. HINT: check their permissions")
     remove_stale_tmp(out_dir, ("tokenizer.model", "train.bin", "val.bin", "meta.json"))
+    check_encoding(text_path)
     size = os.path.getsize(text_path)
     num_workers = num_workers or os.cpu_count() or 1
     sample = tokenizer_sample(text_path, size, sample_lines, seed, dedup, normalize_whitespace, progress)
     if not sample:
         raise UserError(f"corpus {text_path!r} has no text (it is empty or only blank lines). HINT: pass a UTF-8 "
                         f"file with one sample per line")
+    cut = split_offset(text_path, size, val_fraction)
+    if cut >= size:  # known now, not after the encoding
+        raise UserError(f"the val split of {text_path!r} is empty: no line starts in its last {val_fraction:g}. "
+                        f"HINT: use a corpus with more lines, or a larger --val_fraction")
     print0(f"training a {vocab_size}-token BPE tokenizer on {len(sample):,} sampled lines")
     model_proto = train_tokenizer(sample, vocab_size)
     del sample
@@ -386,11 +425,12 @@ def prep(text_path: str, out_dir: str, vocab_size: int = 32000, val_fraction: fl
     # Everything goes to temporary names first: a failed run leaves an earlier run's files as they were.
     final = {name: os.path.join(out_dir, name) for name in ("tokenizer.model", "train.bin", "val.bin")}
     tmp = {name: os.path.join(out_dir, f".{name}.tmp{os.getpid()}") for name in final}
-    cut = split_offset(text_path, size, val_fraction)
     stats, t0 = Counter(), time.time()
     try:
         with open(tmp["tokenizer.model"], "wb") as f:
             f.write(model_proto)
+            f.flush()
+            os.fsync(f.fileno())
         counts = encode_corpus(text_path, {tmp["train.bin"]: (0, cut), tmp["val.bin"]: (cut, size)}, model_proto,
                                token_dtype(vocab_size), num_workers, dedup, normalize_whitespace, stats, progress)
         counts = {"train": counts[tmp["train.bin"]], "val": counts[tmp["val.bin"]]}
@@ -794,6 +834,15 @@ def read_meta(data_dir: str) -> dict:
             raise ValueError("keys missing")
     except ValueError as e:  # torn, edited or foreign
         raise UserError(f"{path!r} is not a meta.json that prep wrote ({e}). HINT: {hint}") from None
+    with open(os.path.join(data_dir, "tokenizer.model"), "rb") as f:  # prep renames its files one by one: a kill
+        same = hashlib.sha256(f.read()).hexdigest() == meta["tokenizer_sha256"]  # between renames mixes two runs
+    itemsize = np.dtype(meta["dtype"]).itemsize
+    for split in ("train", "val"):
+        tokens = meta.get(split, {}).get("tokens")
+        same &= tokens is None or os.path.getsize(os.path.join(data_dir, f"{split}.bin")) == tokens * itemsize
+    if not same:
+        raise UserError(f"the files in {data_dir!r} are not the ones its meta.json describes (was prep interrupted?)."
+                        f" HINT: {hint}")
     return meta
 
 
@@ -1345,7 +1394,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> None:
+    import signal
     args = build_parser().parse_args(argv)
+    signal.signal(signal.SIGTERM, signal.default_int_handler)  # like Ctrl-C: temporary files go (train: it saves)
     try:
         args.func(args)
     except UserError as e:
@@ -1354,6 +1405,9 @@ def main(argv=None) -> None:
     except KeyboardInterrupt:
         print("error: interrupted", file=sys.stderr)
         sys.exit(130)
+    except OSError as e:  # the machine's, not ours: permissions, a full disk, a vanished mount
+        print(f"error: {e}. HINT: check the path, its permissions and the free space", file=sys.stderr)
+        sys.exit(2)
 
 
 if __name__ == "__main__":

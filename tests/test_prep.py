@@ -122,6 +122,11 @@ def test_token_dtype_never_wraps():
     ("vocab_negative", "out of range"),
     ("vocab_absurd", "out of range"),
     ("one_line", "split"),
+    ("utf16", "looks like UTF-16"),
+    ("latin1", "is not UTF-8"),
+    ("cr_only", "\\r alone"),
+    ("fifo", "not a regular file"),
+    ("too_many_characters", "distinct characters"),
 ])
 def test_bad_input_is_refused_and_good_outputs_survive(case, needle, docs_corpus, tmp_path):
     out = tmp_path / "data"
@@ -136,6 +141,17 @@ def test_bad_input_is_refused_and_good_outputs_survive(case, needle, docs_corpus
         text_path.write_text("\n  \n\t\n\r\n")
     elif case == "one_line":
         text_path.write_text(" ".join(docs_lines()[:400]) + "\n")
+    elif case == "utf16":
+        text_path.write_bytes("\n".join(docs_lines()[:300]).encode("utf-16"))
+    elif case == "latin1":
+        text_path.write_bytes(("café naïve déjà vu\n" * 300).encode("latin-1"))
+    elif case == "cr_only":
+        text_path.write_bytes("\r".join(docs_lines()[:300]).encode())
+    elif case == "fifo":
+        os.mkfifo(text_path)
+    elif case == "too_many_characters":  # 2,000 distinct CJK characters for 500 tokens
+        chars = [chr(0x4E00 + i) for i in range(2000)]
+        text_path.write_text("\n".join("".join(chars[(i * 7 + j) % 2000] for j in range(40)) for i in range(2000)))
     elif case != "missing":
         text_path.write_text("\n".join(docs_lines()[:300]) + "\n")
         vocab = {"vocab_too_big": 50000, "vocab_negative": -5, "vocab_absurd": 10**9}[case]
@@ -144,6 +160,28 @@ def test_bad_input_is_refused_and_good_outputs_survive(case, needle, docs_corpus
     assert_user_error(proc, needle)
     assert digest(out) == before
     assert sorted(os.listdir(out)) == ["meta.json", "tokenizer.model", "train.bin", "val.bin"]  # no temp files left
+
+
+def test_byte_order_marks_at_line_starts_are_dropped(tmp_path):
+    lines = docs_lines()[:300]
+    (tmp_path / "bom.txt").write_text("".join(("\ufeff" if i % 50 == 0 else "") + line + "\n"
+                                              for i, line in enumerate(lines)))  # what `cat *.txt` makes
+    meta = lm.prep(str(tmp_path / "bom.txt"), str(tmp_path / "d"), vocab_size=400, val_fraction=0.1, num_workers=1,
+                   progress=False)
+    sp = spm.SentencePieceProcessor(model_file=str(tmp_path / "d" / "tokenizer.model"))
+    assert [sp.decode(ids) for ids in samples(tmp_path / "d", "train") + samples(tmp_path / "d", "val")] == lines
+    assert meta["stats"]["byte order marks removed"] == 6
+
+
+def test_an_out_of_space_error_is_one_line(docs_corpus, tmp_path, monkeypatch, capsys):
+    def full(*args):
+        raise OSError(28, "No space left on device", args[0])
+    monkeypatch.setattr(lm.os, "replace", full)
+    with pytest.raises(SystemExit) as e:
+        lm.main(["prep", "--text_path", str(docs_corpus), "--out_dir", str(tmp_path / "d"), "--vocab_size", "400"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert e.value.code == 2 and len(err) == 1 and err[0].startswith("error: [Errno 28] No space left on device")
+    assert [p for p in os.listdir(tmp_path / "d")] == []  # its temporary files are gone
 
 
 def test_bad_flags_and_a_file_in_the_way(docs_corpus, tmp_path):

@@ -259,6 +259,10 @@ def test_bad_train_input(docs_data, tmp_path):
     (tmp_path / "data" / "meta.json").write_text('{"vocab_size": 1000')
     assert_user_error(run_cli("train", *train_args(tmp_path / "r", tmp_path / "data"), check=False),
                       "is not a meta.json that prep wrote")
+    (tmp_path / "data" / "meta.json").write_bytes((docs_data / "meta.json").read_bytes())
+    (tmp_path / "data" / "val.bin").write_bytes((docs_data / "val.bin").read_bytes()[:-2])  # a prep killed mid-way
+    assert_user_error(run_cli("train", *train_args(tmp_path / "r", tmp_path / "data"), check=False),
+                      "not the ones its meta.json describes")
     assert_user_error(run_cli("train", *train_args(tmp_path / "r", docs_data, n_head=5, d_model=64), check=False),
                       "not divisible", "--head_dim")
     (tmp_path / "r2").mkdir()
