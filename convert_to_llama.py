@@ -13,7 +13,6 @@ every string, and is checked against SentencePiece before anything is written.
 """
 
 import dataclasses
-import hashlib
 import json
 import os
 import pickle
@@ -26,7 +25,8 @@ from safetensors.torch import save_file
 from tokenizers import AddedToken, Tokenizer, decoders, normalizers, processors
 from tokenizers.models import BPE
 
-from standalone_transformer_lm import ModelConfig, Parser, Transformer, UserError, load_tokenizer, require_file
+from standalone_transformer_lm import (ModelConfig, Parser, Transformer, UserError, file_sha256, load_tokenizer,
+                                      require_file)
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 DEFAULT_OUT = "./RSCaLM-138M-LLaMA"
@@ -74,11 +74,6 @@ def load_our_model(path: str) -> tuple[Transformer, str | None]:
     except RuntimeError as e:
         raise UserError(f"the weights in {path!r} do not match its model config: {str(e).splitlines()[0]}") from None
     return model.eval(), sha
-
-
-def file_sha256(path: str) -> str:
-    with open(path, "rb") as f:
-        return hashlib.sha256(f.read()).hexdigest()
 
 
 def hf_state_dict(model: Transformer, dtype: torch.dtype) -> dict:

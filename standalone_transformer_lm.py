@@ -29,6 +29,7 @@ import math
 import os
 import random
 import re
+import signal
 import sys
 import time
 from collections import Counter, deque
@@ -135,6 +136,15 @@ def atomic_write(path: str, write_fn) -> None:
             os.remove(tmp)
 
 
+def atomic_write_json(path: str, obj) -> None:
+    atomic_write(path, lambda f: f.write((json.dumps(obj, indent=2) + "\n").encode()))
+
+
+def file_sha256(path: str) -> str:
+    with open(path, "rb") as f:
+        return hashlib.sha256(f.read()).hexdigest()
+
+
 def remove_stale_tmp(folder: str, names) -> None:
     """Temporary files of ours that a killed process left behind (a checkpoint's can take gigabytes)."""
     for entry in os.listdir(folder):
@@ -151,10 +161,6 @@ def pid_alive(pid: int) -> bool:
     except PermissionError:  # alive, another user's
         pass
     return True
-
-
-def atomic_write_json(path: str, obj) -> None:
-    atomic_write(path, lambda f: f.write((json.dumps(obj, indent=2) + "\n").encode()))
 
 
 def make_dir(path: str, flag: str) -> None:
@@ -834,8 +840,8 @@ def read_meta(data_dir: str) -> dict:
             raise ValueError("keys missing")
     except ValueError as e:  # torn, edited or foreign
         raise UserError(f"{path!r} is not a meta.json that prep wrote ({e}). HINT: {hint}") from None
-    with open(os.path.join(data_dir, "tokenizer.model"), "rb") as f:  # prep renames its files one by one: a kill
-        same = hashlib.sha256(f.read()).hexdigest() == meta["tokenizer_sha256"]  # between renames mixes two runs
+    # prep renames its files one by one: a kill between two renames leaves a mix of two runs
+    same = file_sha256(os.path.join(data_dir, "tokenizer.model")) == meta["tokenizer_sha256"]
     itemsize = np.dtype(meta["dtype"]).itemsize
     for split in ("train", "val"):
         tokens = meta.get(split, {}).get("tokens")
@@ -867,12 +873,10 @@ class StopSignal:
     every process while torchrun forwards the signal to them too); only Ctrl-C again, 3 s later, stops at once."""
 
     def __init__(self):
-        import signal
         self.requested, self.since = False, 0.0
         self._old = {s: signal.signal(s, self._handle) for s in (signal.SIGTERM, signal.SIGINT)}
 
     def _handle(self, signum, frame):
-        import signal
         if self.requested:
             if signum == signal.SIGINT and time.monotonic() - self.since > 3:
                 raise KeyboardInterrupt
@@ -881,7 +885,6 @@ class StopSignal:
         print0(f"\nsignal {signum}: saving at the end of this step (Ctrl-C again to stop at once)", file=sys.stderr)
 
     def restore(self):
-        import signal
         for s, handler in self._old.items():
             signal.signal(s, handler)
 
@@ -1394,7 +1397,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> None:
-    import signal
     args = build_parser().parse_args(argv)
     signal.signal(signal.SIGTERM, signal.default_int_handler)  # like Ctrl-C: temporary files go (train: it saves)
     try:
