@@ -21,6 +21,7 @@ HF LLaMA's names, so export to `transformers` is a rename plus splitting the fus
 import argparse
 import contextlib
 import dataclasses
+import datetime
 import functools
 import hashlib
 import io
@@ -39,8 +40,10 @@ from itertools import chain
 
 import numpy as np
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -202,15 +205,13 @@ SP_TRAINER_OPTIONS = dict(
 )
 
 
-def load_tokenizer(path_or_proto):
+def load_tokenizer(path: str):
     import sentencepiece as spm
-    if isinstance(path_or_proto, bytes):
-        return spm.SentencePieceProcessor(model_proto=path_or_proto)
-    require_file(path_or_proto, "tokenizer", "run `prep` first, or pass --spm path/to/tokenizer.model")
+    require_file(path, "tokenizer", "run `prep` first, or pass --spm path/to/tokenizer.model")
     try:
-        return spm.SentencePieceProcessor(model_file=path_or_proto)
+        return spm.SentencePieceProcessor(model_file=path)
     except (RuntimeError, OSError) as e:
-        raise UserError(f"{path_or_proto!r} is not a SentencePiece model ({e})") from None
+        raise UserError(f"{path!r} is not a SentencePiece model ({e})") from None
 
 
 def token_dtype(vocab_size: int):
@@ -291,15 +292,9 @@ def train_tokenizer(lines: list[str], vocab_size: int) -> bytes:
 
 def encode_samples(sp, lines: list[str], dtype) -> np.ndarray:
     """Each line to [bos] + ids + [eos], all concatenated."""
-    ids = sp.encode(lines, num_threads=1)  # one thread per call: parallelism comes from the thread pool
-    lens = np.fromiter(map(len, ids), dtype=np.int64, count=len(ids)) + 2
-    out = np.empty(int(lens.sum()), dtype=dtype)
-    ends = np.cumsum(lens)
-    body = np.ones(len(out), dtype=bool)
-    body[ends - lens] = body[ends - 1] = False
-    out[ends - lens], out[ends - 1] = BOS_ID, EOS_ID
-    out[body] = np.fromiter(chain.from_iterable(ids), dtype=dtype, count=int(lens.sum()) - 2 * len(ids))
-    return out
+    # one thread per call: parallelism comes from the thread pool
+    ids = sp.encode(lines, add_bos=True, add_eos=True, num_threads=1)
+    return np.fromiter(chain.from_iterable(ids), dtype=dtype, count=sum(map(len, ids)))
 
 
 def split_offset(path: str, size: int, val_fraction: float) -> int:
@@ -358,20 +353,20 @@ def tokenizer_sample(text_path: str, size: int, sample_lines: int, seed: int, de
     return sample
 
 
-def encode_corpus(text_path: str, splits: dict, model_proto: bytes, dtype, num_workers: int, dedup: bool,
+def encode_corpus(text_path: str, splits: dict, spm_path: str, dtype, num_workers: int, dedup: bool,
                   normalize_ws: bool, stats: Counter, progress: bool) -> dict:
-    """Encode byte ranges {path: (start, end)} of the corpus into token files, in blocks on num_workers threads,
-    at most 2 blocks per worker in flight (bounded memory), written in corpus order. Returns counts per path."""
-    counts = {path: Counter() for path in splits}
+    """Encode byte ranges {split: (token file, start, end)} of the corpus, in blocks on num_workers threads, at most
+    2 blocks per worker in flight (bounded memory), written in corpus order. Returns counts per split."""
+    counts = {split: Counter() for split in splits}
     seen = set() if dedup else None  # exact dedup: about 65 bytes per distinct line, the one cost that grows
     # Threads, not processes: SentencePiece releases the GIL while it encodes, so threads scale without starting
     # interpreters, copying the model or risking a lost worker that would hang the pool.
-    sp = load_tokenizer(model_proto)
+    sp = load_tokenizer(spm_path)
     pool = ThreadPoolExecutor(num_workers)
-    bar = tqdm(total=sum(e - s for s, e in splits.values()), unit="B", unit_scale=True, desc="encoding",
+    bar = tqdm(total=sum(e - s for _, s, e in splits.values()), unit="B", unit_scale=True, desc="encoding",
                disable=not (progress and sys.stderr.isatty()), mininterval=1.0)
     try:
-        for path, (start, end) in splits.items():
+        for split, (path, start, end) in splits.items():
             pending = deque()
             with open(path, "wb") as out:
                 for block in chain(read_blocks(text_path, start, end), [None]):
@@ -383,7 +378,7 @@ def encode_corpus(text_path: str, splits: dict, model_proto: bytes, dtype, num_w
                         result, n_lines, n_bytes = pending.popleft()
                         tokens = result.result()
                         tokens.tofile(out)
-                        counts[path].update(tokens=len(tokens), samples=n_lines)
+                        counts[split].update(tokens=len(tokens), samples=n_lines)
                         bar.update(n_bytes)
                 out.flush()
                 os.fsync(out.fileno())  # on disk before prep renames it into place
@@ -437,9 +432,9 @@ def prep(text_path: str, out_dir: str, vocab_size: int = 32000, val_fraction: fl
             f.write(model_proto)
             f.flush()
             os.fsync(f.fileno())
-        counts = encode_corpus(text_path, {tmp["train.bin"]: (0, cut), tmp["val.bin"]: (cut, size)}, model_proto,
-                               token_dtype(vocab_size), num_workers, dedup, normalize_whitespace, stats, progress)
-        counts = {"train": counts[tmp["train.bin"]], "val": counts[tmp["val.bin"]]}
+        counts = encode_corpus(text_path, {"train": (tmp["train.bin"], 0, cut), "val": (tmp["val.bin"], cut, size)},
+                               tmp["tokenizer.model"], token_dtype(vocab_size), num_workers, dedup,
+                               normalize_whitespace, stats, progress)
         for split in ("train", "val"):
             if counts[split]["samples"] == 0:
                 raise UserError(f"the {split} split of {text_path!r} is empty ({size} bytes, --val_fraction "
@@ -634,7 +629,7 @@ class Transformer(nn.Module):
 
     def init_weights(self):
         # GPT-2 / LLaMA-style: N(0, 0.02) everywhere, the two projections that write into the residual stream scaled
-        # down by sqrt(2 * n_layer) so the stream's variance does not grow with depth; norms start at one.
+        # down by sqrt(2 * n_layer) so the stream's variance does not grow with depth; norms start at one (RMSNorm).
         std = 0.02
         nn.init.normal_(self.embed_tokens.weight, std=std)
         if not self.cfg.tie_embeddings:
@@ -644,9 +639,6 @@ class Transformer(nn.Module):
             nn.init.normal_(block.mlp.gate_up_proj.weight, std=std)
             for proj in (block.self_attn.o_proj, block.mlp.down_proj):
                 nn.init.normal_(proj.weight, std=std / math.sqrt(2 * self.cfg.n_layer))
-            for norm in (block.input_layernorm, block.post_attention_layernorm):
-                nn.init.ones_(norm.weight)
-        nn.init.ones_(self.norm.weight)
 
     def forward(self, idx, targets=None, pos=None):
         """idx (B, T) token ids. Training: targets (B, T), -1 ignored. Decoding: pos (T,) positions in the KV cache."""
@@ -678,18 +670,14 @@ class Transformer(nn.Module):
         logits = x.view(1, n, -1) @ w.transpose(1, 2)  # (blocks, n, vocab_size / blocks)
         return logits.transpose(0, 1).reshape(*x.shape[:2], -1)
 
-    def num_params(self, matmul_only: bool = False) -> int:
-        n = sum(p.numel() for p in self.parameters())  # parameters() counts a tied matrix once
-        if matmul_only:  # the embedding is a lookup, not a matmul; a tied lm_head is a matmul
-            n -= self.embed_tokens.weight.numel() * (not self.cfg.tie_embeddings)
-            n -= sum(p.numel() for m in self.modules() if isinstance(m, RMSNorm) for p in m.parameters())
-        return n
-
     def flops_per_token(self) -> float:
         # PaLM (appendix B): 6 FLOPs per matmul parameter per token (forward + backward), plus attention scores and
-        # weighted values: 12 * n_layer * (n_head * head_dim) * seq_len.
+        # weighted values: 12 * n_layer * (n_head * head_dim) * seq_len. The embedding is a lookup, not a matmul (a
+        # tied lm_head is one: parameters() counts a tied matrix once); norm gains are not matmuls either.
         c = self.cfg
-        return 6 * self.num_params(matmul_only=True) + 12 * c.n_layer * c.n_head * c.head_dim * c.seq_len
+        matmul = sum(p.numel() for p in self.parameters()) - c.d_model * (2 * c.n_layer + 1)
+        matmul -= self.embed_tokens.weight.numel() * (not c.tie_embeddings)
+        return 6 * matmul + 12 * c.n_layer * c.n_head * c.head_dim * c.seq_len
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -782,10 +770,9 @@ class TrainConfig:
 
 ARCH_FLAGS = ("n_layer", "n_head", "n_kv_head", "d_model", "head_dim", "ffn_mult", "seq_len", "rope_theta",
               "tie_embeddings")
+# Dense, per GPU; the first name found in the device's name wins ("H100 PCIe" before "H100"). MFU only for these.
 PEAK_BF16_FLOPS = {"H100 PCIe": 756e12, "H100 NVL": 835e12, "H100": 989e12, "H200": 989e12, "A100": 312e12,
                    "L40S": 362e12, "L40": 181e12, "L4": 121e12, "A10G": 70e12, "4090": 165e12, "3090": 71e12}
-# dense, per GPU; the first name found in the device's name wins (so "H100 PCIe" before "H100"). MFU is reported
-# only for these.
 
 
 def peak_bf16_flops(device: torch.device) -> float | None:
@@ -817,8 +804,6 @@ def setup_distributed(device: torch.device, timeout_s: int) -> tuple[int, int]:
     """(rank, world_size); under torchrun, joins the process group: NCCL on GPUs, gloo on CPUs."""
     if "RANK" not in os.environ:
         return 0, 1
-    import datetime
-    import torch.distributed as dist
     if device.type == "cuda":
         torch.cuda.set_device(device)
     dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
@@ -902,20 +887,7 @@ def set_rng_state(state: dict, device: torch.device) -> None:
         torch.cuda.set_rng_state(state["cuda"], device)
 
 
-def train(tc: TrainConfig, args) -> dict:
-    device = resolve_device(tc.device)
-    rank, world = setup_distributed(device, tc.dist_timeout)
-    import torch.distributed as dist
-    try:
-        return _train(tc, args, device, rank, world)
-    finally:
-        if dist.is_initialized():  # torchrun with one process joins a group too
-            dist.destroy_process_group()
-
-
-def _train(tc: TrainConfig, args, device: torch.device, rank: int, world: int) -> dict:
-    import torch.distributed as dist
-    from torch.nn.parallel import DistributedDataParallel as DDP
+def train(tc: TrainConfig, args, device: torch.device, rank: int, world: int) -> dict:
     ddp = world > 1
     counts = ("batch_size", "grad_accum_steps", "max_steps", "log_interval", "eval_interval", "eval_iters",
               "save_interval")
@@ -982,10 +954,10 @@ def _train(tc: TrainConfig, args, device: torch.device, rank: int, world: int) -
     if ddp:
         model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
 
-    tokens_per_step = tc.batch_size * cfg.seq_len * tc.grad_accum_steps * world
+    tokens_per_step, n_params = global_batch * cfg.seq_len, sum(p.numel() for p in raw_model.parameters())
     print0(f"torch {torch.__version__}, device {device} x {world} process(es), dtype {str(dtype)[6:]}, "
            f"compile {tc.compile}")
-    print0(f"model {json.dumps(dataclasses.asdict(cfg))}: {raw_model.num_params():,} parameters "
+    print0(f"model {json.dumps(dataclasses.asdict(cfg))}: {n_params:,} parameters "
            f"(ffn_hidden {cfg.ffn_hidden}, head_dim {cfg.head_dim})")
     print0(f"train {json.dumps(dataclasses.asdict(tc))}")
     print0(f"tokens per step: {tokens_per_step:,} = batch_size {tc.batch_size} x seq_len {cfg.seq_len} x "
@@ -1007,11 +979,9 @@ def _train(tc: TrainConfig, args, device: torch.device, rank: int, world: int) -
         last_log = kept[-1] if kept else {}
 
     def save(names: list[str]):
-        states = [None] * world
+        states = [rng_state(device)] * world
         if ddp:
-            dist.all_gather_object(states, rng_state(device))
-        else:
-            states = [rng_state(device)]
+            dist.all_gather_object(states, states[0])  # every rank's, in rank order
         if rank == 0:
             ckpt = {"format": CKPT_FORMAT, "version": CKPT_VERSION, "model_config": dataclasses.asdict(cfg),
                     "model": cpu_state_dict(raw_model), "optimizer": optimizer.state_dict(),
@@ -1129,11 +1099,11 @@ def for_sampling(model: Transformer, device: torch.device, dtype: torch.dtype) -
     return model
 
 
-def model_from_checkpoint(path: str, device: torch.device, dtype: torch.dtype) -> tuple[Transformer, dict]:
+def model_from_checkpoint(path: str, device: torch.device, dtype: torch.dtype) -> Transformer:
     ckpt = load_checkpoint(path)
     model = Transformer(ModelConfig.from_dict(ckpt["model_config"]))
     model.load_state_dict(ckpt["model"], strict=True)
-    return for_sampling(model, device, dtype), ckpt
+    return for_sampling(model, device, dtype)
 
 
 def sample_next(logits: torch.Tensor, seen: torch.Tensor, temperature: float, top_k: int, top_p: float,
@@ -1232,7 +1202,13 @@ def cmd_train(args) -> dict:
     fields = {f.name for f in dataclasses.fields(TrainConfig)}
     tc = TrainConfig(**{k: v for k, v in vars(args).items() if k in fields})
     tc.compile = bool(tc.compile)
-    return train(tc, args)
+    device = resolve_device(tc.device)
+    rank, world = setup_distributed(device, tc.dist_timeout)
+    try:
+        return train(tc, args, device, rank, world)
+    finally:
+        if dist.is_initialized():  # torchrun with one process joins a group too
+            dist.destroy_process_group()
 
 
 SAMPLES_PER_BATCH = 16  # --num_samples decode together in batches of at most this many: it bounds the KV cache
@@ -1245,8 +1221,7 @@ def cmd_generate(args) -> list[str]:
         raise UserError(f"--top_p must be in (0, 1] (1 = off), got {args.top_p}; --repetition_penalty above 0 "
                         f"(1 = off), got {args.repetition_penalty}")
     device = resolve_device(args.device)
-    dtype = resolve_dtype("auto", device) if device.type == "cuda" else torch.float32
-    model, _ = model_from_checkpoint(args.ckpt, device, dtype)
+    model = model_from_checkpoint(args.ckpt, device, resolve_dtype("auto", device))
     spm_path = args.spm or os.path.join(os.path.dirname(os.path.abspath(args.ckpt)), "tokenizer.model")
     sp = load_tokenizer(spm_path)
     if sp.vocab_size() != model.cfg.vocab_size:
@@ -1260,7 +1235,7 @@ def cmd_generate(args) -> list[str]:
     if args.compile:  # one graph for every decode step (CUDA graphs on GPU); the prefill runs eagerly
         decode_step = torch.compile(model, fullgraph=True, mode="reduce-overhead" if device.type == "cuda" else None)
     sample = functools.partial(generate, model, prompt, args.max_new_tokens, args.temperature, args.top_k, args.top_p,
-                               args.repetition_penalty, eos_id=EOS_ID, decode_step=decode_step)
+                               args.repetition_penalty, decode_step=decode_step)
     if args.num_samples == 1:  # printed as it decodes
         print(sp.decode(prompt), end="", flush=True)
         stream = TextStream(sp, prompt)
@@ -1276,16 +1251,14 @@ def cmd_generate(args) -> list[str]:
     return texts
 
 
-DEMO_TRAIN = dict(n_layer=4, n_head=4, d_model=128, ffn_mult=4.0, seq_len=128)
-
-
 def cmd_demo(args) -> None:
     import pydoc_data.topics
     out = args.out_dir
     make_dir(out, "--out_dir")
     data_dir, run_dir = os.path.join(out, "data"), os.path.join(out, "run")
-    if os.path.exists(os.path.join(run_dir, "ckpt_last.pt")):  # run again: it resumes, on the same tokenizer
-        vocab = load_checkpoint(os.path.join(run_dir, "ckpt_last.pt"))["model_config"]["vocab_size"]
+    ckpt = os.path.join(run_dir, "ckpt_last.pt")
+    if os.path.exists(ckpt):  # run again: it resumes, on the same tokenizer
+        vocab = load_checkpoint(ckpt)["model_config"]["vocab_size"]
         if vocab != args.vocab_size:
             raise UserError(f"{out} holds a demo run with a {vocab}-token vocabulary. HINT: pass --vocab_size "
                             f"{vocab} to run it again, or a new --out_dir")
@@ -1296,21 +1269,17 @@ def cmd_demo(args) -> None:
     prep(corpus, data_dir, vocab_size=args.vocab_size, val_fraction=0.05)
     print(f"== 2/3 train: {run_dir} ==")
     parser = build_parser()
-    train_argv = ["train", "--out_dir", run_dir, "--data_dir", data_dir, "--batch_size", "16", "--grad_accum_steps",
-                  "1", "--max_steps", str(args.max_steps), "--warmup_steps", "30", "--lr", "2e-3",
-                  "--eval_interval", str(max(1, args.max_steps // 4)), "--log_interval", "25", "--save_interval",
-                  str(args.max_steps), "--device", args.device]
-    for k, v in DEMO_TRAIN.items():
-        train_argv += [f"--{k}", str(v)]
-    result = cmd_train(parser.parse_args(train_argv))
+    result = cmd_train(parser.parse_args(
+        ["train", "--out_dir", run_dir, "--data_dir", data_dir, "--n_layer", "4", "--n_head", "4", "--d_model", "128",
+         "--seq_len", "128", "--batch_size", "16", "--grad_accum_steps", "1", "--max_steps", str(args.max_steps),
+         "--warmup_steps", "30", "--lr", "2e-3", "--eval_interval", str(max(1, args.max_steps // 4)),
+         "--log_interval", "25", "--save_interval", str(args.max_steps), "--device", args.device]))
     print("== 3/3 generate ==")
-    ckpt = os.path.join(run_dir, "ckpt_last.pt")
     for prompt in ("The try statement", "Dictionaries are"):
         cmd_generate(parser.parse_args(["generate", "--ckpt", ckpt, "--prompt", prompt, "--max_new_tokens", "40",
                                         "--temperature", "0.8", "--top_k", "50", "--seed", "0",
                                         "--device", args.device]))
-    me = os.path.basename(__file__)
-    nan = float("nan")
+    me, nan = os.path.basename(__file__), float("nan")
     print(f"\ndone: loss {result.get('loss', nan):.3f}, val loss {result.get('val_loss', nan):.3f} after "
           f"{result['step']} steps.\n  corpus     {corpus}\n  tokenizer  {data_dir}/tokenizer.model (+ train.bin, "
           f"val.bin, meta.json)\n  checkpoint {ckpt} (+ ckpt_best.pt, pytorch_model.bin, config.json, metrics.jsonl)"
@@ -1329,11 +1298,10 @@ class Parser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = Parser(description=__doc__.split("\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    fmt = argparse.ArgumentDefaultsHelpFormatter
+    p = Parser(description=__doc__.split("\n")[0], formatter_class=fmt)
     sub = p.add_subparsers(dest="command", required=True)
     flag = dict(type=int, choices=[0, 1])
-    fmt = argparse.ArgumentDefaultsHelpFormatter
 
     s = sub.add_parser("prep", help="train the tokenizer and pack the corpus into token files", formatter_class=fmt)
     s.add_argument("--text_path", required=True, help="UTF-8 text, one sample per line")
