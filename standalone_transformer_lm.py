@@ -1206,6 +1206,13 @@ def cmd_train(args) -> dict:
     rank, world = setup_distributed(device, tc.dist_timeout)
     try:
         return train(tc, args, device, rank, world)
+    except Exception as e:  # the first failure of a size too big for the GPU; a compile's own errors wrap it
+        if not (isinstance(e, torch.cuda.OutOfMemoryError) or "CUDA out of memory" in str(e)):
+            raise
+        detail = re.search(r"Tried to allocate [\d.]+ \w+", str(e))
+        raise UserError(f"out of GPU memory at --batch_size {tc.batch_size}{f' ({detail[0]})' if detail else ''}; "
+                        f"the checkpoints saved so far are intact. HINT: halve --batch_size and double "
+                        f"--grad_accum_steps (the same tokens per step), or train a smaller model") from None
     finally:
         if dist.is_initialized():  # torchrun with one process joins a group too
             dist.destroy_process_group()

@@ -188,6 +188,24 @@ def test_divergence_stops_with_error_and_keeps_the_last_good_checkpoint(docs_dat
     assert all(torch.isfinite(t).all() for t in ckpt["model"].values())
 
 
+@pytest.mark.parametrize("error", [torch.cuda.OutOfMemoryError, RuntimeError])  # RuntimeError: a compile's wrapper
+def test_out_of_gpu_memory_is_one_line_with_the_fix_and_keeps_the_checkpoint(docs_data, tmp_path, monkeypatch, capsys,
+                                                                              error):
+    run_cli("train", *train_args(tmp_path / "run", docs_data, max_steps=4, save_interval=2))
+    before = (tmp_path / "run" / "ckpt_last.pt").read_bytes()
+
+    def oom(*args, **kwargs):
+        raise error("CUDA out of memory. Tried to allocate 2.00 GiB. GPU 0 has a total capacity of 23.6 GiB")
+    monkeypatch.setattr(lm.Transformer, "forward", oom)
+    with pytest.raises(SystemExit) as e:
+        lm.main(["train", *train_args(tmp_path / "run", docs_data, max_steps=8)])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert e.value.code == 2 and len(err) == 1, err
+    assert err[0].startswith("error: out of GPU memory at --batch_size 4 (Tried to allocate 2.00 GiB)"), err
+    assert "halve --batch_size and double --grad_accum_steps" in err[0]
+    assert (tmp_path / "run" / "ckpt_last.pt").read_bytes() == before
+
+
 def test_resume_refuses_another_architecture(docs_data, tmp_path):
     run_cli("train", *train_args(tmp_path / "run", docs_data, max_steps=5, save_interval=5))
     proc = run_cli("train", *train_args(tmp_path / "run", docs_data, max_steps=10, n_layer=3), check=False)
