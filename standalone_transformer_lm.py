@@ -758,6 +758,7 @@ class TrainConfig:
     dropout: float = 0.0
     grad_clip: float = 1.0
     compile: bool = False
+    deterministic: bool = False
     eval_interval: int = 1000
     eval_iters: int = 20
     log_interval: int = 10
@@ -915,6 +916,9 @@ def train(tc: TrainConfig, args, device: torch.device, rank: int, world: int) ->
     ctx = torch.autocast(device.type, dtype=dtype) if dtype != torch.float32 else contextlib.nullcontext()
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    if tc.deterministic:  # bit-identical reruns and resumes, compiled too, for some speed: no atomics in reductions
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # read when cuBLAS starts, at the first matmul
+        torch.use_deterministic_algorithms(True, warn_only=True)  # torch warns of an op that has no such kernel
     torch.manual_seed(tc.seed)  # same initial weights on every rank and every device
     raw_model = Transformer(cfg, tc.dropout).to(device)
     torch.manual_seed(tc.seed + rank)  # then each rank draws its own dropout masks, as it reads its own rows
@@ -1201,7 +1205,7 @@ def cmd_prep(args) -> dict:
 def cmd_train(args) -> dict:
     fields = {f.name for f in dataclasses.fields(TrainConfig)}
     tc = TrainConfig(**{k: v for k, v in vars(args).items() if k in fields})
-    tc.compile = bool(tc.compile)
+    tc.compile, tc.deterministic = bool(tc.compile), bool(tc.deterministic)
     device = resolve_device(tc.device)
     rank, world = setup_distributed(device, tc.dist_timeout)
     try:

@@ -482,35 +482,40 @@ def bench_trainer(args, device: torch.device, budget: Budget, size: str, fields:
     """`standalone_transformer_lm.py train` as a user runs it (compiled on a GPU, eager on a CPU), for three log
     windows of --steps steps each; the first compiles, the faster of the other two is kept. Its own log gives
     ms/step, tokens/s and MFU, averaged over a window. It runs first for each size, since the GPU's MFU targets
-    rest on it: a spent time budget cuts the comparisons with HF instead."""
-    compiled = int(device.type == "cuda")
-    if not budget.allows(f"trainer {size} compile={compiled}"):
-        return []
+    rest on it: a spent time budget cuts the comparisons with HF instead. --deterministic adds a run with
+    `--deterministic 1`, for what bit-identical resumes cost."""
+    compiled, rows = int(device.type == "cuda"), []
     cfg = lm.ModelConfig(**fields)
-    with tempfile.TemporaryDirectory() as tmp:
-        data, out = os.path.join(tmp, "data"), os.path.join(tmp, "run")
-        os.makedirs(data)
-        token_folder(data, cfg.vocab_size, (3 * args.steps * batch + 1) * (cfg.seq_len + 1))
-        arch = [str(a) for k in ("n_layer", "n_head", "d_model", "ffn_mult", "seq_len") for a in (f"--{k}",
-                                                                                                 getattr(cfg, k))]
-        cmd = [sys.executable, lm.__file__, "train", "--data_dir", data, "--out_dir", out, "--batch_size", str(batch),
-               "--grad_accum_steps", "1", "--max_steps", str(3 * args.steps), "--log_interval", str(args.steps),
-               "--warmup_steps", "1", "--eval_interval", str(10**9), "--eval_iters", "1",
-               "--save_interval", str(10**9), "--compile", str(compiled), *arch]
-        t0 = time.perf_counter()
-        proc = subprocess.run(cmd, capture_output=True, text=True)
-        wall = time.perf_counter() - t0
-        if proc.returncode:  # main() reports it as a failed part, and goes on
-            print((proc.stdout + proc.stderr)[-3000:])
-            raise RuntimeError(f"train exited with status {proc.returncode}: "
-                               f"{(proc.stderr.strip().splitlines() or [''])[-1]}")
-        with open(os.path.join(out, "metrics.jsonl")) as f:
-            logs = [json.loads(line) for line in f if line.strip()]
-    best = min((r for r in logs if r["step"] > args.steps), key=lambda r: r["ms_per_step"])
-    row = {"size": size, "model": "ours trainer", "compile": compiled, "batch": batch, "ms_step": best["ms_per_step"],
-           "tok_s": best["tokens_per_s"], "mfu": best.get("mfu"), "wall_s": wall, "loss_last": best["loss"]}
-    print_table("trainer (so far)", [row], columns([row]))
-    return [row]
+    for deterministic in (0, 1) if args.deterministic else (0,):
+        name = "ours trainer" + " det" * deterministic
+        if not budget.allows(f"{name} {size} compile={compiled}"):
+            break
+        with tempfile.TemporaryDirectory() as tmp:
+            data, out = os.path.join(tmp, "data"), os.path.join(tmp, "run")
+            os.makedirs(data)
+            token_folder(data, cfg.vocab_size, (3 * args.steps * batch + 1) * (cfg.seq_len + 1))
+            arch = [str(a) for k in ("n_layer", "n_head", "d_model", "ffn_mult", "seq_len")
+                    for a in (f"--{k}", getattr(cfg, k))]
+            cmd = [sys.executable, lm.__file__, "train", "--data_dir", data, "--out_dir", out, "--batch_size",
+                   str(batch), "--grad_accum_steps", "1", "--max_steps", str(3 * args.steps), "--log_interval",
+                   str(args.steps), "--warmup_steps", "1", "--eval_interval", str(10**9), "--eval_iters", "1",
+                   "--save_interval", str(10**9), "--compile", str(compiled), "--deterministic", str(deterministic),
+                   *arch]
+            t0 = time.perf_counter()
+            proc = subprocess.run(cmd, capture_output=True, text=True)
+            wall = time.perf_counter() - t0
+            if proc.returncode:  # main() reports it as a failed part, and goes on
+                print((proc.stdout + proc.stderr)[-3000:])
+                raise RuntimeError(f"train exited with status {proc.returncode}: "
+                                   f"{(proc.stderr.strip().splitlines() or [''])[-1]}")
+            with open(os.path.join(out, "metrics.jsonl")) as f:
+                logs = [json.loads(line) for line in f if line.strip()]
+        best = min((r for r in logs if r["step"] > args.steps), key=lambda r: r["ms_per_step"])
+        rows.append({"size": size, "model": name, "compile": compiled, "batch": batch, "ms_step": best["ms_per_step"],
+                     "tok_s": best["tokens_per_s"], "mfu": best.get("mfu"), "wall_s": wall, "loss_last": best["loss"],
+                     "losses": [r["loss"] for r in logs]})
+        print_table("trainer (so far)", rows, columns(rows))
+    return rows
 
 
 def trainer_over_step(results: dict) -> None:
@@ -613,7 +618,7 @@ def check_targets(results: dict, device: torch.device) -> list[dict]:
     variant was skipped). For CPU training, `bound` is HF eager's step over the step floor (the step's products
     alone): no implementation of those products can beat HF by more."""
     train = {(r["size"], r["model"], r["compile"]): r for r in results.get("train", [])}
-    trainer = {r["size"]: r for r in results.get("trainer", [])}
+    trainer = {r["size"]: r for r in results.get("trainer", []) if r["model"] == "ours trainer"}
     decode = {(r["size"], r["batch"], r["compile"]): r for r in results.get("generate", [])
               if r["model"] == "ours" and r["decoding"] == "greedy"}
     rows = []  # (target, measured or None, wanted, bound)
@@ -654,6 +659,7 @@ def main(argv=None) -> None:
     p.add_argument("--steps", type=int, default=10, help="timed training steps (default 10)")
     p.add_argument("--rounds", type=int, help="alternating timing rounds of ours and HF's training step, the "
                                               "fastest kept (default: 2 on CPU, 1 on GPU)")
+    p.add_argument("--deterministic", action="store_true", help="also run the trainer with --deterministic 1")
     p.add_argument("--gen_reps", type=int, default=5, help="timed generate calls, the fastest kept (default 5)")
     p.add_argument("--prompt_tokens", type=int, default=16, help="prompt length for generate (default 16)")
     p.add_argument("--new_tokens", type=int, default=128, help="tokens to generate (default 128)")

@@ -80,6 +80,12 @@ def test_float16_with_grad_scaler_resumes_bit_identically(docs_data, tmp_path):
                                           eval_interval=10, dtype="float16")
 
 
+def test_compiled_deterministic_run_resumes_bit_identically(docs_data, tmp_path):
+    # compiled, a backward adds with atomics in a varying order; --deterministic 1 takes kernels without them
+    kill_then_resume_equals_uninterrupted(docs_data, tmp_path, kill_at=6, max_steps=18, save_interval=3,
+                                          eval_interval=6, dropout=0.1, compile=1, deterministic=1)
+
+
 @pytest.mark.parametrize("tokens", [17, 21, 31, 32, 33, 55])
 def test_every_window_lies_inside_the_split_however_short(tmp_path, tokens):
     # a split needs seq_len + 1 tokens, one window; the seeded shift of the window grid must stay inside it
