@@ -941,7 +941,8 @@ def train(tc: TrainConfig, args, device: torch.device, rank: int, world: int) ->
         set_rng_state(states[rank] if rank < len(states) else states[0], device)
         old = ckpt["train_config"]
         print0(f"resuming {last_path} at step {step:,} (best val loss {best_val:.4f})")
-        changed = {k: (old.get(k), v) for k, v in dataclasses.asdict(tc).items() if old.get(k) != v}
+        # a flag newer than the checkpoint is not a change
+        changed = {k: (old[k], v) for k, v in dataclasses.asdict(tc).items() if old.get(k, v) != v}
         if changed:
             print0("  changed since the checkpoint: " + ", ".join(f"{k} {a} -> {b}" for k, (a, b) in changed.items()))
         if ckpt["data"]["global_batch"] != global_batch:
