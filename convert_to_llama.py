@@ -161,6 +161,8 @@ def tokenizer_files(sp, seq_len: int) -> dict:
         "add_bos_token": True, "add_eos_token": False,  # as LLaMA; training framed each line as [bos] ids [eos]
         "split_special_tokens": True,  # "<s>" typed in a text is text, as it was for SentencePiece in training
         "clean_up_tokenization_spaces": False, "model_max_length": seq_len, "padding_side": "left",
+        # as LlamaTokenizerFast: transformers 4.x's generic class would add token_type_ids, which generate() refuses
+        "model_input_names": ["input_ids", "attention_mask"],
     }
     return {"tokenizer_config.json": config, "special_tokens_map.json": specials}
 

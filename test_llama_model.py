@@ -39,7 +39,7 @@ def run(args) -> None:
     if n_prompt >= context:
         raise UserError(f"the prompt is {n_prompt} tokens, the model's context is {context}. HINT: shorten it")
     max_new = min(args.max_new_tokens, context - n_prompt)
-    greedy = model.generate(**inputs, do_sample=False, max_new_tokens=max_new)
+    greedy = model.generate(**inputs, do_sample=False, temperature=None, top_k=None, max_new_tokens=max_new)
     # Decode whole sequences: a continuation decoded alone would lose the space its first token starts with.
     print(f"greedy : {tok.decode(greedy[0], skip_special_tokens=True)}")
     if args.temperature > 0:  # 0: greedy only, as in our `generate`

@@ -123,6 +123,9 @@ def test_autotokenizer_ids_equal_sentencepiece(converted, sp, tmp_path):
         if "▁" not in text:  # SentencePiece itself reads a literal "▁" back as a space
             assert tok.decode(ids, skip_special_tokens=True) == text, repr(text)
 
+    # what generate(**tok(text)) accepts; transformers 4.x's generic class also returns token_type_ids unless told
+    config = json.loads((out / "tokenizer_config.json").read_text())
+    assert config["model_input_names"] == list(tok("x")) == ["input_ids", "attention_mask"]
     batch = tok(["The sun is", "a"], padding=True)["input_ids"]  # left padding with pad, for batched generation
     short = [sp.bos_id()] + sp.encode("a")
     assert batch[1] == [sp.pad_id()] * (len(batch[0]) - len(short)) + short
