@@ -1390,6 +1390,11 @@ def main(argv=None) -> None:
     except OSError as e:  # the machine's, not ours: permissions, a full disk, a vanished mount
         print(f"error: {e}. HINT: check the path, its permissions and the free space", file=sys.stderr)
         sys.exit(2)
+    except torch._dynamo.exc.BackendCompilerFailed as e:  # no C++ compiler (CPU), a GPU that Triton does not support
+        reason = next((line for line in str(e).splitlines() if line.strip() and not line.endswith("raised:")), "")
+        print(f"error: torch.compile failed: {reason}. HINT: run with --compile 0 (the same model, slower)",
+              file=sys.stderr)
+        sys.exit(2)
 
 
 if __name__ == "__main__":

@@ -147,6 +147,17 @@ def test_cli_generate_is_reproducible_and_finds_its_tokenizer(trained):
     assert other_seed != first
 
 
+def test_a_failing_compile_is_one_error_line_with_the_fix(trained, docs_data, tmp_path):
+    # no working C++ compiler, as in a slim container: inductor cannot build its CPU kernels
+    env = {"CXX": "/nonexistent", "TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "cache")}  # no cached kernels either
+    proc = run_cli("train", *train_args(tmp_path / "run", docs_data, max_steps=2, compile=1), check=False, env=env)
+    assert_user_error(proc, "torch.compile failed", "C++ compiler", "--compile 0")
+    assert not (tmp_path / "run" / "ckpt_last.pt").exists()
+    proc = run_cli("generate", "--ckpt", trained / "ckpt_last.pt", "--max_new_tokens", 3, "--compile", 1, check=False,
+                   env=env)
+    assert_user_error(proc, "torch.compile failed", "--compile 0")
+
+
 def test_cli_generate_refuses_bad_input(trained, docs_corpus, tmp_path):
     ckpt = trained / "ckpt_last.pt"
     marker = tmp_path / "pwned"
