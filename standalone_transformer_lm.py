@@ -131,9 +131,10 @@ def atomic_write(path: str, write_fn) -> None:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-        folder = os.open(os.path.dirname(tmp), os.O_RDONLY)  # the rename itself survives a power cut
-        os.fsync(folder)
-        os.close(folder)
+        if os.name == "posix":  # the rename itself survives a power cut (Windows cannot open a folder to sync it)
+            folder = os.open(os.path.dirname(tmp), os.O_RDONLY)
+            os.fsync(folder)
+            os.close(folder)
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
@@ -157,6 +158,8 @@ def remove_stale_tmp(folder: str, names) -> None:
 
 
 def pid_alive(pid: int) -> bool:
+    if os.name != "posix":  # on Windows os.kill(pid, 0) would send that process a Ctrl-C: assume alive, keep its file
+        return True
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
