@@ -874,6 +874,9 @@ class StopSignal:
         print0(f"\nsignal {signum}: saving at the end of this step (Ctrl-C again to stop at once)", file=sys.stderr)
 
     def restore(self):
+        if self.requested:  # stopping: a late repeat, even while Python exits, must not turn a clean exit into an error
+            signal.signal(signal.SIGTERM, signal.SIG_IGN)
+            return
         for s, handler in self._old.items():
             signal.signal(s, handler)
 
