@@ -922,7 +922,7 @@ def train(tc: TrainConfig, args, device: torch.device, rank: int, world: int) ->
     ctx = torch.autocast(device.type, dtype=dtype) if dtype != torch.float32 else contextlib.nullcontext()
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
-    if tc.deterministic:  # bit-identical reruns and resumes, compiled too, for some speed: no atomics in reductions
+    if tc.deterministic:  # bit-identical reruns and resumes, compiled too: no atomics in reductions, maybe slower
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # read when cuBLAS starts, at the first matmul
         torch.use_deterministic_algorithms(True, warn_only=True)  # torch warns of an op that has no such kernel
     torch.manual_seed(tc.seed)  # same initial weights on every rank and every device
