@@ -678,8 +678,8 @@ class Transformer(nn.Module):
         # weighted values: 12 * n_layer * (n_head * head_dim) * seq_len. The embedding is a lookup, not a matmul (a
         # tied lm_head is one: parameters() counts a tied matrix once); norm gains are not matmuls either.
         c = self.cfg
-        matmul = sum(p.numel() for p in self.parameters()) - c.d_model * (2 * c.n_layer + 1)
-        matmul -= self.embed_tokens.weight.numel() * (not c.tie_embeddings)
+        matmul = sum(p.numel() for p in self.parameters()) - self.embed_tokens.weight.numel() * (not c.tie_embeddings)
+        matmul -= sum(m.weight.numel() for m in self.modules() if isinstance(m, RMSNorm))
         return 6 * matmul + 12 * c.n_layer * c.n_head * c.head_dim * c.seq_len
 
 
