@@ -153,8 +153,9 @@ def test_a_failing_compile_is_one_error_line_with_the_fix(trained, docs_data, tm
     proc = run_cli("train", *train_args(tmp_path / "run", docs_data, max_steps=2, compile=1), check=False, env=env)
     assert_user_error(proc, "torch.compile failed", "C++ compiler", "--compile 0")
     assert not (tmp_path / "run" / "ckpt_last.pt").exists()
-    proc = run_cli("generate", "--ckpt", trained / "ckpt_last.pt", "--max_new_tokens", 3, "--compile", 1, check=False,
-                   env=env)
+    # 4 samples of a prompt, so that some decode step runs compiled (a sample whose first token is eos stops early)
+    proc = run_cli("generate", "--ckpt", trained / "ckpt_last.pt", "--prompt", "The try statement", "--num_samples", 4,
+                   "--seed", 0, "--max_new_tokens", 3, "--compile", 1, check=False, env=env)
     assert_user_error(proc, "torch.compile failed", "--compile 0")
 
 
