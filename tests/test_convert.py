@@ -38,7 +38,8 @@ def spm_path(tmp_path_factory):
     lines += ["中文字符测试 日本語のテキスト 한국어 😀🎉 Ünïcödé"] * 50  # some multi-byte pieces, so they get merged
     path = tmp_path_factory.mktemp("tok") / "tokenizer.model"
     path.write_bytes(S.train_tokenizer(lines, VOCAB))
-    path.with_name("lines.txt").write_text("\n".join(lines))  # for a second tokenizer of the same size
+    # for a second tokenizer of the same size
+    path.with_name("lines.txt").write_text("\n".join(lines), encoding="utf-8")
     return path
 
 
@@ -124,7 +125,7 @@ def test_autotokenizer_ids_equal_sentencepiece(converted, sp, tmp_path):
             assert tok.decode(ids, skip_special_tokens=True) == text, repr(text)
 
     # what generate(**tok(text)) accepts; transformers 4.x's generic class also returns token_type_ids unless told
-    config = json.loads((out / "tokenizer_config.json").read_text())
+    config = json.loads((out / "tokenizer_config.json").read_text(encoding="utf-8"))
     assert config["model_input_names"] == list(tok("x")) == ["input_ids", "attention_mask"]
     batch = tok(["The sun is", "a"], padding=True)["input_ids"]  # left padding with pad, for batched generation
     short = [sp.bos_id()] + sp.encode("a")
@@ -143,7 +144,7 @@ def test_llama_tokenizer_class_would_break_parity(converted, sp, tmp_path):
     _, out = converted
     llama = tmp_path / "llama_class"
     shutil.copytree(out, llama)
-    cfg = json.loads((llama / "tokenizer_config.json").read_text())
+    cfg = json.loads((llama / "tokenizer_config.json").read_text(encoding="utf-8"))
     (llama / "tokenizer_config.json").write_text(json.dumps({**cfg, "tokenizer_class": "LlamaTokenizer"}))
     tok = AutoTokenizer.from_pretrained(llama)
     assert tok(" leading space")["input_ids"] != [sp.bos_id()] + sp.encode(" leading space")
@@ -241,7 +242,7 @@ def test_user_mistakes_give_one_error_line(converted, tmp_path, spm_path, capsys
     elif mistake == "bad-flag-value":
         extra = ["--tol", "small"]
     elif mistake == "other-tokenizer":  # as many pieces, other text: what a later prep leaves in ./data
-        lines = [line.upper() for line in spm_path.with_name("lines.txt").read_text().splitlines()]
+        lines = [line.upper() for line in spm_path.with_name("lines.txt").read_text(encoding="utf-8").splitlines()]
         (tmp_path / "other.model").write_bytes(S.train_tokenizer(lines, VOCAB))
         extra = ["--spm", str(tmp_path / "other.model")]
     elif mistake == "out-holds-the-run":  # --force would replace the folder and the checkpoint with it

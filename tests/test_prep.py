@@ -99,7 +99,7 @@ def test_dedup_and_whitespace_normalisation(tmp_path):
     lines = docs_lines()[:2000]
     corpus = tmp_path / "c.txt"
     lines = lines + lines[:500] + ["a \t  b   c"]
-    corpus.write_text("\n".join(lines) + "\n")
+    corpus.write_text("\n".join(lines) + "\n", encoding="utf-8")
     run_cli("prep", "--text_path", corpus, "--out_dir", tmp_path / "d", "--vocab_size", 500, "--num_workers", 1,
             "--dedup", 1, "--normalize_whitespace", 1)
     meta = json.loads((tmp_path / "d" / "meta.json").read_text())
@@ -140,7 +140,7 @@ def test_bad_input_is_refused_and_good_outputs_survive(case, needle, docs_corpus
     elif case == "blank":
         text_path.write_text("\n  \n\t\n\r\n")
     elif case == "one_line":
-        text_path.write_text(" ".join(docs_lines()[:400]) + "\n")
+        text_path.write_text(" ".join(docs_lines()[:400]) + "\n", encoding="utf-8")
     elif case == "utf16":
         text_path.write_bytes("\n".join(docs_lines()[:300]).encode("utf-16"))
     elif case == "latin1":
@@ -151,9 +151,10 @@ def test_bad_input_is_refused_and_good_outputs_survive(case, needle, docs_corpus
         os.mkfifo(text_path)
     elif case == "too_many_characters":  # 2,000 distinct CJK characters for 500 tokens
         chars = [chr(0x4E00 + i) for i in range(2000)]
-        text_path.write_text("\n".join("".join(chars[(i * 7 + j) % 2000] for j in range(40)) for i in range(2000)))
+        text_path.write_text("\n".join("".join(chars[(i * 7 + j) % 2000] for j in range(40)) for i in range(2000)),
+                             encoding="utf-8")
     elif case != "missing":
-        text_path.write_text("\n".join(docs_lines()[:300]) + "\n")
+        text_path.write_text("\n".join(docs_lines()[:300]) + "\n", encoding="utf-8")
         vocab = {"vocab_too_big": 50000, "vocab_negative": -5, "vocab_absurd": 10**9}[case]
     proc = run_cli("prep", "--text_path", text_path, "--out_dir", out, "--vocab_size", vocab, "--num_workers", 1,
                    check=False)
@@ -164,8 +165,8 @@ def test_bad_input_is_refused_and_good_outputs_survive(case, needle, docs_corpus
 
 def test_byte_order_marks_at_line_starts_are_dropped(tmp_path):
     lines = docs_lines()[:300]
-    (tmp_path / "bom.txt").write_text("".join(("\ufeff" if i % 50 == 0 else "") + line + "\n"
-                                              for i, line in enumerate(lines)))  # what `cat *.txt` makes
+    text = "".join(("\ufeff" if i % 50 == 0 else "") + line + "\n" for i, line in enumerate(lines))  # `cat *.txt`
+    (tmp_path / "bom.txt").write_text(text, encoding="utf-8")
     meta = lm.prep(str(tmp_path / "bom.txt"), str(tmp_path / "d"), vocab_size=400, val_fraction=0.1, num_workers=1,
                    progress=False)
     sp = spm.SentencePieceProcessor(model_file=str(tmp_path / "d" / "tokenizer.model"))
@@ -211,8 +212,8 @@ def test_peak_memory_does_not_grow_with_corpus_size(tmp_path):
     rng = random.Random(0)
     words = [w for line in docs_lines()[:3000] for w in line.split()]
     small = "\n".join(" ".join(rng.choices(words, k=rng.randint(5, 60))) for _ in range(6000)) + "\n"
-    (tmp_path / "small.txt").write_text(small)
-    (tmp_path / "large.txt").write_text(small * 10)  # 10x the bytes and lines
+    (tmp_path / "small.txt").write_text(small, encoding="utf-8")
+    (tmp_path / "large.txt").write_text(small * 10, encoding="utf-8")  # 10x the bytes and lines
     rss_small = peak_rss_mb(tmp_path / "small.txt", tmp_path / "s")
     rss_large = peak_rss_mb(tmp_path / "large.txt", tmp_path / "l")
     size_mb = os.path.getsize(tmp_path / "large.txt") / 1e6
