@@ -1,3 +1,4 @@
+import contextlib
 import json
 import math
 import os
@@ -163,17 +164,21 @@ def torchrun(*args, nproc=2):
 def test_workers_save_and_stop_when_torchrun_is_killed(docs_data, tmp_path):
     cmd = torchrun(SCRIPT, "train", *train_args(tmp_path / "run", docs_data, max_steps=3000, save_interval=100000,
                                                 eval_interval=100000, log_interval=1))
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
                             env={**os.environ, "OMP_NUM_THREADS": "1"})
-    wait_for_metrics(tmp_path / "run")
-    proc.kill()  # the workers live on, orphaned: they must notice, save and stop, not train on unseen
-    proc.wait()
-    deadline = time.time() + 120
-    while not (tmp_path / "run" / "ckpt_last.pt").exists() and time.time() < deadline:
-        time.sleep(0.1)
-    time.sleep(1)
-    step = load(tmp_path / "run" / "ckpt_last.pt")["step"]
-    assert step < 3000 and metrics(tmp_path / "run")[-1]["step"] == step
+    try:
+        wait_for_metrics(tmp_path / "run")
+        proc.kill()  # the workers live on, orphaned: they must notice, save and stop, not train on unseen
+        proc.wait()
+        deadline = time.time() + 120
+        while not (tmp_path / "run" / "ckpt_last.pt").exists() and time.time() < deadline:
+            time.sleep(0.1)
+        time.sleep(1)
+        step = load(tmp_path / "run" / "ckpt_last.pt")["step"]
+        assert step < 3000 and metrics(tmp_path / "run")[-1]["step"] == step
+    finally:  # workers that failed to stop would train on through the tests after this one
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
 
 
 def test_ranks_that_see_different_out_dirs_refuse_to_train(docs_data, tmp_path):
