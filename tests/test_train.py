@@ -111,10 +111,13 @@ def test_resume_switches_between_bfloat16_and_float16(docs_data, tmp_path):
     assert "resuming" in out and "dtype bfloat16" in out
 
 
-def test_two_gloo_ranks_match_one_process_with_accumulation(docs_data, tmp_path):
+@pytest.mark.parametrize("compile", [0, 1])  # compiled: DDP's gradient hooks must still fire in the compiled backward
+def test_two_gloo_ranks_match_one_process_with_accumulation(docs_data, tmp_path, compile):
     one_thread = {"OMP_NUM_THREADS": "1"}  # as each rank: sums split over threads may round differently
-    run_cli("train", *train_args(tmp_path / "one", docs_data, grad_accum_steps=2, max_steps=12), env=one_thread)
-    cmd = torchrun(SCRIPT, "train", *train_args(tmp_path / "two", docs_data, grad_accum_steps=1, max_steps=12))
+    run_cli("train", *train_args(tmp_path / "one", docs_data, grad_accum_steps=2, max_steps=12, compile=compile),
+            env=one_thread)
+    cmd = torchrun(SCRIPT, "train", *train_args(tmp_path / "two", docs_data, grad_accum_steps=1, max_steps=12,
+                                                compile=compile))
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env={**os.environ, **one_thread})
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "x 2 process(es)" in proc.stdout and "grad_accum_steps 1 x world_size 2" in proc.stdout
