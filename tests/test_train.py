@@ -111,13 +111,15 @@ def test_resume_switches_between_bfloat16_and_float16(docs_data, tmp_path):
     assert "resuming" in out and "dtype bfloat16" in out
 
 
-@pytest.mark.parametrize("compile", [0, 1])  # compiled: DDP's gradient hooks must still fire in the compiled backward
-def test_two_gloo_ranks_match_one_process_with_accumulation(docs_data, tmp_path, compile):
+# Compiled: d_model 384 makes 17 MB of weights, two of DDP's gradient buckets, so dynamo splits the compiled graph
+# at the bucket boundary (TORCH_LOGS=ddp_graphs shows submod_0 and submod_1) and each bucket's all-reduce must
+# still see its gradients.
+@pytest.mark.parametrize("model", [{}, {"compile": 1, "d_model": 384}], ids=["eager", "compiled"])
+def test_two_gloo_ranks_match_one_process_with_accumulation(docs_data, tmp_path, model):
     one_thread = {"OMP_NUM_THREADS": "1"}  # as each rank: sums split over threads may round differently
-    run_cli("train", *train_args(tmp_path / "one", docs_data, grad_accum_steps=2, max_steps=12, compile=compile),
+    run_cli("train", *train_args(tmp_path / "one", docs_data, grad_accum_steps=2, max_steps=12, **model),
             env=one_thread)
-    cmd = torchrun(SCRIPT, "train", *train_args(tmp_path / "two", docs_data, grad_accum_steps=1, max_steps=12,
-                                                compile=compile))
+    cmd = torchrun(SCRIPT, "train", *train_args(tmp_path / "two", docs_data, grad_accum_steps=1, max_steps=12, **model))
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env={**os.environ, **one_thread})
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "x 2 process(es)" in proc.stdout and "grad_accum_steps 1 x world_size 2" in proc.stdout
