@@ -33,6 +33,7 @@ import re
 import signal
 import sys
 import time
+import warnings
 from collections import Counter, deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -785,15 +786,26 @@ def peak_bf16_flops(device: torch.device) -> float | None:
     return next((v for k, v in PEAK_BF16_FLOPS.items() if k in torch.cuda.get_device_name(device)), None)
 
 
+NVIDIA_DEVICE = "/dev/nvidiactl"  # the NVIDIA driver's control device: a GPU is here (in a container: given to it)
+
+
 def resolve_device(name: str) -> torch.device:
-    if name == "cuda" and not torch.cuda.is_available():
-        raise UserError("--device cuda was asked for but torch sees no CUDA GPU. HINT: use --device cpu, or "
-                        f"install a CUDA build of torch (this one is {torch.__version__})")
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    if name == "cuda" and "LOCAL_RANK" in os.environ:
+    """auto: the GPU if torch can use one. A GPU that torch cannot use (a CPU-only build of torch, a driver too old
+    for its CUDA) is an error, not hours of training on the CPU: --device cpu says that the CPU is meant."""
+    if name == "cpu":
+        return torch.device("cpu")
+    with warnings.catch_warnings(record=True) as caught:  # torch warns, once, of a driver too old for its CUDA
+        warnings.simplefilter("always")
+        cuda = torch.cuda.is_available()
+    gpu_there = os.path.exists(NVIDIA_DEVICE) and os.environ.get("CUDA_VISIBLE_DEVICES") not in ("", "-1")
+    if not cuda and (name == "cuda" or gpu_there):
+        why = next((" ".join(str(w.message).split())[:300] for w in caught if "CUDA init" in str(w.message)),
+                   "it is a CPU-only build" if torch.version.cuda is None else "it sees no CUDA GPU")
+        raise UserError(f"torch {torch.__version__} cannot use a GPU here ({why}). HINT: install the torch build "
+                        f"for this machine's driver (https://pytorch.org/get-started/locally/), or pass --device cpu")
+    if cuda and "LOCAL_RANK" in os.environ:
         return torch.device("cuda", int(os.environ["LOCAL_RANK"]))
-    return torch.device(name)
+    return torch.device("cuda" if cuda else "cpu")
 
 
 def resolve_dtype(name: str, device: torch.device) -> torch.dtype:

@@ -6,6 +6,7 @@ import signal
 import subprocess
 import sys
 import time
+import warnings
 
 import numpy as np
 import pytest
@@ -224,6 +225,35 @@ def test_out_of_gpu_memory_is_one_line_with_the_fix_and_keeps_the_checkpoint(doc
     assert err[0].startswith("error: out of GPU memory at --batch_size 4 (Tried to allocate 2.00 GiB)"), err
     assert "halve --batch_size and double --grad_accum_steps" in err[0]
     assert (tmp_path / "run" / "ckpt_last.pt").read_bytes() == before
+
+
+def test_a_gpu_that_torch_cannot_use_is_an_error_not_a_run_on_the_cpu(tmp_path, monkeypatch, capsys):
+    (tmp_path / "nvidiactl").touch()  # as if the NVIDIA driver's device were there
+    monkeypatch.setattr(lm, "NVIDIA_DEVICE", str(tmp_path / "nvidiactl"))
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.version, "cuda", None)  # a CPU-only build of torch on a GPU machine
+    with pytest.raises(SystemExit) as e:
+        lm.main(["generate", "--ckpt", str(tmp_path / "ckpt_last.pt")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert e.value.code == 2 and len(err) == 1 and "cannot use a GPU here (it is a CPU-only build)" in err[0], err
+    assert "--device cpu" in err[0] and lm.resolve_device("cpu").type == "cpu"
+
+    def too_old():  # a CUDA build whose CUDA needs a newer driver: torch warns and sees no GPU
+        warnings.warn("CUDA initialization: The NVIDIA driver on your system is too old (found version 12020). "
+                      "Please update your GPU driver")
+        return False
+    monkeypatch.setattr(torch.cuda, "is_available", too_old)
+    monkeypatch.setattr(torch.version, "cuda", "13.0")
+    with pytest.raises(lm.UserError, match=r"driver on your system is too old \(found version 12020\)"):
+        lm.resolve_device("auto")
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")  # GPUs hidden on purpose: the CPU is meant
+    assert lm.resolve_device("auto").type == "cpu"
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES")
+    monkeypatch.setattr(lm, "NVIDIA_DEVICE", str(tmp_path / "absent"))  # no GPU: auto is the CPU, cuda an error
+    assert lm.resolve_device("auto").type == "cpu"
+    with pytest.raises(lm.UserError, match="--device cpu"):
+        lm.resolve_device("cuda")
 
 
 def test_resume_refuses_another_architecture(docs_data, tmp_path):
