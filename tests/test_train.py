@@ -122,8 +122,8 @@ def test_two_gloo_ranks_match_one_process_with_accumulation(docs_data, tmp_path,
             env=one_thread)
     cmd = torchrun(SCRIPT, "train", *train_args(tmp_path / "two", docs_data, grad_accum_steps=1, max_steps=12, **model))
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env={**os.environ, **one_thread})
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "x 2 process(es)" in proc.stdout and "grad_accum_steps 1 x world_size 2" in proc.stdout
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    assert "x 2 process(es)" in proc.stdout and "grad_accum_steps 1 x world_size 2" in proc.stdout, proc.stdout
     assert_same_weights(tmp_path / "one", tmp_path / "two", atol=1e-5)
     losses = [r["loss"] for r in metrics(tmp_path / "one")], [r["loss"] for r in metrics(tmp_path / "two")]
     assert losses[0] == pytest.approx(losses[1], abs=1e-4)
