@@ -22,7 +22,7 @@ def test_benchmark_runs_every_part_and_compares_like_with_like(tmp_path):
     train = {(r["model"], r["compile"]): r for r in results["train"]}
     assert sorted(train) == [("hf", 0), ("hf", 1), ("ours", 0), ("ours", 1)]
     assert all(abs(r["loss0"] - train[("ours", 0)]["loss0"]) < 1e-5 for r in train.values())
-    assert all(abs(r["loss_last"] - train[("ours", 0)]["loss_last"]) < 5e-3 for r in train.values())  # 3 AdamW steps
+    assert all(abs(r["loss_last"] - train[("ours", 0)]["loss_last"]) < 1e-3 for r in train.values())  # 3 AdamW steps
     trainer, deterministic = results["trainer"]
     assert trainer["tok_s"] > 0 and trainer["trainer/step"] > 0
     assert deterministic["model"] == "ours trainer det" and deterministic["losses"] == trainer["losses"]  # eager
