@@ -256,6 +256,16 @@ def test_a_gpu_that_torch_cannot_use_is_an_error_not_a_run_on_the_cpu(tmp_path, 
         lm.resolve_device("cuda")
 
 
+def test_auto_precision_is_fp16_on_a_gpu_that_only_emulates_bf16(monkeypatch):
+    def t4(including_emulation=True):  # torch's answer on a T4 or V100: bf16 tensors work, through emulation
+        return including_emulation
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", t4)
+    assert lm.resolve_dtype("auto", torch.device("cuda")) == torch.float16
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: True)  # Ampere and newer
+    assert lm.resolve_dtype("auto", torch.device("cuda")) == torch.bfloat16
+    assert lm.resolve_dtype("auto", torch.device("cpu")) == torch.float32
+
+
 def test_resume_refuses_another_architecture(docs_data, tmp_path):
     run_cli("train", *train_args(tmp_path / "run", docs_data, max_steps=5, save_interval=5))
     proc = run_cli("train", *train_args(tmp_path / "run", docs_data, max_steps=10, n_layer=3), check=False)
