@@ -987,6 +987,9 @@ def train(tc: TrainConfig, args, device: torch.device, rank: int, world: int) ->
     print0(f"tokens per step: {tokens_per_step:,} = batch_size {tc.batch_size} x seq_len {cfg.seq_len} x "
            f"grad_accum_steps {tc.grad_accum_steps} x world_size {world}; schedule: warmup {tc.warmup_steps}, "
            f"cosine from lr {tc.lr:g} to {min_lr:g} at step {tc.max_steps:,}")
+    if tc.warmup_steps >= tc.max_steps:
+        print0(f"  note: --warmup_steps {tc.warmup_steps} is not below --max_steps {tc.max_steps:,}, so the learning "
+               f"rate only climbs, to {lr_at(tc.max_steps - 1, tc.lr, min_lr, tc.warmup_steps, tc.max_steps):.3g}")
     peak = peak_bf16_flops(device)
     flops_per_step = raw_model.flops_per_token() * tokens_per_step
 
@@ -1246,11 +1249,12 @@ SAMPLES_PER_BATCH = 16  # --num_samples decode together in batches of at most th
 
 
 def cmd_generate(args) -> list[str]:
-    if args.num_samples < 1:
-        raise UserError(f"--num_samples is {args.num_samples}. HINT: ask for at least 1 sample")
-    if not (0 < args.top_p <= 1 and args.repetition_penalty > 0):
-        raise UserError(f"--top_p must be in (0, 1] (1 = off), got {args.top_p}; --repetition_penalty above 0 "
-                        f"(1 = off), got {args.repetition_penalty}")
+    for name, ok, want in [("num_samples", args.num_samples >= 1, "at least 1"),
+                           ("max_new_tokens", args.max_new_tokens >= 0, "0 or more"),
+                           ("top_k", args.top_k >= 0, "0 (off) or more"), ("top_p", 0 < args.top_p <= 1, "in (0, 1]"),
+                           ("repetition_penalty", args.repetition_penalty > 0, "above 0 (1 = off)")]:
+        if not ok:
+            raise UserError(f"--{name} must be {want}, got {getattr(args, name)}")
     device = resolve_device(args.device)
     model = model_from_checkpoint(args.ckpt, device, resolve_dtype("auto", device))
     spm_path = args.spm or os.path.join(os.path.dirname(os.path.abspath(args.ckpt)), "tokenizer.model")

@@ -183,10 +183,13 @@ def test_cli_generate_refuses_bad_input(trained, docs_corpus, tmp_path):
     assert_user_error(run_cli("generate", "--ckpt", ckpt, "--prompt", "word " * 200, check=False),
                       "context is 64", "shorten the prompt")
     assert_user_error(run_cli("generate", "--ckpt", tmp_path / "missing.pt", check=False), "does not exist")
-    assert_user_error(run_cli("generate", "--ckpt", ckpt, "--num_samples", 0, check=False), "at least 1 sample")
+    assert_user_error(run_cli("generate", "--ckpt", ckpt, "--num_samples", 0, check=False),
+                      "--num_samples must be at least 1, got 0")
+    assert_user_error(run_cli("generate", "--ckpt", ckpt, "--max_new_tokens", -5, check=False),
+                      "--max_new_tokens must be 0 or more, got -5")
     assert_user_error(run_cli("generate", "--ckpt", ckpt, "--top_p", 0, check=False), "--top_p must be in (0, 1]")
     assert_user_error(run_cli("generate", "--ckpt", ckpt, "--repetition_penalty", 0, check=False),
-                      "--repetition_penalty above 0")
+                      "--repetition_penalty must be above 0")
 
 
 def test_compiled_decode_step_matches_eager(model):

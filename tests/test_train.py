@@ -276,6 +276,13 @@ def test_resume_refuses_another_architecture(docs_data, tmp_path):
                       "n_head 8 -> 4")
 
 
+def test_a_run_shorter_than_its_warmup_says_so(docs_data, tmp_path):
+    out = run_cli("train", *train_args(tmp_path / "run", docs_data, max_steps=4, warmup_steps=8, eval_interval=4,
+                                       save_interval=4)).stdout
+    assert "--warmup_steps 8 is not below --max_steps 4, so the learning rate only climbs, to 0.0015" in out, out
+    assert metrics(tmp_path / "run")[-1]["lr"] == 0.0015
+
+
 def test_resume_drops_a_torn_metrics_line_and_a_finished_run_has_nothing_to_train(docs_data, tmp_path):
     run_cli("train", *train_args(tmp_path / "run", docs_data, max_steps=10))
     with open(tmp_path / "run" / "metrics.jsonl", "a") as f:
