@@ -653,6 +653,7 @@ def main(argv=None) -> None:
                                   "GPU, quick on a CPU)")
     p.add_argument("--out", default=os.path.join(ROOT, "bench", "results"), help="folder for the JSON results "
                                                                                "(default bench/results)")
+    p.add_argument("--vocab_size", type=int, help="vocabulary of the model sizes (default 32000; tiny 512)")
     p.add_argument("--prep_mb", type=int, default=1024, help="synthetic prep corpus size (default 1024)")
     p.add_argument("--cache_dir", default=CACHE_DIR, help="where the synthetic corpus is kept between runs")
     p.add_argument("--warmup", type=int, default=3, help="untimed training steps, the first compiles (default 3)")
@@ -693,6 +694,8 @@ def main(argv=None) -> None:
            *args.gen_batch) < 1:
         p.error("--warmup, --steps, --rounds, --gen_reps, --prompt_tokens, --new_tokens and --gen_batch must be at "
                 "least 1")
+    if args.vocab_size is not None and args.vocab_size < lm.MIN_VOCAB:
+        p.error(f"--vocab_size must be at least {lm.MIN_VOCAB}, as for prep")
     budget = Budget(args.time_budget if args.time_budget is not None else 540 if presets else 0)
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True  # as the trainer sets
@@ -705,7 +708,8 @@ def main(argv=None) -> None:
                          "train/generate peak memory: above what was in use before the variant (CPU: resident set)"]}
     os.makedirs(args.out, exist_ok=True)
     slug = re.sub(r"[^a-z0-9]+", "-", env["device"].lower()).strip("-")
-    path = os.path.join(args.out, f"{slug}-{'-'.join(sizes)}-{time.strftime('%Y%m%d-%H%M%S')}.json")
+    vocab = f"-vocab{args.vocab_size}" if args.vocab_size else ""
+    path = os.path.join(args.out, f"{slug}-{'-'.join(sizes)}{vocab}-{time.strftime('%Y%m%d-%H%M%S')}.json")
     t_start = time.time()
 
     def save() -> None:  # after every part: a run cut short by a time limit or a crash keeps what it measured
@@ -717,6 +721,7 @@ def main(argv=None) -> None:
         save()
     for i, size in enumerate(sizes):  # size by size: a spent budget cuts the largest
         fields, batch = SIZES[size]
+        fields = dict(fields, vocab_size=args.vocab_size or fields["vocab_size"])
         benches = {"trainer": lambda: bench_trainer(args, device, budget, size, fields, batch),
                    "train": lambda: bench_train(args, device, budget, size, fields, batch, i == 0),
                    "generate": lambda: bench_generate(args, device, budget, size, fields)}

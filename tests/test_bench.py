@@ -1,4 +1,5 @@
 import json
+import math
 import os
 import subprocess
 import sys
@@ -14,13 +15,14 @@ def test_benchmark_runs_every_part_and_compares_like_with_like(tmp_path):
     (the same first loss, eager and compiled, and the same greedy tokens), so its timings compare like with like."""
     proc = subprocess.run([sys.executable, BENCH, "--size", "tiny", "--steps", "2", "--warmup", "1", "--rounds", "1",
                            "--gen_reps", "1", "--new_tokens", "8", "--deterministic", "--time_budget", "0",
-                           "--out", str(tmp_path)], capture_output=True, text=True, timeout=1200)  # cold compiles
+                           "--vocab_size", "300", "--out", str(tmp_path)], capture_output=True, text=True, timeout=1200)  # cold compiles
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    [path] = tmp_path.glob("*.json")
+    [path] = tmp_path.glob("*-tiny-vocab300-*.json")
     results = json.loads(path.read_text())
     assert results["failed"] == [] and results["skipped"] == []
     train = {(r["model"], r["compile"]): r for r in results["train"]}
     assert sorted(train) == [("hf", 0), ("hf", 1), ("ours", 0), ("ours", 1)]
+    assert abs(train[("ours", 0)]["loss0"] - math.log(300)) < 0.1  # the vocabulary asked for, not tiny's 512
     assert all(abs(r["loss0"] - train[("ours", 0)]["loss0"]) < 1e-5 for r in train.values())
     assert all(abs(r["loss_last"] - train[("ours", 0)]["loss_last"]) < 1e-3 for r in train.values())  # 3 AdamW steps
     trainer, deterministic = results["trainer"]
