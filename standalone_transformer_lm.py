@@ -956,8 +956,8 @@ def train(tc: TrainConfig, args, device: torch.device, rank: int, world: int) ->
         if ckpt["scaler"] and scaler.is_enabled():  # empty when saved by a bf16/fp32 run, which had no scaler
             scaler.load_state_dict(ckpt["scaler"])
         step, best_val = ckpt["step"], ckpt["best_val_loss"]
-        states = ckpt["rng"]
-        set_rng_state(states[rank] if rank < len(states) else states[0], device)
+        if rank < len(ckpt["rng"]):  # a rank the saved run did not have keeps its own seed: no copy of rank 0's masks
+            set_rng_state(ckpt["rng"][rank], device)
         old = ckpt["train_config"]
         print0(f"resuming {last_path} at step {step:,} (best val loss {best_val:.4f})")
         # a flag newer than the checkpoint is not a change

@@ -131,6 +131,16 @@ def test_two_gloo_ranks_match_one_process_with_accumulation(docs_data, tmp_path,
     assert len(val[0]) == 2 and val[0] == pytest.approx(val[1], abs=1e-4)  # the same windows, however many ranks
 
 
+def test_a_rank_added_on_resume_draws_its_own_dropout_masks(docs_data, tmp_path):
+    args = train_args(tmp_path / "run", docs_data, grad_accum_steps=2, max_steps=5, dropout=0.1)
+    run_cli("train", *args)  # one process; then resumed on two, each reading half of the same global batch
+    proc = subprocess.run(torchrun(SCRIPT, "train", *args, "--grad_accum_steps", "1", "--max_steps", "10"),
+                          capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    rng = load(tmp_path / "run" / "ckpt_last.pt")["rng"]
+    assert len(rng) == 2 and not torch.equal(rng[0]["torch"], rng[1]["torch"])  # not a copy of rank 0's stream
+
+
 def wait_for_metrics(out_dir):
     deadline = time.time() + 120
     while not ((out_dir / "metrics.jsonl").exists() and (out_dir / "metrics.jsonl").read_text()):
