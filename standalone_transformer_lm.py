@@ -314,11 +314,19 @@ def split_offset(path: str, size: int, val_fraction: float) -> int:
 
 def check_encoding(path: str) -> None:
     """Refuse, before any work, a corpus whose first megabyte is not UTF-8 text with \\n line ends: read as UTF-8,
-    UTF-16 or Latin-1 would be trained on as garbage, and old-Mac \\r line ends would make the file one sample."""
+    a compressed file, UTF-16 or Latin-1 would be trained on as garbage, and old-Mac \\r line ends would make the
+    file one sample."""
     with open(path, "rb") as f:
         head = f.read(1 << 20)
     bad = len(head.decode("utf-8", errors="replace")) - len(head.decode("utf-8", errors="ignore"))
     hint = f"HINT: convert it, e.g. `iconv -f LATIN1 -t UTF-8 {path} > corpus.utf8.txt`"
+    packed = {b"\x1f\x8b": ("gzip", "gunzip -k"), b"\x28\xb5\x2f\xfd": ("zstd", "zstd -d"),
+              b"\xfd7zXZ": ("xz", "unxz -k"), b"BZh": ("bzip2", "bunzip2 -k"), b"PK\x03\x04": ("zip", "unzip"),
+              b"PAR1": ("Parquet", None)}
+    kind, tool = next((v for magic, v in packed.items() if head.startswith(magic)), (None, None))
+    if kind and (bad or b"\x00" in head):  # binary after the magic bytes: not a text that happens to start so
+        fix = f"`{tool} {path}` and pass the text file" if tool else "write its text one document per line"
+        raise UserError(f"corpus {path!r} is binary ({kind}), not text. HINT: {fix}")
     if head.startswith((b"\xff\xfe", b"\xfe\xff")) or head.count(b"\x00") > len(head) // 100:
         raise UserError(f"corpus {path!r} looks like UTF-16 or UTF-32 (a byte order mark or many NUL bytes), not "
                         f"UTF-8. {hint.replace('LATIN1', 'UTF-16')}")

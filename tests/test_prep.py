@@ -1,3 +1,4 @@
+import gzip
 import hashlib
 import json
 import os
@@ -124,6 +125,7 @@ def test_token_dtype_never_wraps():
     ("one_line", "split"),
     ("utf16", "looks like UTF-16"),
     ("latin1", "is not UTF-8"),
+    ("gzip", "is binary (gzip), not text. HINT: `gunzip -k"),
     ("cr_only", "\\r alone"),
     ("fifo", "not a regular file"),
     ("too_many_characters", "distinct characters"),
@@ -143,6 +145,8 @@ def test_bad_input_is_refused_and_good_outputs_survive(case, needle, docs_corpus
         text_path.write_text(" ".join(docs_lines()[:400]) + "\n", encoding="utf-8")
     elif case == "utf16":
         text_path.write_bytes("\n".join(docs_lines()[:300]).encode("utf-16"))
+    elif case == "gzip":  # a corpus downloaded compressed
+        text_path.write_bytes(gzip.compress(("\n".join(docs_lines()[:300]) + "\n").encode()))
     elif case == "latin1":
         text_path.write_bytes(("café naïve déjà vu\n" * 300).encode("latin-1"))
     elif case == "cr_only":
