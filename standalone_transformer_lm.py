@@ -734,7 +734,9 @@ def load_checkpoint(path: str) -> dict:
         reason = (str(e).strip().splitlines() or ["the file is empty or cut short"])[0]
         raise UserError(f"{path!r} is not a loadable checkpoint ({type(e).__name__}: {reason})") from None
     if not isinstance(ckpt, dict) or ckpt.get("format") != CKPT_FORMAT:
-        raise UserError(f"{path!r} is not a checkpoint of this script (no {CKPT_FORMAT!r} format tag)")
+        raise UserError(f"{path!r} is not a checkpoint of this script (no {CKPT_FORMAT!r} format tag). HINT: use a "
+                        f"ckpt_last.pt or ckpt_best.pt that `train` wrote (pytorch_model.bin holds the weights alone, "
+                        f"for convert_to_llama.py)")
     if ckpt.get("version") != CKPT_VERSION:
         raise UserError(f"{path!r} has checkpoint version {ckpt.get('version')}, this script reads {CKPT_VERSION}")
     return ckpt

@@ -171,9 +171,8 @@ def test_cli_generate_refuses_bad_input(trained, docs_corpus, tmp_path):
     assert_user_error(run_cli("generate", "--ckpt", tmp_path / "evil.pt", "--spm", trained / "tokenizer.model",
                               check=False), "not a loadable checkpoint")
     assert not marker.exists()
-    torch.save({"weights": torch.zeros(3)}, tmp_path / "foreign.pt")
-    assert_user_error(run_cli("generate", "--ckpt", tmp_path / "foreign.pt", "--spm", trained / "tokenizer.model",
-                              check=False), "not a checkpoint of this script")
+    assert_user_error(run_cli("generate", "--ckpt", trained / "pytorch_model.bin", check=False),  # the export
+                      "not a checkpoint of this script", "pytorch_model.bin holds the weights alone")
     (tmp_path / "torn.pt").write_bytes(ckpt.read_bytes()[:5000])
     assert_user_error(run_cli("generate", "--ckpt", tmp_path / "torn.pt", check=False), "not a loadable")
     run_cli("prep", "--text_path", docs_corpus, "--out_dir", tmp_path / "other", "--vocab_size", 500,
