@@ -432,6 +432,9 @@ def prep(text_path: str, out_dir: str, vocab_size: int = 32000, val_fraction: fl
         raise UserError(f"the val split of {text_path!r} is empty: no line starts in its last {val_fraction:g}. "
                         f"HINT: use a corpus with more lines, or a larger --val_fraction")
     print0(f"training a {vocab_size}-token BPE tokenizer on {len(sample):,} sampled lines")
+    if sum(line.startswith('{"') for line in sample) > 0.9 * len(sample):  # JSON Lines, long lines cut in the sample
+        print0("  note: the lines are JSON objects, so the model will learn JSON syntax too. If the text is in a field "
+               "of them, write that field one document per line (its newlines as spaces) and prep that file instead")
     model_proto = train_tokenizer(sample, vocab_size)
     del sample
 

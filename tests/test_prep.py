@@ -110,6 +110,17 @@ def test_dedup_and_whitespace_normalisation(tmp_path):
     assert sp.decode(samples(tmp_path / "d", "val")[-1]) == "a b c"
 
 
+def test_a_json_lines_corpus_is_noted_not_refused(tmp_path):
+    texts = docs_lines()[:300]
+    outputs = []
+    for name, lines in (("plain", texts), ("jsonl", [json.dumps({"text": t, "id": i}) for i, t in enumerate(texts)])):
+        (tmp_path / name).write_text("\n".join(lines) + "\n", encoding="utf-8")
+        outputs.append(run_cli("prep", "--text_path", tmp_path / name, "--out_dir", tmp_path / f"d_{name}",
+                               "--vocab_size", 500, "--num_workers", 1).stdout)
+    note = "the lines are JSON objects, so the model will learn JSON syntax too"
+    assert note not in outputs[0] and note in outputs[1], outputs[1]
+
+
 def test_token_dtype_never_wraps():
     assert lm.token_dtype(65536) == np.uint16 and lm.token_dtype(65537) == np.uint32
 
