@@ -481,6 +481,10 @@ def prep(text_path: str, out_dir: str, vocab_size: int = 32000, val_fraction: fl
            f"({meta['dtype']}), {n_samples:,} samples, {n_tokens / n_samples:.1f} tokens per sample, "
            f"{n_tokens / elapsed:,.0f} tokens/s ({size / 1e6 / elapsed:.1f} MB/s) on {num_workers} worker(s)")
     print0("  " + ", ".join(f"{k}: {v:,}" for k, v in sorted(stats.items())))
+    if size < 100 * n_samples:  # hard-wrapped text, verse, a sentence per line
+        print0(f"  note: lines average {size / n_samples:.0f} bytes. Each line is one sample, ended by eos, so the "
+               f"model learns to stop after about that much text; if your documents are wrapped over several lines, "
+               f"write each one (or each paragraph) on a line of its own first")
     return meta
 
 
@@ -1311,7 +1315,8 @@ def cmd_demo(args) -> None:
             raise UserError(f"{out} holds a demo run with a {vocab}-token vocabulary. HINT: pass --vocab_size "
                             f"{vocab} to run it again, or a new --out_dir")
     corpus = os.path.join(out, "corpus.txt")
-    text = "\n".join(pydoc_data.topics.topics[k] for k in sorted(pydoc_data.topics.topics))
+    # One topic per line: a line is one sample, and the docs' lines of 70 characters would teach the model to stop there
+    text = "\n".join(" ".join(topic.split()) for _, topic in sorted(pydoc_data.topics.topics.items()))
     atomic_write(corpus, lambda f: f.write(text.encode()))
     print(f"== 1/3 prep: {corpus} ({len(text) / 1e6:.1f} MB, Python's own documentation) ==")
     prep(corpus, data_dir, vocab_size=args.vocab_size, val_fraction=0.05)

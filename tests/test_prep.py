@@ -110,15 +110,18 @@ def test_dedup_and_whitespace_normalisation(tmp_path):
     assert sp.decode(samples(tmp_path / "d", "val")[-1]) == "a b c"
 
 
-def test_a_json_lines_corpus_is_noted_not_refused(tmp_path):
-    texts = docs_lines()[:300]
+def test_prep_notes_a_json_lines_corpus_and_hard_wrapped_text(tmp_path):
+    wrapped = docs_lines()[:900]  # the docs' own lines, wrapped at about 70 characters
+    documents = [" ".join(wrapped[i:i + 3]) for i in range(0, 900, 3)]
     outputs = []
-    for name, lines in (("plain", texts), ("jsonl", [json.dumps({"text": t, "id": i}) for i, t in enumerate(texts)])):
+    jsonl = [json.dumps({"text": d, "id": i}) for i, d in enumerate(documents)]
+    for name, lines in (("wrapped", wrapped), ("jsonl", jsonl)):
         (tmp_path / name).write_text("\n".join(lines) + "\n", encoding="utf-8")
         outputs.append(run_cli("prep", "--text_path", tmp_path / name, "--out_dir", tmp_path / f"d_{name}",
                                "--vocab_size", 500, "--num_workers", 1).stdout)
-    note = "the lines are JSON objects, so the model will learn JSON syntax too"
-    assert note not in outputs[0] and note in outputs[1], outputs[1]
+    json_note, short_note = "the lines are JSON objects, so the model will learn JSON syntax", "Each line is one sample"
+    assert json_note not in outputs[0] and short_note in outputs[0], outputs[0]
+    assert json_note in outputs[1] and short_note not in outputs[1], outputs[1]
 
 
 def test_token_dtype_never_wraps():
