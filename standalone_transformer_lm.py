@@ -995,7 +995,8 @@ def train(tc: TrainConfig, args, device: torch.device, rank: int, world: int) ->
     if ddp:
         model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
 
-    tokens_per_step, n_params = global_batch * cfg.seq_len, sum(p.numel() for p in raw_model.parameters())
+    tokens_per_step, n_train = global_batch * cfg.seq_len, len(train_data.data)
+    n_params = sum(p.numel() for p in raw_model.parameters())
     print0(f"torch {torch.__version__}, device {device} x {world} process(es), dtype {str(dtype)[6:]}, "
            f"compile {tc.compile}")
     print0(f"model {json.dumps(dataclasses.asdict(cfg))}: {n_params:,} parameters "
@@ -1003,7 +1004,8 @@ def train(tc: TrainConfig, args, device: torch.device, rank: int, world: int) ->
     print0(f"train {json.dumps(dataclasses.asdict(tc))}")
     print0(f"tokens per step: {tokens_per_step:,} = batch_size {tc.batch_size} x seq_len {cfg.seq_len} x "
            f"grad_accum_steps {tc.grad_accum_steps} x world_size {world}; schedule: warmup {tc.warmup_steps}, "
-           f"cosine from lr {tc.lr:g} to {min_lr:g} at step {tc.max_steps:,}")
+           f"cosine from lr {tc.lr:g} to {min_lr:g} at step {tc.max_steps:,}, "
+           f"{tc.max_steps * tokens_per_step / n_train:,.2f} epochs of train.bin ({n_train:,} tokens)")
     if tc.warmup_steps >= tc.max_steps:
         print0(f"  note: --warmup_steps {tc.warmup_steps} is not below --max_steps {tc.max_steps:,}, so the learning "
                f"rate only climbs, to {lr_at(tc.max_steps - 1, tc.lr, min_lr, tc.warmup_steps, tc.max_steps):.3g}")

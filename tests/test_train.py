@@ -286,9 +286,11 @@ def test_resume_refuses_another_architecture(docs_data, tmp_path):
                       "n_head 8 -> 4")
 
 
-def test_a_run_shorter_than_its_warmup_says_so(docs_data, tmp_path):
+def test_the_schedule_line_counts_epochs_and_a_run_shorter_than_its_warmup_says_so(docs_data, tmp_path):
     out = run_cli("train", *train_args(tmp_path / "run", docs_data, max_steps=4, warmup_steps=8, eval_interval=4,
-                                       save_interval=4)).stdout
+                                       save_interval=4, batch_size=16, grad_accum_steps=4)).stdout
+    n = json.loads((docs_data / "meta.json").read_text())["train"]["tokens"]
+    assert f"at step 4, {4 * 64 * 64 / n:,.2f} epochs of train.bin ({n:,} tokens)" in out, out  # 64 rows of 64 a step
     assert "--warmup_steps 8 is not below --max_steps 4, so the learning rate only climbs, to 0.0015" in out, out
     assert metrics(tmp_path / "run")[-1]["lr"] == 0.0015
 
