@@ -123,14 +123,21 @@ def print0(*args, **kwargs):
         print(*args, **kwargs, flush=True)
 
 
-def atomic_write(path: str, write_fn) -> None:
-    """write_fn(file_object) writes the content; readers see the old file or the new one, never a torn one."""
+def atomic_write(path: str, write_fn, link_from: str | None = None) -> None:
+    """write_fn(file_object) writes the content; readers see the old file or the new one, never a torn one. link_from:
+    a file with that content already, hard-linked instead where the filesystem allows it (no second write)."""
     tmp = os.path.join(os.path.dirname(os.path.abspath(path)), f".{os.path.basename(path)}.tmp{os.getpid()}")
     try:
-        with open(tmp, "wb") as f:
-            write_fn(f)
-            f.flush()
-            os.fsync(f.fileno())
+        linked = False
+        if link_from:
+            with contextlib.suppress(OSError):  # a filesystem without hard links: write it
+                os.link(link_from, tmp)
+                linked = True
+        if not linked:
+            with open(tmp, "wb") as f:
+                write_fn(f)
+                f.flush()
+                os.fsync(f.fileno())
         os.replace(tmp, path)
         if os.name == "posix":  # the rename itself survives a power cut (Windows cannot open a folder to sync it)
             folder = os.open(os.path.dirname(tmp), os.O_RDONLY)
@@ -750,9 +757,13 @@ def load_checkpoint(path: str) -> dict:
 
 
 def save_checkpoint(out_dir: str, names: list[str], ckpt: dict, tokenizer_path: str) -> None:
-    """Rank 0 only: ckpt_*.pt files, then the export (pytorch_model.bin, config.json, tokenizer.model)."""
-    for name in names:
-        atomic_write(os.path.join(out_dir, name), lambda f: torch.save(ckpt, f))
+    """Rank 0 only: ckpt_*.pt files, then the export (pytorch_model.bin, config.json, tokenizer.model). A new best
+    checkpoint is the last one: ckpt_best.pt becomes a hard link to ckpt_last.pt's bytes, which a later save of
+    ckpt_last.pt (a new file renamed over it) leaves as they are."""
+    first = os.path.join(out_dir, names[0])
+    atomic_write(first, lambda f: torch.save(ckpt, f))
+    for name in names[1:]:
+        atomic_write(os.path.join(out_dir, name), lambda f: torch.save(ckpt, f), link_from=first)
     atomic_write(os.path.join(out_dir, "pytorch_model.bin"), lambda f: torch.save(ckpt["model"], f))
     atomic_write_json(os.path.join(out_dir, "config.json"),
                       {"format": CKPT_FORMAT, "step": ckpt["step"], **ckpt["model_config"]})

@@ -1,4 +1,5 @@
 import contextlib
+import dataclasses
 import json
 import math
 import os
@@ -274,6 +275,30 @@ def test_auto_precision_is_fp16_on_a_gpu_that_only_emulates_bf16(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: True)  # Ampere and newer
     assert lm.resolve_dtype("auto", torch.device("cuda")) == torch.bfloat16
     assert lm.resolve_dtype("auto", torch.device("cpu")) == torch.float32
+
+
+def test_a_new_best_checkpoint_is_linked_not_written_twice(tmp_path, monkeypatch):
+    (tmp_path / "tokenizer.model").write_bytes(b"sp")
+    cfg = dataclasses.asdict(lm.ModelConfig(**lm.PRESETS["tiny"]))
+
+    def save(names, step):
+        ckpt = {"format": lm.CKPT_FORMAT, "version": lm.CKPT_VERSION, "step": step, "model_config": cfg,
+                "model": {"w": torch.full((4,), float(step))}}
+        lm.save_checkpoint(str(tmp_path), names, ckpt, str(tmp_path / "tokenizer.model"))
+
+    last, best = tmp_path / "ckpt_last.pt", tmp_path / "ckpt_best.pt"
+    save(["ckpt_last.pt", "ckpt_best.pt"], 1)
+    assert os.path.samefile(last, best) and lm.load_checkpoint(str(best))["step"] == 1
+    save(["ckpt_last.pt"], 2)  # a later save replaces ckpt_last.pt's name, not the bytes ckpt_best.pt holds
+    assert lm.load_checkpoint(str(last))["step"] == 2 and lm.load_checkpoint(str(best))["step"] == 1
+
+    def no_links(src, dst):
+        raise PermissionError(1, "Operation not permitted")  # a filesystem without hard links
+    monkeypatch.setattr(os, "link", no_links)
+    save(["ckpt_last.pt", "ckpt_best.pt"], 3)
+    assert not os.path.samefile(last, best) and lm.load_checkpoint(str(best))["step"] == 3
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt_best.pt", "ckpt_last.pt", "config.json",
+                                                         "pytorch_model.bin", "tokenizer.model"]  # no temp files
 
 
 def test_resume_refuses_another_architecture(docs_data, tmp_path):
