@@ -819,20 +819,36 @@ NVIDIA_DEVICE = "/dev/nvidiactl"  # the NVIDIA driver's control device: a GPU is
 
 def resolve_device(name: str) -> torch.device:
     """auto: the GPU if torch can use one. A GPU that torch cannot use (a CPU-only build of torch, a driver too old
-    for its CUDA) is an error, not hours of training on the CPU: --device cpu says that the CPU is meant."""
+    for its CUDA, a GPU too old for its kernels) is an error, not hours of training on the CPU or a crash at the first
+    kernel: --device cpu says that the CPU is meant."""
     if name == "cpu":
         return torch.device("cpu")
-    with warnings.catch_warnings(record=True) as caught:  # torch warns, once, of a driver too old for its CUDA
+    with warnings.catch_warnings(record=True) as caught:  # torch warns, once, of what it cannot use
         warnings.simplefilter("always")
         cuda = torch.cuda.is_available()
+        if cuda:
+            torch.cuda.init()  # checks the GPUs against the kernels this build has (it creates no CUDA context)
+    said = [" ".join(str(w.message).split()) for w in caught]
     gpu_there = os.path.exists(NVIDIA_DEVICE) and os.environ.get("CUDA_VISIBLE_DEVICES") not in ("", "-1")
     if not cuda and (name == "cuda" or gpu_there):
-        why = next((" ".join(str(w.message).split())[:300] for w in caught if "CUDA init" in str(w.message)),
+        why = next((m[:300] for m in said if "CUDA init" in m),
                    "it is a CPU-only build" if torch.version.cuda is None else "it sees no CUDA GPU")
         raise UserError(f"torch {torch.__version__} cannot use a GPU here ({why}). HINT: install the torch build "
                         f"for this machine's driver (https://pytorch.org/get-started/locally/), or pass --device cpu")
+    old_gpu = next((m for m in said if "does not include kernels" in m or "support this GPU" in m), None)
+    if cuda and old_gpu:
+        gpu = re.search(r"Found GPU\d+ (.+?) which is of compute capability \(CC\) (\d+\.\d+)", old_gpu)
+        fix = re.search(r"pip install torch\S* --index-url \S+", old_gpu)
+        what = f" ({gpu[1]}, compute capability {gpu[2]})" if gpu else ""
+        how = f"`{fix[0]}`" if fix else "install a build for it (https://pytorch.org/get-started/locally/)"
+        raise UserError(f"torch {torch.__version__} has no kernels for this GPU{what}. HINT: {how}, or pass "
+                        f"--device cpu")
     if cuda and "LOCAL_RANK" in os.environ:
-        return torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+        local, count = int(os.environ["LOCAL_RANK"]), torch.cuda.device_count()
+        if local >= count:
+            raise UserError(f"torchrun started process {local} on a node with {count} GPU(s). HINT: pass "
+                            f"--nproc_per_node={count} (or fewer) to torchrun")
+        return torch.device("cuda", local)
     return torch.device("cuda" if cuda else "cpu")
 
 

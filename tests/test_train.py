@@ -267,6 +267,26 @@ def test_a_gpu_that_torch_cannot_use_is_an_error_not_a_run_on_the_cpu(tmp_path, 
         lm.resolve_device("cuda")
 
 
+def test_a_gpu_too_old_for_the_build_or_too_many_processes_is_an_error_not_a_crash(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda index=None: "Tesla V100-SXM2-16GB")
+    # What torch's own check says at CUDA init for a V100 (7.0) and a CUDA 13.0 build (kernels for 7.5 and newer)
+    monkeypatch.setattr(torch.cuda, "init", lambda: torch.cuda._warn_unsupported_code(0, 70, [75, 80, 86, 90, 120]))
+    with pytest.raises(lm.UserError) as e:
+        lm.resolve_device("auto")
+    assert "has no kernels for this GPU (Tesla V100-SXM2-16GB, compute capability 7.0)" in str(e.value)
+    fix = f"pip install torch=={torch.__version__.split('+')[0]} --index-url https://download.pytorch.org/whl/cu126"
+    assert fix in str(e.value), str(e.value)  # the CUDA 12.6 build still has kernels for 7.0
+    monkeypatch.setattr(torch.cuda, "init", lambda: None)  # a GPU this build has kernels for
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setenv("LOCAL_RANK", "1")  # `torchrun --nproc_per_node=2` on a machine with one GPU
+    with pytest.raises(lm.UserError, match=r"torchrun started process 1 on a node with 1 GPU\(s\). HINT: pass "
+                                           r"--nproc_per_node=1"):
+        lm.resolve_device("auto")
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    assert lm.resolve_device("auto") == torch.device("cuda", 0)
+
+
 def test_auto_precision_is_fp16_on_a_gpu_that_only_emulates_bf16(monkeypatch):
     def t4(including_emulation=True):  # torch's answer on a T4 or V100: bf16 tensors work, through emulation
         return including_emulation
