@@ -958,7 +958,7 @@ def train(tc: TrainConfig, args, device: torch.device, rank: int, world: int) ->
     checks = [(name, getattr(tc, name) >= 1, "at least 1") for name in counts] + [
         ("dropout", 0 <= tc.dropout < 1, "in [0, 1)"), ("lr", tc.lr > 0, "above 0")] + [
         (name, getattr(tc, name) is None or getattr(tc, name) >= 0, "0 or more")
-        for name in ("warmup_steps", "min_lr", "weight_decay", "grad_clip")]
+        for name in ("warmup_steps", "min_lr", "weight_decay", "grad_clip", "seed")]
     for name, ok, want in checks:
         if not ok:
             raise UserError(f"--{name} must be {want}, got {getattr(tc, name)}")

@@ -387,6 +387,7 @@ def test_bad_train_input(docs_data, tmp_path):
     for flag, value, needle in (("n_head", 0, "must be positive, got n_head 0"), ("n_kv_head", 0, "n_kv_head 0"),
                                 ("ffn_mult", -1, "ffn_mult -1"), ("dropout", 1.5, "--dropout must be in [0, 1)"),
                                 ("lr", -1e-3, "--lr must be above 0"), ("grad_clip", -1, "--grad_clip must be 0"),
+                                ("seed", -1, "--seed must be 0 or more, got -1"),
                                 ("batch_size", "x", "invalid int value")):
         assert_user_error(run_cli("train", *train_args(tmp_path / "r", docs_data, **{flag: value}), check=False),
                           needle)
