@@ -1159,7 +1159,7 @@ def train(tc: TrainConfig, args, device: torch.device, rank: int, world: int) ->
     finally:
         bar.close()
         stop.restore()
-    return {"step": step, "best_val_loss": best_val, **last_log}
+    return {"step": step, "best_val_loss": best_val, "stopped": step < tc.max_steps, **last_log}  # by a signal
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -1356,6 +1356,8 @@ def cmd_demo(args) -> None:
          "--seq_len", "128", "--batch_size", "16", "--grad_accum_steps", "1", "--max_steps", str(args.max_steps),
          "--warmup_steps", "30", "--lr", "2e-3", "--eval_interval", str(max(1, args.max_steps // 4)),
          "--log_interval", "25", "--save_interval", str(args.max_steps), "--device", args.device]))
+    if result["stopped"]:  # Ctrl-C or SIGTERM: the checkpoint is saved, and `demo` again resumes it
+        return
     print("== 3/3 generate ==")
     for prompt in ("The try statement", "Dictionaries are"):
         cmd_generate(parser.parse_args(["generate", "--ckpt", ckpt, "--prompt", prompt, "--max_new_tokens", "40",

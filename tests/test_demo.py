@@ -1,4 +1,9 @@
-from conftest import assert_user_error, run_cli
+import signal
+import subprocess
+import sys
+import time
+
+from conftest import SCRIPT, assert_user_error, run_cli
 
 
 def test_demo_runs_then_runs_again_and_refuses_another_vocabulary(tmp_path):
@@ -12,3 +17,16 @@ def test_demo_runs_then_runs_again_and_refuses_another_vocabulary(tmp_path):
     proc = run_cli(*args[:-4], "--vocab_size", 600, check=False)
     assert_user_error(proc, "500-token vocabulary", "--vocab_size 500")
     assert (tmp_path / "demo" / "data" / "tokenizer.model").read_bytes() == tokenizer
+
+
+def test_a_signal_stops_the_demo_after_its_save_not_just_its_training(tmp_path):
+    cmd = [sys.executable, SCRIPT, "demo", "--out_dir", str(tmp_path / "demo"), "--max_steps", "100000",
+           "--vocab_size", "500", "--device", "cpu"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    metrics, deadline = tmp_path / "demo" / "run" / "metrics.jsonl", time.time() + 300
+    while not (metrics.exists() and metrics.read_text()) and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.1)
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, err
+    assert "stopped by signal at step" in out and "== 3/3 generate ==" not in out and "done:" not in out, out
