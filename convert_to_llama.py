@@ -21,12 +21,18 @@ import sys
 import warnings
 
 import torch
-from safetensors.torch import save_file
-from tokenizers import AddedToken, Tokenizer, decoders, normalizers, processors
-from tokenizers.models import BPE
 
 from standalone_transformer_lm import (ModelConfig, Parser, Transformer, UserError, file_sha256, load_tokenizer,
                                       require_file)
+
+try:  # the trainer runs without these (the guide's first install is torch, sentencepiece, tqdm and numpy)
+    from safetensors.torch import save_file
+    from tokenizers import AddedToken, Tokenizer, decoders, normalizers, processors
+    from tokenizers.models import BPE
+except ImportError as e:
+    print(f"error: {e.name} is not installed, and converting needs it. HINT: pip install -r requirements.txt",
+          file=sys.stderr)
+    sys.exit(2)
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 DEFAULT_OUT = "./RSCaLM-138M-LLaMA"
@@ -180,6 +186,14 @@ def check_tokenizer(encode, decode, sp, texts=PARITY_TEXTS, add_bos: bool = Fals
                             f"as {sp.decode(want)[:40]!r}")
 
 
+def need_transformers() -> None:
+    try:
+        import transformers  # noqa: F401
+    except ImportError:
+        raise UserError("transformers is not installed, and loading the folder needs it. HINT: pip install -r "
+                        "requirements.txt") from None
+
+
 class VerificationError(Exception):
     """The converted folder does not reproduce our model or tokenizer: a bug, not a user mistake (exit status 1)."""
 
@@ -306,6 +320,8 @@ def main(argv=None) -> None:
     args = p.parse_args(argv)
     spm_path = args.spm or os.path.join(os.path.dirname(os.path.abspath(args.ckpt)), "tokenizer.model")
     try:
+        if args.verify:
+            need_transformers()
         convert(args.ckpt, spm_path, args.out, args.dtype, args.force, args.tol if args.verify else None)
     except (UserError, VerificationError) as e:
         print(f"error: {e}", file=sys.stderr)

@@ -12,7 +12,7 @@ import sys
 
 import torch
 
-from convert_to_llama import DEFAULT_OUT, VerificationError, load_our_model, max_logit_diff
+from convert_to_llama import DEFAULT_OUT, VerificationError, load_our_model, max_logit_diff, need_transformers
 from standalone_transformer_lm import Parser, UserError, require_file
 
 
@@ -24,6 +24,7 @@ def run(args) -> None:
         raise UserError(f"--max_new_tokens is {args.max_new_tokens}. HINT: ask for at least 1")
     if args.ckpt:
         require_file(args.ckpt, "checkpoint", "pass the ckpt_last.pt the folder was converted from")
+    need_transformers()
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
     hf_logging.disable_progress_bar()  # a local folder loads in seconds; the bar would only bury the output

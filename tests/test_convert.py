@@ -291,3 +291,22 @@ def test_test_llama_model_generates_and_compares(converted, tmp_path):
     r = run_cli("test_llama_model.py", str(broken), "--ckpt", str(run_dir / "ckpt_last.pt"), "--max_new_tokens", "4",
                 cwd=tmp_path)
     assert r.returncode == 1 and r.stderr.splitlines()[-1].startswith("error:"), r.stderr
+
+
+@pytest.mark.parametrize("script, missing, args", [
+    ("convert_to_llama.py", "safetensors", ["--ckpt", "run/ckpt_last.pt", "--out", "hf_new"]),
+    ("convert_to_llama.py", "tokenizers", ["--ckpt", "run/ckpt_last.pt", "--out", "hf_new"]),
+    ("convert_to_llama.py", "transformers", ["--ckpt", "run/ckpt_last.pt", "--out", "hf_new", "--verify"]),
+    ("test_llama_model.py", "transformers", ["hf"]),
+])
+def test_a_missing_conversion_package_is_one_error_line(converted, script, missing, args):
+    """The guide's first install is torch, sentencepiece, tqdm and numpy: enough to train, not to convert."""
+    run_dir, _ = converted
+    code = (f"import runpy, sys; sys.modules[{missing!r}] = None; sys.path.insert(0, {str(ROOT)!r}); "
+            f"sys.argv = [{script!r}, *{args!r}]; runpy.run_path({str(ROOT / script)!r}, run_name='__main__')")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=run_dir.parent, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and missing in lines[0] and "HINT: pip install -r requirements.txt" in lines[0], lines
+    assert not (run_dir.parent / "hf_new").exists()  # refused before anything is written
