@@ -1135,9 +1135,9 @@ def train(tc: TrainConfig, args, device: torch.device, rank: int, world: int) ->
             is_eval = step % tc.eval_interval == 0 or step == tc.max_steps
             if step % tc.log_interval == 0 or is_eval or stop_votes:
                 dt = (time.time() - t_log) / steps_since_log
-                last_log = {"step": step, "loss": round(loss_val, 5), "lr": float(f"{lr:.6g}"),
-                            "grad_norm": round(norm_val, 4), "ms_per_step": round(dt * 1000, 1),
-                            "tokens_per_s": round(tokens_per_step / dt)}
+                last_log = {"step": step, "loss": round(loss_val, 5), "lr": float(f"{lr:.6g}"),  # JSON has no inf:
+                            "grad_norm": round(norm_val, 4) if math.isfinite(norm_val) else None,  # fp16's skipped step
+                            "ms_per_step": round(dt * 1000, 1), "tokens_per_s": round(tokens_per_step / dt)}
                 if peak:
                     last_log["mfu"] = round(flops_per_step / dt / (peak * world), 4)
                 if is_eval:

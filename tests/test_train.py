@@ -83,6 +83,23 @@ def test_float16_with_grad_scaler_resumes_bit_identically(docs_data, tmp_path):
                                           eval_interval=10, dtype="float16")
 
 
+def test_an_overflowing_fp16_step_logs_a_grad_norm_that_strict_json_reads(docs_data, tmp_path, monkeypatch):
+    clip, calls = torch.nn.utils.clip_grad_norm_, []
+
+    def overflow_at_step_5(params, max_norm):  # what an fp16 step that the gradient scaler skips reports
+        calls.append(1)
+        norm = clip(params, max_norm)
+        return norm * math.inf if len(calls) == 5 else norm
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", overflow_at_step_5)
+    lm.main(["train", *train_args(tmp_path / "run", docs_data, max_steps=5, dtype="float16")])
+
+    def not_json(constant):
+        raise AssertionError(f"{constant} in metrics.jsonl, which strict JSON readers (jq) refuse")
+    lines = (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
+    rows = [json.loads(line, parse_constant=not_json) for line in lines]
+    assert [r["step"] for r in rows] == [5] and rows[0]["grad_norm"] is None
+
+
 def test_compiled_deterministic_run_resumes_bit_identically(docs_data, tmp_path):
     # compiled, a backward adds with atomics in a varying order; --deterministic 1 takes kernels without them
     kill_then_resume_equals_uninterrupted(docs_data, tmp_path, kill_at=6, max_steps=18, save_interval=3,
