@@ -12,7 +12,8 @@ ids, uint32 if the vocabulary exceeds 65,536; each input line becomes one sample
 tail of the corpus) and DATA/meta.json (counts, dtype, special ids, tokenizer hash, options). `train` writes
 OUT/ckpt_last.pt and OUT/ckpt_best.pt (tensors and plain values only: they load with weights_only=True),
 OUT/pytorch_model.bin + OUT/config.json + OUT/tokenizer.model (the export) and OUT/metrics.jsonl.
-Every file is written to a temporary name and renamed, so a crash leaves the old file or the new one.
+Every file but metrics.jsonl (appended; a line torn by a crash is dropped on resume) is written to a temporary name
+and renamed, so a crash leaves the old file or the new one.
 
 RoPE follows Hugging Face LLaMA's rotate-half convention (pairs are (i, i + head_dim/2)), and parameters carry
 HF LLaMA's names, so export to `transformers` is a rename plus splitting the fused qkv and gate/up rows.
@@ -1381,8 +1382,13 @@ class Parser(argparse.ArgumentParser):
         sys.exit(2)
 
 
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    def _get_help_string(self, action):  # no "(default: None)": such a flag's help says what leaving it out does
+        return action.help if action.default is None else super()._get_help_string(action)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    fmt = argparse.ArgumentDefaultsHelpFormatter
+    fmt = HelpFormatter
     p = Parser(description=__doc__.split("\n")[0], formatter_class=fmt)
     sub = p.add_subparsers(dest="command", required=True)
     flag = dict(type=int, choices=[0, 1])
@@ -1408,7 +1414,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--n_kv_head", type=int, help="key/value heads for grouped-query attention (default n_head)")
     s.add_argument("--d_model", type=int)
     s.add_argument("--head_dim", type=int, help="default d_model / n_head")
-    s.add_argument("--ffn_mult", type=float, help="SwiGLU width = ffn_mult * d_model * 2/3, rounded up to 256")
+    s.add_argument("--ffn_mult", type=float,
+                   help="SwiGLU width = ffn_mult * d_model * 2/3, rounded up to 256 (tiny: 32)")
     s.add_argument("--seq_len", type=int)
     s.add_argument("--rope_theta", type=float)
     s.add_argument("--tie_embeddings", **flag)
