@@ -836,9 +836,11 @@ def resolve_device(name: str) -> torch.device:
                    "it is a CPU-only build" if torch.version.cuda is None else "it sees no CUDA GPU")
         raise UserError(f"torch {torch.__version__} cannot use a GPU here ({why}). HINT: install the torch build "
                         f"for this machine's driver (https://pytorch.org/get-started/locally/), or pass --device cpu")
-    old_gpu = next((m for m in said if "does not include kernels" in m or "support this GPU" in m), None)
+    # torch's wordings for a GPU too old for this build (not its warning for a newer one, which runs via PTX)
+    signs = ("does not include kernels", "builds for release", "no longer supports this GPU")
+    old_gpu = next((m for m in said if any(sign in m for sign in signs)), None)
     if cuda and old_gpu:
-        gpu = re.search(r"Found GPU\d+ (.+?) which is of compute capability \(CC\) (\d+\.\d+)", old_gpu)
+        gpu = re.search(r"Found GPU\d+ (.+?) which is of (?:compute|cuda) capability (?:\(CC\) )?(\d+\.\d+)", old_gpu)
         fix = re.search(r"pip install torch\S* --index-url \S+", old_gpu)
         what = f" ({gpu[1]}, compute capability {gpu[2]})" if gpu else ""
         how = f"`{fix[0]}`" if fix else "install a build for it (https://pytorch.org/get-started/locally/)"
