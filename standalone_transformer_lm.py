@@ -1424,7 +1424,8 @@ def build_parser() -> argparse.ArgumentParser:
     for f in dataclasses.fields(TrainConfig):
         if f.name not in ("out_dir", "data_dir", "device", "dtype"):
             kind = flag if f.type is bool else {"type": float if f.name == "min_lr" else f.type}
-            s.add_argument(f"--{f.name}", default=f.default, **kind)
+            shown = "(default: lr / 10)" if f.name == "min_lr" else "(default: %(default)s)"  # README: what each does
+            s.add_argument(f"--{f.name}", default=int(f.default) if f.type is bool else f.default, help=shown, **kind)
     s.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     s.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float16", "float32"],
                    help="autocast dtype; auto: bfloat16 on GPUs that have it, else float16; float32 on CPU")
