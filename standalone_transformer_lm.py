@@ -195,6 +195,13 @@ def require_file(path: str, what: str, hint: str) -> None:
                         f"HINT: save it to a file first")
 
 
+def check_flags(args, checks) -> None:
+    """checks: (flag name, whether its value is fine, what it must be)."""
+    for name, ok, want in checks:
+        if not ok:
+            raise UserError(f"--{name} must be {want}, got {getattr(args, name)}")
+
+
 # ----------------------------------------------------------------------------------------------------------------------
 # Tokenizer and token files
 
@@ -440,9 +447,14 @@ def prep(text_path: str, out_dir: str, vocab_size: int = 32000, val_fraction: fl
         raise UserError(f"the val split of {text_path!r} is empty: no line starts in its last {val_fraction:g}. "
                         f"HINT: use a corpus with more lines, or a larger --val_fraction")
     print0(f"training a {vocab_size}-token BPE tokenizer on {len(sample):,} sampled lines")
-    if sum(line.startswith('{"') for line in sample) > 0.9 * len(sample):  # JSON Lines, long lines cut in the sample
+    # What the corpus looks like, said before the long work: from the sample, where long lines are cut to 4 kB
+    if sum(line.startswith('{"') for line in sample) > 0.9 * len(sample):  # JSON Lines
         print0("  note: the lines are JSON objects, so the model will learn JSON syntax too. If the text is in a field "
                "of them, write that field one document per line (its newlines as spaces) and prep that file instead")
+    if (average := sum(map(len, sample)) / len(sample)) < 100:  # hard-wrapped text, verse, a sentence per line
+        print0(f"  note: lines average {average:.0f} characters. Each line is one sample, ended by eos, so the model "
+               f"learns to stop after about that much text; if your documents are wrapped over several lines, write "
+               f"each one (or each paragraph) on a line of its own first")
     model_proto = train_tokenizer(sample, vocab_size)
     del sample
 
@@ -489,10 +501,6 @@ def prep(text_path: str, out_dir: str, vocab_size: int = 32000, val_fraction: fl
            f"({meta['dtype']}), {n_samples:,} samples, {n_tokens / n_samples:.1f} tokens per sample, "
            f"{n_tokens / elapsed:,.0f} tokens/s ({size / 1e6 / elapsed:.1f} MB/s) on {num_workers} worker(s)")
     print0("  " + ", ".join(f"{k}: {v:,}" for k, v in sorted(stats.items())))
-    if size < 100 * n_samples:  # hard-wrapped text, verse, a sentence per line
-        print0(f"  note: lines average {size / n_samples:.0f} bytes. Each line is one sample, ended by eos, so the "
-               f"model learns to stop after about that much text; if your documents are wrapped over several lines, "
-               f"write each one (or each paragraph) on a line of its own first")
     return meta
 
 
@@ -958,13 +966,10 @@ def train(tc: TrainConfig, args, device: torch.device, rank: int, world: int) ->
     ddp = world > 1
     counts = ("batch_size", "grad_accum_steps", "max_steps", "log_interval", "eval_interval", "eval_iters",
               "save_interval")
-    checks = [(name, getattr(tc, name) >= 1, "at least 1") for name in counts] + [
+    check_flags(tc, [(name, getattr(tc, name) >= 1, "at least 1") for name in counts] + [
         ("dropout", 0 <= tc.dropout < 1, "in [0, 1)"), ("lr", tc.lr > 0, "above 0")] + [
         (name, getattr(tc, name) is None or getattr(tc, name) >= 0, "0 or more")
-        for name in ("warmup_steps", "min_lr", "weight_decay", "grad_clip", "seed")]
-    for name, ok, want in checks:
-        if not ok:
-            raise UserError(f"--{name} must be {want}, got {getattr(tc, name)}")
+        for name in ("warmup_steps", "min_lr", "weight_decay", "grad_clip", "seed")])
     meta = read_meta(tc.data_dir)
     last_path = os.path.join(tc.out_dir, "ckpt_last.pt")
     ckpt = load_checkpoint(last_path) if os.path.exists(last_path) else None
@@ -1298,12 +1303,10 @@ SAMPLES_PER_BATCH = 16  # --num_samples decode together in batches of at most th
 
 
 def cmd_generate(args) -> list[str]:
-    for name, ok, want in [("num_samples", args.num_samples >= 1, "at least 1"),
-                           ("max_new_tokens", args.max_new_tokens >= 0, "0 or more"),
-                           ("top_k", args.top_k >= 0, "0 (off) or more"), ("top_p", 0 < args.top_p <= 1, "in (0, 1]"),
-                           ("repetition_penalty", args.repetition_penalty > 0, "above 0 (1 = off)")]:
-        if not ok:
-            raise UserError(f"--{name} must be {want}, got {getattr(args, name)}")
+    check_flags(args, [("num_samples", args.num_samples >= 1, "at least 1"),
+                       ("max_new_tokens", args.max_new_tokens >= 0, "0 or more"),
+                       ("top_k", args.top_k >= 0, "0 (off) or more"), ("top_p", 0 < args.top_p <= 1, "in (0, 1]"),
+                       ("repetition_penalty", args.repetition_penalty > 0, "above 0 (1 = off)")])
     device = resolve_device(args.device)
     model = model_from_checkpoint(args.ckpt, device, resolve_dtype("auto", device))
     spm_path = args.spm or os.path.join(os.path.dirname(os.path.abspath(args.ckpt)), "tokenizer.model")
