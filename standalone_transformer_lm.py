@@ -883,6 +883,32 @@ def setup_distributed(device: torch.device, timeout_s: int) -> tuple[int, int]:
     return dist.get_rank(), dist.get_world_size()
 
 
+@contextlib.contextmanager
+def out_dir_lock(out_dir: str):
+    """One training run per --out_dir, held by its rank 0: a second one (the command run twice, `srun` starting copies
+    without torchrun, a requeued job while the old one still saves) would write its checkpoints between the first's."""
+    make_dir(out_dir, "--out_dir")
+    with open(os.path.join(out_dir, ".train.lock"), "a+") as f:
+        try:
+            import fcntl  # POSIX only: Windows goes unguarded
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)  # the kernel releases it when the process ends, however
+        except BlockingIOError:
+            f.seek(0)
+            holder = f.read().strip() or "another process"
+            tasks = int(os.environ.get("SLURM_STEP_NUM_TASKS", 1))
+            srun = (f" (srun started {tasks} copies of this command: start one torchrun per node instead, as the "
+                    f"README's multi-node section shows)") if tasks > 1 and "RANK" not in os.environ else ""
+            raise UserError(f"another training run ({holder}) is using --out_dir {out_dir}{srun}. HINT: wait for it "
+                            f"to end or stop it (it saves first), or pass another --out_dir") from None
+        except (ImportError, OSError):  # a filesystem without locks (Lustre mounted without flock): unguarded
+            pass
+        else:
+            f.truncate(0)
+            f.write(f"pid {os.getpid()} on {os.uname().nodename}\n")
+            f.flush()
+        yield
+
+
 def read_meta(data_dir: str) -> dict:
     path = os.path.join(data_dir, "meta.json")
     hint = f"run `python {os.path.basename(__file__)} prep --text_path corpus.txt --out_dir {data_dir}` first"
@@ -978,7 +1004,6 @@ def train(tc: TrainConfig, args, device: torch.device, rank: int, world: int) ->
                         f"resume with the --data_dir it was trained on, or start a new --out_dir")
     cfg = resolve_model_config(args, meta["vocab_size"], ckpt["model_config"] if ckpt else None)
     if rank == 0:
-        make_dir(tc.out_dir, "--out_dir")
         remove_stale_tmp(tc.out_dir, ("ckpt_last.pt", "ckpt_best.pt", "pytorch_model.bin", "config.json",
                                       "tokenizer.model", "metrics.jsonl"))
     min_lr = tc.lr / 10 if tc.min_lr is None else tc.min_lr
@@ -1286,7 +1311,8 @@ def cmd_train(args) -> dict:
     device = resolve_device(tc.device)
     rank, world = setup_distributed(device, tc.dist_timeout)
     try:
-        return train(tc, args, device, rank, world)
+        with out_dir_lock(tc.out_dir) if rank == 0 else contextlib.nullcontext():
+            return train(tc, args, device, rank, world)
     except Exception as e:  # the first failure of a size too big for the GPU; a compile's own errors wrap it
         if not (isinstance(e, torch.cuda.OutOfMemoryError) or "CUDA out of memory" in str(e)):
             raise

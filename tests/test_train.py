@@ -166,7 +166,7 @@ def wait_for_metrics(out_dir):
         time.sleep(0.05)
 
 
-def test_repeated_sigterm_saves_at_the_step_boundary_exits_cleanly_and_clears_stale_temp_files(docs_data, tmp_path):
+def test_a_live_run_keeps_a_second_out_and_repeated_sigterm_saves_and_exits_cleanly(docs_data, tmp_path):
     gone = subprocess.Popen([sys.executable, "-c", ""])
     gone.wait()
     (tmp_path / "run").mkdir()
@@ -176,15 +176,22 @@ def test_repeated_sigterm_saves_at_the_step_boundary_exits_cleanly_and_clears_st
     cmd = [sys.executable, SCRIPT, "train", *train_args(tmp_path / "run", docs_data, max_steps=100000,
                                                         save_interval=100000, eval_interval=100000)]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    wait_for_metrics(tmp_path / "run")
-    # A scheduler signals every process and torchrun forwards the signal again; some repeat it until the end. A
-    # repeat during the save, or after it while the process winds down, must not turn the clean exit into an error.
-    deadline = time.time() + 120
-    while proc.poll() is None and time.time() < deadline:
-        proc.send_signal(signal.SIGTERM)
-        time.sleep(0.002)
-    stdout, stderr = proc.communicate(timeout=120)
-    assert proc.returncode == 0, stderr
+    try:
+        wait_for_metrics(tmp_path / "run")
+        # The same command again (here as `srun` would start a copy) while the first trains: refused, nothing touched
+        second = run_cli(*cmd[2:], check=False, env={"SLURM_STEP_NUM_TASKS": "2"}, timeout=60)
+        assert_user_error(second, f"another training run (pid {proc.pid} on", "srun started 2 copies", "--out_dir")
+        assert live.exists() and proc.poll() is None
+        # A scheduler signals every process and torchrun forwards the signal again; some repeat it until the end. A
+        # repeat during the save, or after it while the process winds down, must not turn the clean exit into an error.
+        deadline = time.time() + 120
+        while proc.poll() is None and time.time() < deadline:
+            proc.send_signal(signal.SIGTERM)
+            time.sleep(0.002)
+        stdout, stderr = proc.communicate(timeout=120)
+        assert proc.returncode == 0, stderr
+    finally:  # a failed check must not leave it training through the tests after this one
+        proc.kill()
     ckpt = load(tmp_path / "run" / "ckpt_last.pt")
     assert 5 <= ckpt["step"] < 100000 and f"stopped by signal at step {ckpt['step']:,}" in stdout
     assert metrics(tmp_path / "run")[-1]["step"] == ckpt["step"]
