@@ -1184,7 +1184,9 @@ def train(tc: TrainConfig, args, device: torch.device, rank: int, world: int) ->
             if new_best:
                 best_val = last_log["val_loss"]
             if new_best or step % tc.save_interval == 0 or step == tc.max_steps or stop_votes:
+                t_save = time.time()
                 save(["ckpt_last.pt", "ckpt_best.pt"] if new_best else ["ckpt_last.pt"])
+                t_log += time.time() - t_save  # the log's ms/step and MFU time training steps, not saves (nor evals)
             if stop_votes:
                 print0(f"stopped by signal at step {step:,}; {tc.out_dir}/ckpt_last.pt saved. Run the same command "
                        f"to resume.")

@@ -100,6 +100,18 @@ def test_an_overflowing_fp16_step_logs_a_grad_norm_that_strict_json_reads(docs_d
     assert [r["step"] for r in rows] == [5] and rows[0]["grad_norm"] is None
 
 
+def test_logged_step_times_leave_out_checkpoint_saves(docs_data, tmp_path, monkeypatch):
+    clock, save = [0.0], lm.save_checkpoint  # a save that takes 100 s by the clock train() reads
+    real_time = time.time
+    monkeypatch.setattr(time, "time", lambda: real_time() + clock[0])
+    monkeypatch.setattr(lm, "save_checkpoint", lambda *a: (save(*a), clock.__setitem__(0, clock[0] + 100.0)))
+    lm.main(["train", *train_args(tmp_path / "run", docs_data, max_steps=20, log_interval=5, save_interval=5,
+                                  eval_interval=10)])
+    rows = metrics(tmp_path / "run")
+    assert [r["step"] for r in rows] == [5, 10, 15, 20] and clock[0] == 400  # a save at every logged step
+    assert max(r["ms_per_step"] for r in rows) < 5000, rows  # a save counted would add 20,000 ms to its window
+
+
 def test_compiled_deterministic_run_resumes_bit_identically(docs_data, tmp_path):
     # compiled, a backward adds with atomics in a varying order; --deterministic 1 takes kernels without them
     kill_then_resume_equals_uninterrupted(docs_data, tmp_path, kill_at=6, max_steps=18, save_interval=3,
