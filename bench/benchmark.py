@@ -419,7 +419,7 @@ def step_floor_ms(cfg: lm.ModelConfig, batch: int, device: torch.device) -> floa
 
 
 def bench_train(args, device: torch.device, budget: Budget, size: str, fields: dict, batch: int,
-                first: bool) -> list[dict]:
+                first: bool, progress) -> list[dict]:
     rows, peak = [], lm.peak_bf16_flops(device)
     cfg = lm.ModelConfig(**fields)
     models = dict(zip(("ours", "hf"), model_pair(cfg)))
@@ -439,13 +439,14 @@ def bench_train(args, device: torch.device, budget: Budget, size: str, fields: d
                 if row and (name not in best or row["ms_step"] < best[name]["ms_step"]):
                     mfu = flops_per_token * row["tok_s"] / peak if peak else None
                     best[name] = {"size": size, **row, "mfu": mfu}
+                    progress(rows + list(best.values()))
         if len(best) == 2:
             best["ours"]["ours/HF"] = best["ours"]["tok_s"] / best["hf"]["tok_s"]
         hf_eager = next((r for r in rows if r["model"] == "hf" and not r["compile"]), None)
         if compiled and "ours" in best and hf_eager:
             best["ours"]["ours/HF_eager"] = best["ours"]["tok_s"] / hf_eager["tok_s"]
         rows += best.values()
-        print_table("train (so far)", rows, columns(rows))
+        progress(rows)
     if budget.allows(f"step floor {size}"):
         try:
             floors = {b: step_floor_ms(cfg, b, device) for b in {r["batch"] for r in rows}}  # a row's batch may
@@ -457,6 +458,7 @@ def bench_train(args, device: torch.device, budget: Budget, size: str, fields: d
                 r["floor_ms"] = floors[r["batch"]]
                 if r["model"] == "hf":  # HF's time over the floor: the most any implementation could gain
                     r["HF/floor"] = r["batch"] * cfg.seq_len / (r["floor_ms"] / 1e3) / r["tok_s"]
+        progress(rows)
     return rows
 
 
@@ -478,12 +480,14 @@ def token_folder(path: str, vocab_size: int, tokens: int) -> None:
                    "tokenizer_sha256": hashlib.sha256(proto).hexdigest()}, f)
 
 
-def bench_trainer(args, device: torch.device, budget: Budget, size: str, fields: dict, batch: int) -> list[dict]:
+def bench_trainer(args, device: torch.device, budget: Budget, size: str, fields: dict, batch: int,
+                  progress) -> list[dict]:
     """`standalone_transformer_lm.py train` as a user runs it (compiled on a GPU, eager on a CPU), for three log
     windows of --steps steps each; the first compiles, the faster of the other two is kept. Its own log gives
     ms/step, tokens/s and MFU, averaged over a window. It runs first for each size, since the GPU's MFU targets
-    rest on it: a spent time budget cuts the comparisons with HF instead. --deterministic adds a run with
-    `--deterministic 1`, for what bit-identical resumes cost."""
+    rest on it: a spent time budget cuts the comparisons with HF instead. It is stopped once its third window is
+    logged, before its final save (at 700m, 12 GB written that measure nothing), and when the time budget is spent.
+    --deterministic adds a run with `--deterministic 1`, for what bit-identical resumes cost."""
     compiled, rows = int(device.type == "cuda"), []
     cfg = lm.ModelConfig(**fields)
     for deterministic in (0, 1) if args.deterministic else (0,):
@@ -501,21 +505,36 @@ def bench_trainer(args, device: torch.device, budget: Budget, size: str, fields:
                    str(args.steps), "--warmup_steps", "1", "--eval_interval", str(10**9), "--eval_iters", "1",
                    "--save_interval", str(10**9), "--compile", str(compiled), "--deterministic", str(deterministic),
                    *arch]
-            t0 = time.perf_counter()
-            proc = subprocess.run(cmd, capture_output=True, text=True)
-            wall = time.perf_counter() - t0
-            if proc.returncode:  # main() reports it as a failed part, and goes on
-                print((proc.stdout + proc.stderr)[-3000:])
-                raise RuntimeError(f"train exited with status {proc.returncode}: "
-                                   f"{(proc.stderr.strip().splitlines() or [''])[-1]}")
-            with open(os.path.join(out, "metrics.jsonl")) as f:
-                logs = [json.loads(line) for line in f if line.strip()]
+            t0, metrics = time.perf_counter(), os.path.join(out, "metrics.jsonl")
+            with tempfile.TemporaryFile("w+") as output:
+                proc = subprocess.Popen(cmd, stdout=output, stderr=subprocess.STDOUT, text=True)
+                try:
+                    while proc.poll() is None and len(logged(metrics)) < 3 and time.time() < budget.end:
+                        time.sleep(0.2)
+                finally:
+                    proc.kill()
+                    proc.wait()
+                wall, logs = time.perf_counter() - t0, logged(metrics)
+                if len(logs) < 3:  # main() reports it as a failed part, and goes on
+                    output.seek(0)
+                    text = output.read()
+                    print(text[-3000:])
+                    raise RuntimeError(f"train stopped after {len(logs)} of 3 log windows (status {proc.returncode}"
+                                       f"{', --time_budget spent' if time.time() >= budget.end else ''}): "
+                                       f"{(text.strip().splitlines() or [''])[-1]}")
         best = min((r for r in logs if r["step"] > args.steps), key=lambda r: r["ms_per_step"])
         rows.append({"size": size, "model": name, "compile": compiled, "batch": batch, "ms_step": best["ms_per_step"],
                      "tok_s": best["tokens_per_s"], "mfu": best.get("mfu"), "wall_s": wall, "loss_last": best["loss"],
                      "losses": [r["loss"] for r in logs]})
-        print_table("trainer (so far)", rows, columns(rows))
+        progress(rows)
     return rows
+
+
+def logged(metrics_path: str) -> list[dict]:
+    """The lines of a metrics.jsonl written so far (a line still being written is left out)."""
+    with contextlib.suppress(FileNotFoundError), open(metrics_path) as f:
+        return [json.loads(line) for line in f if line.endswith("\n")]
+    return []
 
 
 def trainer_over_step(results: dict) -> None:
@@ -585,7 +604,7 @@ def time_generate(ours, hf, step, prompt: list[int], batch: int, size: str, devi
     return rows
 
 
-def bench_generate(args, device: torch.device, budget: Budget, size: str, fields: dict) -> list[dict]:
+def bench_generate(args, device: torch.device, budget: Budget, size: str, fields: dict, progress) -> list[dict]:
     rows = []
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32  # as `generate` loads checkpoints
     cfg = lm.ModelConfig(**fields)
@@ -603,7 +622,7 @@ def bench_generate(args, device: torch.device, budget: Budget, size: str, fields
             if not budget.allows(f"generate {size} {'sampled' if sampled else 'greedy'} batch {batch}"):
                 continue
             rows += time_generate(ours, hf, step, prompt, batch, size, device, args, sampled, budget)
-            print_table("generate (so far)", rows, columns(rows))
+            progress(rows)
     del ours, hf, step
     free_memory(device)
     return rows
@@ -712,9 +731,21 @@ def main(argv=None) -> None:
     path = os.path.join(args.out, f"{slug}-{'-'.join(sizes)}{vocab}-{time.strftime('%Y%m%d-%H%M%S')}.json")
     t_start = time.time()
 
-    def save() -> None:  # after every part: a run cut short by a time limit or a crash keeps what it measured
+    def save() -> None:  # after every variant: a run cut short by a time limit or a crash keeps what it measured
         env["load_avg_at_end"], env["wall_s"] = os.getloadavg(), round(time.time() - t_start, 1)
+        trainer_over_step(results)
+        if (device.type == "cpu") == ("quick" in sizes):  # the issue sets targets for quick on CPUs, presets on GPUs
+            results["targets"] = check_targets(results, device)
         lm.atomic_write_json(path, results)
+
+    def progress(part: str):
+        earlier = list(results.get(part, []))  # other sizes' rows
+
+        def update(rows: list[dict]) -> None:
+            results[part] = earlier + list(rows)
+            print_table(f"{part} (so far)", rows, columns(rows))
+            save()
+        return update
 
     if "prep" in parts:
         results["prep"] = bench_prep(args)
@@ -722,17 +753,18 @@ def main(argv=None) -> None:
     for i, size in enumerate(sizes):  # size by size: a spent budget cuts the largest
         fields, batch = SIZES[size]
         fields = dict(fields, vocab_size=args.vocab_size or fields["vocab_size"])
-        benches = {"trainer": lambda: bench_trainer(args, device, budget, size, fields, batch),
-                   "train": lambda: bench_train(args, device, budget, size, fields, batch, i == 0),
-                   "generate": lambda: bench_generate(args, device, budget, size, fields)}
+        # The parts that the GPU targets of every size rest on (end-to-end MFU, decoding) before the comparison of
+        # bare training steps, whose targets are set for 138m alone: a spent time budget cuts that last.
+        benches = {"trainer": lambda: bench_trainer(args, device, budget, size, fields, batch, progress("trainer")),
+                   "generate": lambda: bench_generate(args, device, budget, size, fields, progress("generate")),
+                   "train": lambda: bench_train(args, device, budget, size, fields, batch, i == 0, progress("train"))}
         for part, bench in benches.items():
             if part in parts:
                 try:
-                    results.setdefault(part, []).extend(bench())
+                    bench()
                 except Exception as e:
                     budget.failure(f"{part} {size}", e)
                     free_memory(device)
-                trainer_over_step(results)
                 save()
 
     print(f"\n{env['device']}, {env['cpu_count']} CPUs, torch {env['torch']}, transformers {env['transformers']}, "
@@ -745,11 +777,10 @@ def main(argv=None) -> None:
         print(f"\nskipped (time budget): {', '.join(results['skipped'])}")
     if results["failed"]:
         print("\nfailed:\n  " + "\n  ".join(results["failed"]))
-    if (device.type == "cpu") == ("quick" in sizes):  # the issue sets targets for quick on CPUs, presets on GPUs
-        results["targets"] = check_targets(results, device)
+    save()
+    if "targets" in results:
         print_table("targets (2-core CPU, float32)" if device.type == "cpu" else "targets (one H100, bf16)",
                     results["targets"], ["target", "measured", "wanted", "bound", "met"])
-    save()
     print(f"\nwrote {os.path.relpath(path)}")
 
 
