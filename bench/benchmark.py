@@ -386,9 +386,15 @@ def fitting_train(name: str, size: str, cpu_model, cfg: lm.ModelConfig, batch: i
 
 
 def timed_min(fn, device: torch.device, reps: int = 5) -> float:
-    """Fastest of reps synced calls after one untimed, in seconds."""
-    timed(fn, device)  # untimed: the first call pays one-time costs
-    return min(timed(fn, device)[1] for _ in range(reps))
+    """Seconds per call: the fastest of reps synced timings after one untimed. On a GPU a timing covers 10 calls queued
+    back to back: a sync around each would add its own tens of microseconds to products of about a hundred."""
+    calls = 10 if device.type == "cuda" else 1
+
+    def run():
+        for _ in range(calls):
+            fn()
+    timed(run, device)  # untimed: the first call pays one-time costs
+    return min(timed(run, device)[1] for _ in range(reps)) / calls
 
 
 def step_floor_ms(cfg: lm.ModelConfig, batch: int, device: torch.device) -> float:
