@@ -251,7 +251,7 @@ def bench_prep(args) -> list[dict]:
 
 def hf_model(cfg: lm.ModelConfig, dtype: torch.dtype):
     """LlamaForCausalLM of cfg's shape; Mistral (no sliding window: the same network) when d_model % n_head != 0,
-    which LlamaConfig refuses even with an explicit head_dim (the 350m and 700m presets)."""
+    which LlamaConfig refuses even with an explicit head_dim (--head_dim runs; no preset is such a shape)."""
     from transformers import AutoModelForCausalLM, LlamaConfig, MistralConfig
     kw = dict(vocab_size=cfg.vocab_size, hidden_size=cfg.d_model, intermediate_size=cfg.ffn_hidden,
               num_hidden_layers=cfg.n_layer, num_attention_heads=cfg.n_head, num_key_value_heads=cfg.n_kv_head,
