@@ -121,6 +121,18 @@ def test_repetition_penalty_moves_greedy_off_seen_tokens():
     args = dict(temperature=0, top_k=0, top_p=1.0, generator=None)
     assert lm.sample_next(logits, seen, repetition_penalty=1.0, **args).item() == 0
     assert lm.sample_next(logits, seen, repetition_penalty=1.5, **args).item() == 1
+    # a negative logit is multiplied, not divided: a seen token gets less likely whatever its sign
+    negative, seen = torch.tensor([[-0.5, -1.0]]), torch.tensor([[True, False]])
+    assert lm.sample_next(negative, seen, repetition_penalty=3.0, **args).item() == 1
+
+
+def test_temperature_divides_the_logits():
+    logits = torch.randn(4, 50, generator=torch.Generator().manual_seed(0))
+    seen, args = torch.zeros(4, 50, dtype=torch.bool), dict(top_k=0, top_p=1.0, repetition_penalty=1.0)
+    draw = [[lm.sample_next(scaled, seen, temperature=t, generator=torch.Generator().manual_seed(i), **args)
+             for i in range(50)] for scaled, t in ((logits, 0.25), (logits / 0.25, 1.0), (logits, 1.0))]
+    cold, scaled, plain = (torch.cat(d) for d in draw)
+    assert torch.equal(cold, scaled) and not torch.equal(cold, plain)
 
 
 def test_repetition_penalty_in_the_decode_loop_sees_every_token_so_far(model):
@@ -145,6 +157,13 @@ def test_cli_generate_is_reproducible_and_finds_its_tokenizer(trained):
     assert first == second and first.count("The try statement") == 2
     other_seed = run_cli(*args[:7], "--seed", 4, "--num_samples", 2, "--top_p", 0.9).stdout
     assert other_seed != first
+
+
+def test_one_sample_streams_exactly_the_text_it_returns(trained, capsys):
+    args = lm.build_parser().parse_args(["generate", "--ckpt", str(trained / "ckpt_last.pt"), "--prompt",
+                                         "The try statement", "--max_new_tokens", "30", "--seed", "0"])
+    [text] = lm.cmd_generate(args)
+    assert capsys.readouterr().out == text + "\n" and text.startswith("The try statement") and len(text) > 40
 
 
 def test_a_failing_compile_is_one_error_line_with_the_fix(trained, docs_data, tmp_path):

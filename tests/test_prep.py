@@ -124,6 +124,34 @@ def test_prep_notes_a_json_lines_corpus_and_hard_wrapped_text(tmp_path):
     assert json_note in outputs[1] and short_note not in outputs[1], outputs[1]
 
 
+def test_numbers_are_split_into_digits():  # as LLaMA's tokenizer does: no piece holds two digits
+    rng = random.Random(0)
+    lines = [f"in {rng.choice([1999, 2024, 12, 100])} we sold {rng.randint(0, 99999)} items" for _ in range(3000)]
+    sp = spm.SentencePieceProcessor(model_proto=lm.train_tokenizer(lines, 300))
+    pieces = [piece.lstrip("\u2581") for piece in sp.encode("in 2024 we sold 12345 items", out_type=str)]
+    assert [p for p in pieces if p[:1].isdigit()] == list("202412345")
+
+
+def test_every_file_is_on_disk_before_its_rename_and_the_folder_after(docs_corpus, tmp_path, monkeypatch):
+    synced, events, fsync, replace = set(), [], os.fsync, os.replace
+
+    def spy_fsync(fd):
+        synced.add(os.fstat(fd).st_ino)
+        events.append(("fsync", os.fstat(fd).st_ino))
+        fsync(fd)
+
+    def spy_replace(src, dst):
+        assert os.stat(src).st_ino in synced, f"{dst} renamed into place before its bytes were synced"
+        events.append(("replace", os.path.basename(dst)))
+        replace(src, dst)
+    monkeypatch.setattr(os, "fsync", spy_fsync)
+    monkeypatch.setattr(os, "replace", spy_replace)
+    lm.prep(str(docs_corpus), str(tmp_path / "d"), vocab_size=1000, num_workers=1, progress=False)
+    renamed = [e[1] for e in events if e[0] == "replace"]
+    assert sorted(renamed) == ["meta.json", "tokenizer.model", "train.bin", "val.bin"]
+    assert events[-1] == ("fsync", os.stat(tmp_path / "d").st_ino)  # the folder, so the renames survive a power cut
+
+
 def test_token_dtype_never_wraps():
     assert lm.token_dtype(65536) == np.uint16 and lm.token_dtype(65537) == np.uint32
 

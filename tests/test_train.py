@@ -68,7 +68,11 @@ def kill_then_resume_equals_uninterrupted(docs_data, tmp_path, kill_at, **common
     assert f"resuming {tmp_path / 'killed'}/ckpt_last.pt at step {saved}" in out
     assert_same_weights(tmp_path / "full", tmp_path / "killed")
     assert [r["step"] for r in metrics(tmp_path / "killed")] == [r["step"] for r in metrics(tmp_path / "full")]
-    assert load(tmp_path / "killed" / "ckpt_last.pt")["step"] == common["max_steps"]
+    full, resumed = load(tmp_path / "full" / "ckpt_last.pt"), load(tmp_path / "killed" / "ckpt_last.pt")
+    assert resumed["step"] == common["max_steps"] and resumed["scaler"] == full["scaler"]  # fp16's loss scale
+    for a, b in zip(full["optimizer"]["state"].values(), resumed["optimizer"]["state"].values(), strict=True):
+        assert all(torch.equal(a[k], b[k]) for k in a)  # AdamW's moments and step counts
+    assert all(torch.equal(a["torch"], b["torch"]) for a, b in zip(full["rng"], resumed["rng"], strict=True))
 
 
 def test_sigkill_then_resume_is_bit_identical(docs_data, tmp_path):
@@ -112,10 +116,85 @@ def test_logged_step_times_leave_out_checkpoint_saves(docs_data, tmp_path, monke
     assert max(r["ms_per_step"] for r in rows) < 5000, rows  # a save counted would add 20,000 ms to its window
 
 
+def test_grad_clip_is_applied_and_a_non_finite_grad_norm_stops_a_float32_run(docs_data, tmp_path, monkeypatch, capsys):
+    clip, max_norms = torch.nn.utils.clip_grad_norm_, []
+
+    def infinite_at_step_3(params, max_norm):  # a finite loss with an overflowing gradient: no scaler skips it
+        max_norms.append(max_norm)
+        norm = clip(params, max_norm)
+        return norm * math.inf if len(max_norms) == 3 else norm
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", infinite_at_step_3)
+    with pytest.raises(SystemExit) as stopped:
+        lm.main(["train", *train_args(tmp_path / "run", docs_data, max_steps=10, save_interval=2, grad_clip=0.5)])
+    assert stopped.value.code == 2 and max_norms == [0.5] * 3
+    assert "error: training diverged at step 3: loss " in capsys.readouterr().err
+    assert load(tmp_path / "run" / "ckpt_last.pt")["step"] == 2
+
+
+def test_val_loss_is_measured_without_dropout_and_only_a_lower_one_is_a_new_best(docs_data, tmp_path):
+    run = tmp_path / "run"
+    lm.main(["train", *train_args(run, docs_data, max_steps=10, eval_interval=10, save_interval=10, dropout=0.5)])
+    model = lm.model_from_checkpoint(str(run / "ckpt_last.pt"), torch.device("cpu"), torch.float32)
+    val = lm.Batches(str(docs_data / "val.bin"), np.uint16, model.cfg.seq_len, 1337 + 1, global_batch=4)
+    x, y = val.get(0, range(8), torch.device("cpu"))  # --eval_iters 2 x --batch_size 4: the windows evaluated
+    with torch.no_grad():
+        assert metrics(run)[-1]["val_loss"] == pytest.approx(model(x, y)[1].item(), abs=1e-4)
+    ckpt = load(run / "ckpt_last.pt")
+    ckpt["best_val_loss"] = 0.0  # a best no eval can beat; a new file renamed over it, so ckpt_best.pt keeps its bytes
+    torch.save(ckpt, run / "edited.pt")
+    os.replace(run / "edited.pt", run / "ckpt_last.pt")
+    lm.main(["train", *train_args(run, docs_data, max_steps=20, eval_interval=5, save_interval=5, dropout=0.5)])
+    assert load(run / "ckpt_best.pt")["step"] == 10 and load(run / "ckpt_last.pt")["step"] == 20
+
+
+def test_ctrl_c_asks_for_a_save_and_again_3_s_later_stops_at_once():
+    handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        stop = lm.StopSignal()
+        assert signal.getsignal(signal.SIGINT) == signal.getsignal(signal.SIGTERM) == stop._handle
+        os.kill(os.getpid(), signal.SIGINT)
+        assert stop.requested
+        os.kill(os.getpid(), signal.SIGINT)  # again at once: the same request (a scheduler may repeat it)
+        stop.since -= 4
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGINT)
+    finally:
+        for s, handler in handlers.items():
+            signal.signal(s, handler)
+
+
+def test_a_checkpoint_of_another_version_is_refused(tmp_path):
+    torch.save({"format": lm.CKPT_FORMAT, "version": 99}, tmp_path / "ckpt.pt")
+    with pytest.raises(lm.UserError, match="has checkpoint version 99, this script reads 1"):
+        lm.load_checkpoint(str(tmp_path / "ckpt.pt"))
+
+
 def test_compiled_deterministic_run_resumes_bit_identically(docs_data, tmp_path):
     # compiled, a backward adds with atomics in a varying order; --deterministic 1 takes kernels without them
     kill_then_resume_equals_uninterrupted(docs_data, tmp_path, kill_at=6, max_steps=18, save_interval=3,
                                           eval_interval=6, dropout=0.1, compile=1, deterministic=1)
+
+
+def test_lr_schedule_and_which_parameters_decay():
+    lr, min_lr, warmup, max_steps = 1.0, 0.1, 10, 110  # linear warmup to lr, cosine to min_lr, then min_lr
+    lrs = [lm.lr_at(step, lr, min_lr, warmup, max_steps) for step in (0, 9, 10, 60, 110, 200)]
+    assert lrs == pytest.approx([0.1, 1.0, 1.0, 0.55, 0.1, 0.1])
+    model = lm.Transformer(lm.ModelConfig(**lm.PRESETS["tiny"], vocab_size=300))
+    decay, no_decay = lm.make_optimizer(model, 1e-3, 0.1, torch.device("cpu")).param_groups
+    assert decay["weight_decay"] == 0.1 and {p.ndim for p in decay["params"]} == {2}  # embeddings, projections
+    assert no_decay["weight_decay"] == 0.0 and len(no_decay["params"]) == 2 * 2 + 1  # the norm gains
+    assert {p.ndim for p in no_decay["params"]} == {1}
+
+
+def test_an_epoch_reads_every_window_once_in_a_seeded_order(tmp_path):
+    path = tmp_path / "split.bin"
+    np.arange(16 * 40 + 5, dtype=np.uint16).tofile(path)
+    starts = {seed: [int(lm.Batches(str(path), np.uint16, 16, seed, global_batch=4).window(i)[0]) for i in range(39)]
+              for seed in (0, 1)}
+    for order in starts.values():
+        shift = min(order)  # the epoch's seeded shift of the window grid
+        assert sorted(order) == list(range(shift, shift + 16 * 39, 16)) and order != sorted(order)
+    assert starts[0] != starts[1]
 
 
 @pytest.mark.parametrize("tokens", [17, 21, 31, 32, 33, 55])
@@ -142,18 +221,20 @@ def test_resume_switches_between_bfloat16_and_float16(docs_data, tmp_path):
     assert "resuming" in out and "dtype bfloat16" in out
 
 
-# Compiled: d_model 384 makes 17 MB of weights, two of DDP's gradient buckets, so dynamo splits the compiled graph
-# at the bucket boundary (TORCH_LOGS=ddp_graphs shows submod_0 and submod_1) and each bucket's all-reduce must
-# still see its gradients.
-@pytest.mark.parametrize("model", [{}, {"compile": 1, "d_model": 384}], ids=["eager", "compiled"])
-def test_two_gloo_ranks_match_one_process_with_accumulation(docs_data, tmp_path, model):
+# Eager: each rank accumulates too, so its micro-steps must read its own rows of the global batch. Compiled: d_model
+# 384 makes 17 MB of weights, two of DDP's gradient buckets, so dynamo splits the compiled graph at the bucket
+# boundary (TORCH_LOGS=ddp_graphs shows submod_0 and submod_1) and each bucket's all-reduce must still see its
+# gradients.
+@pytest.mark.parametrize("accum, model", [(2, {}), (1, {"compile": 1, "d_model": 384})], ids=["eager", "compiled"])
+def test_two_gloo_ranks_match_one_process_with_accumulation(docs_data, tmp_path, accum, model):
     one_thread = {"OMP_NUM_THREADS": "1"}  # as each rank: sums split over threads may round differently
-    run_cli("train", *train_args(tmp_path / "one", docs_data, grad_accum_steps=2, max_steps=12, **model),
+    run_cli("train", *train_args(tmp_path / "one", docs_data, grad_accum_steps=2 * accum, max_steps=12, **model),
             env=one_thread)
-    cmd = torchrun(SCRIPT, "train", *train_args(tmp_path / "two", docs_data, grad_accum_steps=1, max_steps=12, **model))
+    cmd = torchrun(SCRIPT, "train", *train_args(tmp_path / "two", docs_data, grad_accum_steps=accum, max_steps=12,
+                                                **model))
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env={**os.environ, **one_thread})
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
-    assert "x 2 process(es)" in proc.stdout and "grad_accum_steps 1 x world_size 2" in proc.stdout, proc.stdout
+    assert "x 2 process(es)" in proc.stdout and f"grad_accum_steps {accum} x world_size 2" in proc.stdout, proc.stdout
     assert_same_weights(tmp_path / "one", tmp_path / "two", atol=1e-5)
     losses = [r["loss"] for r in metrics(tmp_path / "one")], [r["loss"] for r in metrics(tmp_path / "two")]
     assert losses[0] == pytest.approx(losses[1], abs=1e-4)
@@ -357,10 +438,15 @@ def test_a_new_best_checkpoint_is_linked_not_written_twice(tmp_path, monkeypatch
                                                          "pytorch_model.bin", "tokenizer.model"]  # no temp files
 
 
-def test_resume_refuses_another_architecture(docs_data, tmp_path):
+def test_resume_refuses_another_architecture_or_tokenizer(docs_corpus, docs_data, tmp_path):
     run_cli("train", *train_args(tmp_path / "run", docs_data, max_steps=5, save_interval=5))
     proc = run_cli("train", *train_args(tmp_path / "run", docs_data, max_steps=10, n_layer=3), check=False)
     assert_user_error(proc, "n_layer 2 -> 3", "new --out_dir")
+    other = tmp_path / "other"  # the same corpus and vocabulary size, a tokenizer trained on another sample
+    run_cli("prep", "--text_path", docs_corpus, "--out_dir", other, "--vocab_size", 1000, "--val_fraction", 0.05,
+            "--num_workers", 1, "--sample_lines", 3000)
+    assert_user_error(run_cli("train", *train_args(tmp_path / "run", other, max_steps=10), check=False),
+                      "trained with another tokenizer", "--data_dir")
     # a checkpoint with 8 heads, resumed with the preset's 4: named as such, not as a derived value's conflict
     run_cli("train", *train_args(tmp_path / "run8", docs_data, max_steps=5, save_interval=5, n_head=8))
     assert_user_error(run_cli("train", *train_args(tmp_path / "run8", docs_data, max_steps=10), check=False),
