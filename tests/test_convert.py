@@ -138,6 +138,15 @@ def test_autotokenizer_ids_equal_sentencepiece(converted, sp, tmp_path):
     assert [tok2(t)["input_ids"] for t in C.PARITY_TEXTS] == [tok(t)["input_ids"] for t in C.PARITY_TEXTS]
 
 
+def test_a_bare_hf_generate_samples_as_our_generate_does_by_default(converted):
+    from transformers import GenerationConfig
+    hf, ours = GenerationConfig.from_pretrained(converted[1]), S.build_parser().parse_args(["generate", "--ckpt", "x"])
+    assert hf.do_sample and (hf.temperature, hf.top_k, hf.max_new_tokens) == (ours.temperature, ours.top_k,
+                                                                               ours.max_new_tokens)
+    assert ours.top_p == ours.repetition_penalty == 1.0 and {hf.top_p, hf.repetition_penalty} <= {None, 1.0}  # off
+    assert (hf.bos_token_id, hf.eos_token_id, hf.pad_token_id) == (S.BOS_ID, S.EOS_ID, S.PAD_ID)
+
+
 def test_llama_tokenizer_class_would_break_parity(converted, sp, tmp_path):
     # Why tokenizer_config.json names the generic class: LlamaTokenizer swaps in a Metaspace pre-tokenizer that drops
     # the dummy prefix of a text starting with a space. The parity check must catch that.

@@ -206,6 +206,7 @@ def test_cli_generate_refuses_bad_input(trained, docs_corpus, tmp_path):
     assert_user_error(run_cli("generate", "--ckpt", ckpt, "--max_new_tokens", -5, check=False),
                       "--max_new_tokens must be 0 or more, got -5")
     assert_user_error(run_cli("generate", "--ckpt", ckpt, "--top_p", 0, check=False), "--top_p must be in (0, 1]")
+    assert_user_error(run_cli("generate", "--ckpt", ckpt, "--top_k", -1, check=False), "--top_k must be 0 (off)")
     assert_user_error(run_cli("generate", "--ckpt", ckpt, "--repetition_penalty", 0, check=False),
                       "--repetition_penalty must be above 0")
 
