@@ -3,6 +3,7 @@ import dataclasses
 import json
 import math
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -161,6 +162,15 @@ def test_ctrl_c_asks_for_a_save_and_again_3_s_later_stops_at_once():
     finally:
         for s, handler in handlers.items():
             signal.signal(s, handler)
+
+
+def test_train_help_shows_every_training_default(capsys):
+    with pytest.raises(SystemExit):
+        lm.main(["train", "--help"])
+    text = " ".join(capsys.readouterr().out.split()).split(" options: ", 1)[1]  # past the usage line
+    for flag, default in (("batch_size", 16), ("lr", 0.0006), ("max_steps", 200000), ("compile", 0), ("dtype", "auto")):
+        assert re.search(rf"--{flag} \S+ [^-]*\(default: {default}\)", text), flag
+    assert "--min_lr MIN_LR (default: lr / 10)" in text and "(default: None)" not in text
 
 
 def test_a_checkpoint_of_another_version_is_refused(tmp_path):
