@@ -891,7 +891,7 @@ def out_dir_lock(out_dir: str):
     with open(os.path.join(out_dir, ".train.lock"), "a+") as f:
         try:
             import fcntl  # POSIX only: Windows goes unguarded
-            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)  # the kernel releases it when the process ends, however
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)  # the kernel drops it when the process ends, even by SIGKILL
         except BlockingIOError:
             f.seek(0)
             holder = f.read().strip() or "another process"
