@@ -1057,8 +1057,9 @@ def train(tc: TrainConfig, args, device: torch.device, rank: int, world: int) ->
 
     tokens_per_step, n_train = global_batch * cfg.seq_len, len(train_data.data)
     n_params = sum(p.numel() for p in raw_model.parameters())
+    wait = " (the first step compiles: a minute or more before the first log line)" if tc.compile else ""
     print0(f"torch {torch.__version__}, device {device} x {world} process(es), dtype {str(dtype)[6:]}, "
-           f"compile {tc.compile}")
+           f"compile {tc.compile}{wait}")
     print0(f"model {json.dumps(dataclasses.asdict(cfg))}: {n_params:,} parameters "
            f"(ffn_hidden {cfg.ffn_hidden}, head_dim {cfg.head_dim})")
     print0(f"train {json.dumps(dataclasses.asdict(tc))}")
