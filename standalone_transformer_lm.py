@@ -208,6 +208,7 @@ def check_flags(args, checks) -> None:
 UNK_ID, BOS_ID, EOS_ID, PAD_ID = 0, 1, 2, 3
 SP_MAX_LINE_BYTES = 4192  # SentencePiece's training limit per sentence; longer lines are still encoded in full
 BLOCK_BYTES = 1 << 22  # prep reads and encodes the corpus in blocks of about this many bytes
+MAX_LINE_BYTES = 1 << 26  # 64 MB; SentencePiece takes about 42 bytes of memory per byte of a line it encodes
 MIN_VOCAB, MAX_VOCAB = 300, 1 << 20  # 4 specials + 256 byte pieces need room; a million is beyond any sane LM
 
 # Trainer options, chosen so that decode(encode(line)) == line for every line (but one holding "▁", which SentencePiece
@@ -245,7 +246,11 @@ def read_blocks(path: str, start: int, end: int):
         while pos < end:
             block = f.read(min(BLOCK_BYTES, end - pos))
             if pos + len(block) < end and not block.endswith(b"\n"):
-                block += f.readline()
+                block += f.readline(MAX_LINE_BYTES)
+                if pos + len(block) < end and not block.endswith(b"\n"):
+                    raise UserError(f"{path!r} has a line of more than {MAX_LINE_BYTES >> 20} MB (after byte {pos:,}); "
+                                    f"a line is one sample, and encoding that much at once takes gigabytes. HINT: "
+                                    f"write one document per line, e.g. `fold -s -w 10000 {path} > corpus.folded.txt`")
             pos += len(block)
             yield block
 

@@ -152,6 +152,18 @@ def test_every_file_is_on_disk_before_its_rename_and_the_folder_after(docs_corpu
     assert events[-1] == ("fsync", os.stat(tmp_path / "d").st_ino)  # the folder, so the renames survive a power cut
 
 
+def test_a_line_too_long_to_encode_is_refused_before_any_work(tmp_path, monkeypatch):
+    monkeypatch.setattr(lm, "BLOCK_BYTES", 4096)  # as 4 MB blocks meet a line of more than 64 MB, scaled down
+    monkeypatch.setattr(lm, "MAX_LINE_BYTES", 10_000)
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("\n".join(docs_lines()[:300] + ["word " * 5000] + docs_lines()[300:600]) + "\n")
+    with pytest.raises(lm.UserError, match=r"has a line of more than .* HINT: .*`fold -s -w 10000 "):
+        lm.prep(str(corpus), str(tmp_path / "d"), vocab_size=700, progress=False)
+    assert os.listdir(tmp_path / "d") == []
+    monkeypatch.setattr(lm, "MAX_LINE_BYTES", 30_000)  # the same line under the limit: prepped in full
+    assert lm.prep(str(corpus), str(tmp_path / "d"), vocab_size=700, progress=False)["train"]["samples"] > 500
+
+
 def test_token_dtype_never_wraps():
     assert lm.token_dtype(65536) == np.uint16 and lm.token_dtype(65537) == np.uint32
 
