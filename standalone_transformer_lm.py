@@ -1354,6 +1354,7 @@ def cmd_generate(args) -> list[str]:
                         f"shorten the prompt")
     decode_step = None
     if args.compile:  # one graph for every decode step (CUDA graphs on GPU); the prefill runs eagerly
+        print("compiling the decode step: the first new token waits for it", file=sys.stderr, flush=True)
         decode_step = torch.compile(model, fullgraph=True, mode="reduce-overhead" if device.type == "cuda" else None)
     sample = functools.partial(generate, model, prompt, args.max_new_tokens, args.temperature, args.top_k, args.top_p,
                                args.repetition_penalty, decode_step=decode_step)

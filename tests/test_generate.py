@@ -176,6 +176,7 @@ def test_a_failing_compile_is_one_error_line_with_the_fix(trained, docs_data, tm
     proc = run_cli("generate", "--ckpt", trained / "ckpt_last.pt", "--prompt", "The try statement", "--num_samples", 4,
                    "--seed", 0, "--max_new_tokens", 3, "--compile", 1, check=False, env=env)
     assert_user_error(proc, "torch.compile failed", "--compile 0")
+    assert proc.stderr.startswith("compiling the decode step: the first new token waits for it\n")  # said before
 
 
 def test_cli_generate_refuses_bad_input(trained, docs_corpus, tmp_path):
