@@ -246,11 +246,13 @@ def read_blocks(path: str, start: int, end: int):
         while pos < end:
             block = f.read(min(BLOCK_BYTES, end - pos))
             if pos + len(block) < end and not block.endswith(b"\n"):
+                line_start = pos + block.rfind(b"\n") + 1
                 block += f.readline(MAX_LINE_BYTES)
                 if pos + len(block) < end and not block.endswith(b"\n"):
-                    raise UserError(f"{path!r} has a line of more than {MAX_LINE_BYTES >> 20} MB (after byte {pos:,}); "
-                                    f"a line is one sample, and encoding that much at once takes gigabytes. HINT: "
-                                    f"write one document per line, e.g. `fold -s -w 10000 {path} > corpus.folded.txt`")
+                    raise UserError(f"{path!r} has a line of more than {MAX_LINE_BYTES >> 20} MB (from byte "
+                                    f"{line_start:,}); a line is one sample, and encoding that much at once takes "
+                                    f"gigabytes. HINT: write one document per line, e.g. "
+                                    f"`fold -s -w 10000 {path} > corpus.folded.txt`")
             pos += len(block)
             yield block
 

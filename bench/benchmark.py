@@ -1,6 +1,6 @@
 """Speed of standalone_transformer_lm.py: prep throughput, training steps and decoding, against Hugging Face LLaMA.
 
-    python bench/benchmark.py                         # CPU: quick size; prep on 1 GB, trainer, train, generate
+    python bench/benchmark.py                         # CPU: quick size; prep on 1 GB, trainer, generate, train
     python bench/benchmark.py --only train,generate --rounds 3
     python bench/benchmark.py --size presets          # GPU: 138m, 350m, 700m at seq 1024 in bf16
     python bench/benchmark.py --size 350m             # one preset: each should fit 10 minutes on one H100
@@ -491,7 +491,7 @@ def bench_trainer(args, device: torch.device, budget: Budget, size: str, fields:
     """`standalone_transformer_lm.py train` as a user runs it (compiled on a GPU, eager on a CPU), for three log
     windows of --steps steps each; the first compiles, the faster of the other two is kept. Its own log gives
     ms/step, tokens/s and MFU, averaged over a window. It runs first for each size, since the GPU's MFU targets
-    rest on it: a spent time budget cuts the comparisons with HF instead. It is stopped once its third window is
+    rest on it: a spent time budget cuts the comparisons of bare steps instead. It is stopped once its third window is
     logged, before its final save (at 700m, 12 GB written that measure nothing), and when the time budget is spent.
     --deterministic adds a run with `--deterministic 1`, for what bit-identical resumes cost."""
     compiled, rows = int(device.type == "cuda"), []

@@ -157,7 +157,8 @@ def test_a_line_too_long_to_encode_is_refused_before_any_work(tmp_path, monkeypa
     monkeypatch.setattr(lm, "MAX_LINE_BYTES", 10_000)
     corpus = tmp_path / "corpus.txt"
     corpus.write_text("\n".join(docs_lines()[:300] + ["word " * 5000] + docs_lines()[300:600]) + "\n")
-    with pytest.raises(lm.UserError, match=r"has a line of more than .* HINT: .*`fold -s -w 10000 "):
+    start = len(("\n".join(docs_lines()[:300]) + "\n").encode())  # where the long line begins
+    with pytest.raises(lm.UserError, match=rf"a line of more than 0 MB \(from byte {start:,}\);.*`fold -s -w 10000 "):
         lm.prep(str(corpus), str(tmp_path / "d"), vocab_size=700, progress=False)
     assert os.listdir(tmp_path / "d") == []
     monkeypatch.setattr(lm, "MAX_LINE_BYTES", 30_000)  # the same line under the limit: prepped in full
