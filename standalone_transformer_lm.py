@@ -995,7 +995,7 @@ def set_rng_state(state: dict, device: torch.device) -> None:
         torch.cuda.set_rng_state(state["cuda"], device)
 
 
-def train(tc: TrainConfig, args, device: torch.device, rank: int, world: int) -> dict:
+def train(tc: TrainConfig, args, device: torch.device, rank: int, world: int, held: contextlib.ExitStack) -> dict:
     ddp = world > 1
     counts = ("batch_size", "grad_accum_steps", "max_steps", "log_interval", "eval_interval", "eval_iters",
               "save_interval")
@@ -1010,7 +1010,8 @@ def train(tc: TrainConfig, args, device: torch.device, rank: int, world: int) ->
         raise UserError(f"{last_path} was trained with another tokenizer than {tc.data_dir}/tokenizer.model. HINT: "
                         f"resume with the --data_dir it was trained on, or start a new --out_dir")
     cfg = resolve_model_config(args, meta["vocab_size"], ckpt["model_config"] if ckpt else None)
-    if rank == 0:
+    if rank == 0:  # the input checked, the folder is ours until train() returns
+        held.enter_context(out_dir_lock(tc.out_dir))
         remove_stale_tmp(tc.out_dir, ("ckpt_last.pt", "ckpt_best.pt", "pytorch_model.bin", "config.json",
                                       "tokenizer.model", "metrics.jsonl"))
     min_lr = tc.lr / 10 if tc.min_lr is None else tc.min_lr
@@ -1321,8 +1322,8 @@ def cmd_train(args) -> dict:
     device = resolve_device(tc.device)
     rank, world = setup_distributed(device, tc.dist_timeout)
     try:
-        with out_dir_lock(tc.out_dir) if rank == 0 else contextlib.nullcontext():
-            return train(tc, args, device, rank, world)
+        with contextlib.ExitStack() as held:  # rank 0's --out_dir lock, taken once train() has checked its input
+            return train(tc, args, device, rank, world, held)
     except Exception as e:  # the first failure of a size too big for the GPU; a compile's own errors wrap it
         if not (isinstance(e, torch.cuda.OutOfMemoryError) or "CUDA out of memory" in str(e)):
             raise

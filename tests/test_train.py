@@ -515,6 +515,7 @@ def test_compile_on_cpu_and_the_exported_files(docs_data, tmp_path):
 def test_bad_train_input(docs_data, tmp_path):
     assert_user_error(run_cli("train", *train_args(tmp_path / "r", tmp_path / "nothing"), check=False),
                       "does not exist", "prep")
+    assert not (tmp_path / "r").exists()  # a typo in --data_dir leaves no empty --out_dir behind
     assert_user_error(run_cli("train", *train_args(tmp_path / "r", docs_data, seq_len=100000), check=False),
                       "not one sequence", "--val_fraction")
     for flag, value, needle in (("n_head", 0, "must be positive, got n_head 0"), ("n_kv_head", 0, "n_kv_head 0"),
