@@ -512,6 +512,22 @@ def test_compile_on_cpu_and_the_exported_files(docs_data, tmp_path):
     assert not [p for p in os.listdir(out) if ".tmp" in p]
 
 
+@pytest.mark.parametrize("tie, n_kv_head, dropout, autocast", [(0, 4, 0.0, False), (1, 2, 0.1, True)])
+def test_the_training_forward_is_one_graph_compiled_once(tie, n_kv_head, dropout, autocast):
+    """--compile 1 traces the training forward as one graph (a graph break would run the rest eagerly, silently
+    slower) and compiles it once for the whole run, bf16 autocast included. The "eager" backend checks what dynamo
+    traces without running inductor; fullgraph=True raises at any break, error_on_recompile at any recompile."""
+    cfg = lm.ModelConfig(**lm.PRESETS["tiny"], vocab_size=320, n_kv_head=n_kv_head, tie_embeddings=tie)
+    model = lm.Transformer(cfg, dropout)
+    torch._dynamo.reset()
+    compiled = torch.compile(model, backend="eager", fullgraph=True)
+    x = torch.randint(0, cfg.vocab_size, (3, cfg.seq_len))
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        for _ in range(3):
+            with torch.autocast("cpu", dtype=torch.bfloat16) if autocast else contextlib.nullcontext():
+                compiled(x, x.roll(-1, 1))[1].backward()
+    assert all(p.grad is not None for p in model.parameters())
+
 def test_bad_train_input(docs_data, tmp_path):
     assert_user_error(run_cli("train", *train_args(tmp_path / "r", tmp_path / "nothing"), check=False),
                       "does not exist", "prep")
