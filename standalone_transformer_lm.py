@@ -1062,8 +1062,9 @@ def train(tc: TrainConfig, args, device: torch.device, rank: int, world: int, he
             raise UserError(f"the processes start at different steps {steps}: they do not all see the same "
                             f"{tc.out_dir}. HINT: put --out_dir on a filesystem every node shares, as an absolute path")
     model = torch.compile(raw_model) if tc.compile else raw_model
-    if ddp:
-        model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
+    if ddp:  # the gradients become views into DDP's all-reduce buckets, not a second copy of them (with
+        # zero_grad(set_to_none=False) below, which keeps the views): one gradient's size less memory per process
+        model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None, gradient_as_bucket_view=True)
 
     tokens_per_step, n_train = global_batch * cfg.seq_len, len(train_data.data)
     n_params = sum(p.numel() for p in raw_model.parameters())
@@ -1171,7 +1172,7 @@ def train(tc: TrainConfig, args, device: torch.device, rank: int, world: int, he
                                 f"more --warmup_steps")
             scaler.step(optimizer)
             scaler.update()
-            optimizer.zero_grad(set_to_none=True)
+            optimizer.zero_grad(set_to_none=not ddp)  # alone: free them until the next backward
             step += 1
             steps_since_log += 1
             bar.update(1)
