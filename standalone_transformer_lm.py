@@ -1004,13 +1004,15 @@ def train(tc: TrainConfig, args, device: torch.device, rank: int, world: int, he
         (name, getattr(tc, name) is None or getattr(tc, name) >= 0, "0 or more")
         for name in ("warmup_steps", "min_lr", "weight_decay", "grad_clip", "seed")])
     meta = read_meta(tc.data_dir)
+    last_path = os.path.join(tc.out_dir, "ckpt_last.pt")
+    if not os.path.exists(last_path):  # a new run: a bad model shape is refused before --out_dir is made
+        resolve_model_config(args, meta["vocab_size"], None)
     # The folder is ours until train() returns, locked before its checkpoint is read: a run that still saves would
     # otherwise replace it between our read and our start.
     if rank == 0:
         held.enter_context(out_dir_lock(tc.out_dir))
         remove_stale_tmp(tc.out_dir, ("ckpt_last.pt", "ckpt_best.pt", "pytorch_model.bin", "config.json",
                                       "tokenizer.model", "metrics.jsonl"))
-    last_path = os.path.join(tc.out_dir, "ckpt_last.pt")
     ckpt = load_checkpoint(last_path) if os.path.exists(last_path) else None
     if ckpt and ckpt.get("tokenizer_sha256") != meta["tokenizer_sha256"]:
         raise UserError(f"{last_path} was trained with another tokenizer than {tc.data_dir}/tokenizer.model. HINT: "

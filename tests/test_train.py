@@ -539,8 +539,9 @@ def test_bad_train_input(docs_data, tmp_path):
                                 ("lr", -1e-3, "--lr must be above 0"), ("grad_clip", -1, "--grad_clip must be 0"),
                                 ("seed", -1, "--seed must be 0 or more, got -1"),
                                 ("batch_size", "x", "invalid int value")):
-        assert_user_error(run_cli("train", *train_args(tmp_path / "r", docs_data, **{flag: value}), check=False),
+        assert_user_error(run_cli("train", *train_args(tmp_path / "r2", docs_data, **{flag: value}), check=False),
                           needle)
+    assert not (tmp_path / "r2").exists()  # nor does a bad model shape or training flag
     (tmp_path / "file").write_text("x")
     assert_user_error(run_cli("train", *train_args(tmp_path / "file", docs_data), check=False),
                       "cannot be made a folder")
