@@ -74,7 +74,18 @@ def test_output_layer_in_vocabulary_blocks_equals_lm_head():
     m = lm.Transformer(lm.ModelConfig(vocab_size=640, n_layer=1, n_head=2, d_model=32, seq_len=16)).eval()
     x = torch.randn(3, 5, 32)
     with torch.no_grad():
-        torch.testing.assert_close(m.output_layer(x), m.lm_head(x), rtol=1e-6, atol=1e-6)
+        for change in (None, "replaced", "updated in place", "loaded"):  # its copy of the weight follows the weight
+            if change == "replaced":
+                new = torch.randn(640, 32)
+                while new._version < m.lm_head.weight._version:  # the same version: only its identity differs
+                    new.add_(0.0)
+                m.lm_head.weight = torch.nn.Parameter(new)
+                assert m.lm_head.weight._version == m._decode_w[0][1]
+            elif change == "updated in place":
+                m.lm_head.weight.mul_(2.0)
+            elif change == "loaded":
+                m.load_state_dict({**m.state_dict(), "lm_head.weight": torch.randn(640, 32)})
+            torch.testing.assert_close(m.output_layer(x), m.lm_head(x), rtol=1e-6, atol=1e-6, msg=change)
 
 
 def draws(logits, n=4000, **kw):
