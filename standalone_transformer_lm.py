@@ -706,9 +706,9 @@ class Transformer(nn.Module):
         """lm_head. On CPU, MKL multiplies a few rows by the (vocab, d_model) matrix on one core; cut into blocks of
         the vocabulary, one batched matmul runs them on every core, faster still when decoding, from the copy laid out
         block by block that generate() makes for each call. One token at vocab 32000 on 2 cores: 4.2-4.7 ms plain,
-        0.7-2.2 ms in blocks, 0.4-0.7 ms from the copy; the same dot products (bit-identical there, equal to rounding
-        in general)."""
-        blocks, n = math.gcd(self.cfg.vocab_size, 16), x.size(0) * x.size(1)
+        0.7-2.2 ms in 32 blocks, 0.4-1.1 ms from the copy; the same dot products (bit-identical there, equal to
+        rounding in general)."""
+        blocks, n = math.gcd(self.cfg.vocab_size, 32), x.size(0) * x.size(1)
         if x.device.type != "cpu" or torch.is_grad_enabled() or n > 256 or blocks < 4:
             return self.lm_head(x)
         w = self.lm_head.weight.view(blocks, -1, self.cfg.d_model).transpose(1, 2)  # (blocks, d_model, vocab / blocks)
@@ -720,7 +720,7 @@ class Transformer(nn.Module):
     def lay_out_for_decoding(self, on: bool) -> None:
         """generate() turns it on for the call and off after it: a copy made per call cannot miss a change of the
         weights between calls (a write through .data leaves no trace on the tensor, nor does a fused AdamW step)."""
-        weight, blocks = self.lm_head.weight, math.gcd(self.cfg.vocab_size, 16)
+        weight, blocks = self.lm_head.weight, math.gcd(self.cfg.vocab_size, 32)
         self.decode_weight = None
         if on and weight.device.type == "cpu" and blocks >= 4:
             self.decode_weight = weight.detach().view(blocks, -1, self.cfg.d_model).transpose(1, 2).contiguous()
@@ -1019,7 +1019,9 @@ def train(tc: TrainConfig, args, device: torch.device, rank: int, world: int, he
     meta = read_meta(tc.data_dir)
     last_path = os.path.join(tc.out_dir, "ckpt_last.pt")
     if not os.path.exists(last_path):  # a new run: a bad model shape is refused before --out_dir is made
-        resolve_model_config(args, meta["vocab_size"], None)
+        seq_len = resolve_model_config(args, meta["vocab_size"], None).seq_len
+        for split in ("train", "val"):  # (a split shorter than one sequence too)
+            Batches(os.path.join(tc.data_dir, f"{split}.bin"), np.dtype(meta["dtype"]), seq_len, tc.seed, 1)
     # The folder is ours until train() returns, locked before its checkpoint is read: a run that still saves would
     # otherwise replace it between our read and our start.
     if rank == 0:

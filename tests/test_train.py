@@ -13,6 +13,7 @@ import warnings
 import numpy as np
 import pytest
 import torch
+import torch._dynamo.testing
 
 import standalone_transformer_lm as lm
 from conftest import SCRIPT, assert_user_error, run_cli
@@ -515,24 +516,28 @@ def test_compile_on_cpu_and_the_exported_files(docs_data, tmp_path):
 @pytest.mark.parametrize("tie, n_kv_head, dropout, autocast", [(0, 4, 0.0, False), (1, 2, 0.1, True)])
 def test_the_training_forward_is_one_graph_compiled_once(tie, n_kv_head, dropout, autocast):
     """--compile 1 traces the training forward as one graph (a graph break would run the rest eagerly, silently
-    slower) and compiles it once for the whole run, bf16 autocast included. The "eager" backend checks what dynamo
-    traces without running inductor; fullgraph=True raises at any break, error_on_recompile at any recompile."""
+    slower) and compiles it once for the whole run, bf16 autocast included. Compiled as train compiles it (no
+    fullgraph, which would fold a .item() into the graph instead of breaking it), with a backend that counts graphs
+    and does not run inductor; error_on_recompile raises at any recompile."""
     cfg = lm.ModelConfig(**lm.PRESETS["tiny"], vocab_size=320, n_kv_head=n_kv_head, tie_embeddings=tie)
     model = lm.Transformer(cfg, dropout)
     torch._dynamo.reset()
-    compiled = torch.compile(model, backend="eager", fullgraph=True)
+    counter = torch._dynamo.testing.CompileCounter()
+    compiled = torch.compile(model, backend=counter)
     x = torch.randint(0, cfg.vocab_size, (3, cfg.seq_len))
     with torch._dynamo.config.patch(error_on_recompile=True):
         for _ in range(3):
             with torch.autocast("cpu", dtype=torch.bfloat16) if autocast else contextlib.nullcontext():
                 compiled(x, x.roll(-1, 1))[1].backward()
+    assert counter.frame_count == 1
     assert all(p.grad is not None for p in model.parameters())
+
 
 def test_bad_train_input(docs_data, tmp_path):
     assert_user_error(run_cli("train", *train_args(tmp_path / "r", tmp_path / "nothing"), check=False),
                       "does not exist", "prep")
     assert not (tmp_path / "r").exists()  # a typo in --data_dir leaves no empty --out_dir behind
-    assert_user_error(run_cli("train", *train_args(tmp_path / "r", docs_data, seq_len=100000), check=False),
+    assert_user_error(run_cli("train", *train_args(tmp_path / "r2", docs_data, seq_len=100000), check=False),
                       "not one sequence", "--val_fraction")
     for flag, value, needle in (("n_head", 0, "must be positive, got n_head 0"), ("n_kv_head", 0, "n_kv_head 0"),
                                 ("ffn_mult", -1, "ffn_mult -1"), ("dropout", 1.5, "--dropout must be in [0, 1)"),
@@ -541,7 +546,7 @@ def test_bad_train_input(docs_data, tmp_path):
                                 ("batch_size", "x", "invalid int value")):
         assert_user_error(run_cli("train", *train_args(tmp_path / "r2", docs_data, **{flag: value}), check=False),
                           needle)
-    assert not (tmp_path / "r2").exists()  # nor does a bad model shape or training flag
+    assert not (tmp_path / "r2").exists()  # nor does a bad model shape, a split too short for it or a training flag
     (tmp_path / "file").write_text("x")
     assert_user_error(run_cli("train", *train_args(tmp_path / "file", docs_data), check=False),
                       "cannot be made a folder")
