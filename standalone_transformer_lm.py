@@ -696,34 +696,36 @@ class Transformer(nn.Module):
         x = self.dropout(self.embed_tokens(idx))  # (B, T, d_model)
         for block in self.layers:
             x = block(x, cos, sin, pos, mask)
-        logits = self.output_layer(self.norm(x), decoding=pos is not None)  # (B, T, vocab_size)
+        logits = self.output_layer(self.norm(x))  # (B, T, vocab_size)
         if targets is None:
             return logits, None
         loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1)
         return logits, loss
 
-    def output_layer(self, x, decoding: bool = False):
+    def output_layer(self, x):
         """lm_head. On CPU, MKL multiplies a few rows by the (vocab, d_model) matrix on one core; cut into blocks of
-        the vocabulary, one batched matmul runs them on every core, faster still when decoding, from the copy laid out
-        block by block that generate() makes for each call. One token at vocab 32000 on 2 cores: 4.2-4.7 ms plain,
+        the vocabulary, one batched matmul runs them on every core, faster still from the copy laid out block by block
+        that generate() holds for the length of each call. One token at vocab 32000 on 2 cores: 4.2-4.7 ms plain,
         0.7-2.2 ms in 32 blocks, 0.4-1.1 ms from the copy; the same dot products (bit-identical there, equal to
         rounding in general)."""
-        blocks, n = math.gcd(self.cfg.vocab_size, 32), x.size(0) * x.size(1)
-        if x.device.type != "cpu" or torch.is_grad_enabled() or n > 256 or blocks < 4:
+        n, w = x.size(0) * x.size(1), self.vocab_blocks()
+        if x.device.type != "cpu" or torch.is_grad_enabled() or n > 256 or w is None:
             return self.lm_head(x)
-        w = self.lm_head.weight.view(blocks, -1, self.cfg.d_model).transpose(1, 2)  # (blocks, d_model, vocab / blocks)
-        if decoding and not torch.compiler.is_compiling() and self.decode_weight is not None:
-            w = self.decode_weight  # the same, contiguous (a compiled step plans its own layout)
+        if self.decode_weight is not None and not torch.compiler.is_compiling():  # (a compiled step plans its own)
+            w = self.decode_weight
         logits = x.view(1, n, -1) @ w  # (blocks, n, vocab_size / blocks)
         return logits.transpose(0, 1).reshape(*x.shape[:2], -1)
+
+    def vocab_blocks(self) -> torch.Tensor | None:
+        """lm_head's weight viewed as (blocks, d_model, vocab_size / blocks); None when the vocabulary has no 4."""
+        blocks = math.gcd(self.cfg.vocab_size, 32)
+        return self.lm_head.weight.view(blocks, -1, self.cfg.d_model).transpose(1, 2) if blocks >= 4 else None
 
     def lay_out_for_decoding(self, on: bool) -> None:
         """generate() turns it on for the call and off after it: a copy made per call cannot miss a change of the
         weights between calls (a write through .data leaves no trace on the tensor, nor does a fused AdamW step)."""
-        weight, blocks = self.lm_head.weight, math.gcd(self.cfg.vocab_size, 32)
-        self.decode_weight = None
-        if on and weight.device.type == "cpu" and blocks >= 4:
-            self.decode_weight = weight.detach().view(blocks, -1, self.cfg.d_model).transpose(1, 2).contiguous()
+        w = self.vocab_blocks() if on and self.lm_head.weight.device.type == "cpu" else None
+        self.decode_weight = None if w is None else w.detach().contiguous()
 
     def flops_per_token(self) -> float:
         # PaLM (appendix B): 6 FLOPs per matmul parameter per token (forward + backward), plus attention scores and

@@ -75,9 +75,10 @@ def test_output_layer_in_vocabulary_blocks_equals_lm_head():
     m = lm.Transformer(lm.ModelConfig(vocab_size=640, n_layer=1, n_head=2, d_model=32, seq_len=16)).eval()
     x = torch.randn(3, 5, 32)
     with torch.no_grad():
-        m.lay_out_for_decoding(True)
         for decoding in (False, True):  # the weight's own layout cut in blocks; generate()'s copy laid out by block
-            torch.testing.assert_close(m.output_layer(x, decoding), m.lm_head(x), rtol=1e-6, atol=1e-6)
+            m.lay_out_for_decoding(decoding)
+            assert (m.decode_weight is not None) == decoding
+            torch.testing.assert_close(m.output_layer(x), m.lm_head(x), rtol=1e-6, atol=1e-6)
 
 
 def test_decoding_sees_weights_changed_without_a_trace(model):
