@@ -5,6 +5,7 @@ import math
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -232,20 +233,38 @@ def test_resume_switches_between_bfloat16_and_float16(docs_data, tmp_path):
     assert "resuming" in out and "dtype bfloat16" in out
 
 
-# Eager: each rank accumulates too, so its micro-steps must read its own rows of the global batch. Compiled: d_model
-# 384 makes 17 MB of weights, two of DDP's gradient buckets, so dynamo splits the compiled graph at the bucket
-# boundary (TORCH_LOGS=ddp_graphs shows submod_0 and submod_1) and each bucket's all-reduce must still see its
-# gradients.
+# Eager: each rank accumulates too, so its micro-steps must read its own rows of the global batch; the two ranks are
+# two "nodes" of one process each, started as the README starts several nodes (a torchrun per node, c10d rendezvous).
+# Compiled: d_model 384 makes 17 MB of weights, two of DDP's gradient buckets, so dynamo splits the compiled graph at
+# the bucket boundary (TORCH_LOGS=ddp_graphs shows submod_0 and submod_1) and each bucket's all-reduce must still see
+# its gradients.
 @pytest.mark.parametrize("accum, model", [(2, {}), (1, {"compile": 1, "d_model": 384})], ids=["eager", "compiled"])
 def test_two_gloo_ranks_match_one_process_with_accumulation(docs_data, tmp_path, accum, model):
     one_thread = {"OMP_NUM_THREADS": "1"}  # as each rank: sums split over threads may round differently
     run_cli("train", *train_args(tmp_path / "one", docs_data, grad_accum_steps=2 * accum, max_steps=12, **model),
             env=one_thread)
-    cmd = torchrun(SCRIPT, "train", *train_args(tmp_path / "two", docs_data, grad_accum_steps=accum, max_steps=12,
-                                                **model))
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env={**os.environ, **one_thread})
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
-    assert "x 2 process(es)" in proc.stdout and f"grad_accum_steps {accum} x world_size 2" in proc.stdout, proc.stdout
+    args = [SCRIPT, "train", *train_args(tmp_path / "two", docs_data, grad_accum_steps=accum, max_steps=12, **model)]
+    logs = [tmp_path / f"launcher{i}.log" for i in range(2)]
+    launch = [dict(stdout=open(log, "w"), stderr=subprocess.STDOUT, env={**os.environ, **one_thread}) for log in logs]
+    if model:
+        procs = [subprocess.Popen(torchrun(*args), **launch[0])]
+    else:
+        with socket.socket() as s:  # a free port for the rendezvous
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        nodes = ["--nnodes=2", "--nproc_per_node=1", "--rdzv_backend=c10d", f"--rdzv_endpoint=127.0.0.1:{port}",
+                 "--rdzv_id=test"]
+        procs = [subprocess.Popen([sys.executable, "-m", "torch.distributed.run", *nodes, *args], **launch[i])
+                 for i in range(2)]
+    try:
+        codes = [p.wait(timeout=600) for p in procs]
+    finally:
+        for p, kw in zip(procs, launch):
+            p.kill()
+            kw["stdout"].close()
+    stdout = "".join(log.read_text() for log in logs if log.exists())  # rank 0's, from whichever node it ran on
+    assert codes == [0] * len(procs), stdout[-5000:]
+    assert "x 2 process(es)" in stdout and f"grad_accum_steps {accum} x world_size 2" in stdout, stdout
     assert_same_weights(tmp_path / "one", tmp_path / "two", atol=1e-5)
     losses = [r["loss"] for r in metrics(tmp_path / "one")], [r["loss"] for r in metrics(tmp_path / "two")]
     assert losses[0] == pytest.approx(losses[1], abs=1e-4)
