@@ -1043,7 +1043,8 @@ def train(tc: TrainConfig, args, device: torch.device, rank: int, world: int, he
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     if tc.deterministic:  # bit-identical reruns and resumes, compiled too: no atomics in reductions, maybe slower
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # read when cuBLAS starts, at the first matmul
-        torch.use_deterministic_algorithms(True, warn_only=True)  # torch warns of an op that has no such kernel
+        # Not warn_only: with it, flash and memory-efficient attention keep their backward with atomics (and warn)
+        torch.use_deterministic_algorithms(True)
     torch.manual_seed(tc.seed)  # same initial weights on every rank and every device
     raw_model = Transformer(cfg, tc.dropout).to(device)
     torch.manual_seed(tc.seed + rank)  # then each rank draws its own dropout masks, as it reads its own rows
@@ -1350,7 +1351,11 @@ def cmd_train(args) -> dict:
     try:
         with contextlib.ExitStack() as held:  # rank 0's --out_dir lock, taken once train() has checked its input
             return train(tc, args, device, rank, world, held)
-    except Exception as e:  # the first failure of a size too big for the GPU; a compile's own errors wrap it
+    except Exception as e:  # a size too big for the GPU, an op without a deterministic kernel; compile wraps them
+        if op := re.search(r"(\S+) does not have a deterministic implementation", str(e)):
+            raise UserError(f"--deterministic 1: {op[1]} has no deterministic kernel on {device.type} here; the "
+                            f"checkpoints saved so far are intact. HINT: train with --deterministic 0 (reruns then "
+                            f"differ in the last bits)") from None
         if not (isinstance(e, torch.cuda.OutOfMemoryError) or "CUDA out of memory" in str(e)):
             raise
         detail = re.search(r"Tried to allocate [\d.]+ \w+", str(e))
