@@ -1187,9 +1187,10 @@ def train(tc: TrainConfig, args, device: torch.device, rank: int, world: int, he
                 dist.all_reduce(flags)
             loss_val, norm_val, stop_votes = (flags / torch.tensor([world, world, 1.0], device=device)).tolist()
             if not math.isfinite(loss_val) or (not scaler.is_enabled() and not math.isfinite(norm_val)):
+                kept = f"{last_path} is as it was. HINT: resume" if os.path.exists(last_path) else \
+                    "nothing was saved yet. HINT: start again"
                 raise UserError(f"training diverged at step {step + 1}: loss {loss_val}, grad norm {norm_val} "
-                                f"(lr {lr:.3g}); {last_path} is as it was. HINT: resume with a lower --lr or "
-                                f"more --warmup_steps")
+                                f"(lr {lr:.3g}); {kept} with a lower --lr or more --warmup_steps")
             scaler.step(optimizer)
             scaler.update()
             optimizer.zero_grad(set_to_none=not ddp)  # alone: free them until the next backward
@@ -1338,8 +1339,14 @@ class TextStream:
 
 
 def cmd_prep(args) -> dict:
-    return prep(args.text_path, args.out_dir, args.vocab_size, args.val_fraction, args.seed, args.num_workers,
-                args.sample_lines, bool(args.dedup), bool(args.normalize_whitespace))
+    new = not os.path.exists(args.out_dir)
+    try:
+        return prep(args.text_path, args.out_dir, args.vocab_size, args.val_fraction, args.seed, args.num_workers,
+                    args.sample_lines, bool(args.dedup), bool(args.normalize_whitespace))
+    except BaseException:  # (a vocabulary the corpus cannot support is found out only after the folder is made)
+        if new and os.path.isdir(args.out_dir) and not os.listdir(args.out_dir):  # no empty folder left behind
+            os.rmdir(args.out_dir)
+        raise
 
 
 def cmd_train(args) -> dict:
@@ -1458,7 +1465,7 @@ class Parser(argparse.ArgumentParser):
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
     def _get_help_string(self, action):  # no "(default: None)": such a flag's help says what leaving it out does
-        return action.help if action.default is None else super()._get_help_string(action)
+        return action.help if action.default in (None, "") else super()._get_help_string(action)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -1466,18 +1473,19 @@ def build_parser() -> argparse.ArgumentParser:
     p = Parser(description=__doc__.split("\n")[0], formatter_class=fmt)
     sub = p.add_subparsers(dest="command", required=True)
     flag = dict(type=int, choices=[0, 1])
+    device = dict(default="auto", choices=["auto", "cpu", "cuda"], help="auto: the GPU if torch can use one")
 
     s = sub.add_parser("prep", help="train the tokenizer and pack the corpus into token files", formatter_class=fmt)
     s.add_argument("--text_path", required=True, help="UTF-8 text, one sample per line")
-    s.add_argument("--out_dir", default="./data")
-    s.add_argument("--vocab_size", type=int, default=32000)
+    s.add_argument("--out_dir", default="./data", help="folder for tokenizer.model, train.bin, val.bin, meta.json")
+    s.add_argument("--vocab_size", type=int, default=32000, help="BPE vocabulary, special and byte tokens included")
     s.add_argument("--val_fraction", type=float, default=0.005, help="share of the corpus (its tail) for val.bin")
     s.add_argument("--num_workers", type=int, default=0, help="encoding threads; 0 = all cores")
     s.add_argument("--seed", type=int, default=1337, help="seeds the tokenizer's sample of lines")
     s.add_argument("--sample_lines", type=int, default=300_000, help="lines sampled to train the tokenizer")
     s.add_argument("--dedup", default=0, help="drop exact duplicate lines", **flag)
     s.add_argument("--normalize_whitespace", default=0, help="collapse runs of whitespace to one space", **flag)
-    s.set_defaults(func=cmd_prep)
+    s.set_defaults(func=cmd_prep, parser=s)
 
     s = sub.add_parser("train", help="train (or resume) a model; works under torchrun", formatter_class=fmt)
     s.add_argument("--out_dir", required=True, help="checkpoints go here; an existing ckpt_last.pt is resumed")
@@ -1498,40 +1506,42 @@ def build_parser() -> argparse.ArgumentParser:
             kind = flag if f.type is bool else {"type": float if f.name == "min_lr" else f.type}
             shown = "(default: lr / 10)" if f.name == "min_lr" else "(default: %(default)s)"  # README: what each does
             s.add_argument(f"--{f.name}", default=int(f.default) if f.type is bool else f.default, help=shown, **kind)
-    s.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    s.add_argument("--device", **device)
     s.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float16", "float32"],
                    help="autocast dtype; auto: bfloat16 on GPUs that have it, else float16; float32 on CPU")
-    s.set_defaults(func=cmd_train)
+    s.set_defaults(func=cmd_train, parser=s)
 
     s = sub.add_parser("generate", help="sample from a checkpoint", formatter_class=fmt)
     s.add_argument("--ckpt", required=True)
     s.add_argument("--spm", help="tokenizer.model (default: the one beside --ckpt)")
-    s.add_argument("--prompt", default="")
+    s.add_argument("--prompt", default="", help="text to continue (default: none, a document's start)")
     s.add_argument("--max_new_tokens", type=int, default=100,
                    help="stops earlier at eos or at the model's context (seq_len); longer prompts are refused")
     s.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
     s.add_argument("--top_k", type=int, default=200, help="0 = off")
-    s.add_argument("--top_p", type=float, default=1.0)
-    s.add_argument("--repetition_penalty", type=float, default=1.0)
+    s.add_argument("--top_p", type=float, default=1.0, help="nucleus: the fewest tokens whose probability reaches p")
+    s.add_argument("--repetition_penalty", type=float, default=1.0, help="makes seen tokens less likely (CTRL); 1 = off")
     s.add_argument("--seed", type=int, default=None, help="same seed, same text")
     s.add_argument("--num_samples", type=int, default=1, help="samples of the prompt, decoded as a batch (up to "
                                                                f"{SAMPLES_PER_BATCH} at a time)")
-    s.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    s.add_argument("--device", **device)
     s.add_argument("--compile", default=0, help="compile the decode step (CUDA graphs on GPU)", **flag)
-    s.set_defaults(func=cmd_generate)
+    s.set_defaults(func=cmd_generate, parser=s)
 
     s = sub.add_parser("demo", help="the whole workflow on Python's own docs, in a few minutes on a CPU",
                        formatter_class=fmt)
-    s.add_argument("--out_dir", default="runs/demo")
-    s.add_argument("--vocab_size", type=int, default=2000)
-    s.add_argument("--max_steps", type=int, default=600)
-    s.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
-    s.set_defaults(func=cmd_demo)
+    s.add_argument("--out_dir", default="runs/demo", help="the corpus, data/ and run/ go here")
+    s.add_argument("--vocab_size", type=int, default=2000, help="of the demo's tokenizer")
+    s.add_argument("--max_steps", type=int, default=600, help="training steps (run again, it resumes)")
+    s.add_argument("--device", **device)
+    s.set_defaults(func=cmd_demo, parser=s)
     return p
 
 
 def main(argv=None) -> None:
-    args = build_parser().parse_args(argv)
+    args, extra = build_parser().parse_known_args(argv)
+    if extra:  # said by the subcommand's parser, whose --help lists its flags
+        args.parser.error(f"unrecognized arguments: {' '.join(extra)}")
     signal.signal(signal.SIGTERM, signal.default_int_handler)  # like Ctrl-C: temporary files go (train: it saves)
     try:
         args.func(args)
@@ -1541,6 +1551,10 @@ def main(argv=None) -> None:
     except KeyboardInterrupt:
         print("error: interrupted", file=sys.stderr)
         sys.exit(130)
+    except BrokenPipeError:  # stdout closed early (`generate ... | head`): not a fault of the path or the disk
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # Python's exit flushes into nothing
+        print("error: the output pipe was closed (by `head`?); stopped", file=sys.stderr)
+        sys.exit(141)  # as for SIGPIPE
     except OSError as e:  # the machine's, not ours: permissions, a full disk, a vanished mount
         print(f"error: {e}. HINT: check the path, its permissions and the free space", file=sys.stderr)
         sys.exit(2)

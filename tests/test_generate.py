@@ -1,12 +1,14 @@
 import copy
 import os
 import pickle
+import subprocess
+import sys
 
 import pytest
 import torch
 
 import standalone_transformer_lm as lm
-from conftest import assert_user_error, run_cli
+from conftest import SCRIPT, assert_user_error, run_cli
 from test_train import train_args
 
 
@@ -192,6 +194,15 @@ def test_a_failing_compile_is_one_error_line_with_the_fix(trained, docs_data, tm
                    "--seed", 0, "--max_new_tokens", 3, "--compile", 1, check=False, env=env)
     assert_user_error(proc, "torch.compile failed", "--compile 0")
     assert proc.stderr.startswith("compiling the decode step: the first new token waits for it\n")  # said before
+
+
+def test_output_closed_early_is_one_line_not_a_disk_error(trained):
+    # `generate ... | head -c 20`: the reader goes away, here before the first token is written
+    proc = subprocess.Popen([sys.executable, SCRIPT, "generate", "--ckpt", trained / "ckpt_last.pt", "--prompt", "The",
+                             "--max_new_tokens", "20"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc.stdout.close()
+    err = proc.stderr.read()
+    assert proc.wait(timeout=300) == 141 and err == "error: the output pipe was closed (by `head`?); stopped\n", err
 
 
 def test_cli_generate_refuses_bad_input(trained, docs_corpus, tmp_path):

@@ -241,7 +241,7 @@ def test_an_out_of_space_error_is_one_line(docs_corpus, tmp_path, monkeypatch, c
         lm.main(["prep", "--text_path", str(docs_corpus), "--out_dir", str(tmp_path / "d"), "--vocab_size", "400"])
     err = capsys.readouterr().err.strip().splitlines()
     assert e.value.code == 2 and len(err) == 1 and err[0].startswith("error: [Errno 28] No space left on device")
-    assert [p for p in os.listdir(tmp_path / "d")] == []  # its temporary files are gone
+    assert not (tmp_path / "d").exists()  # its temporary files are gone, and the folder it made for them
 
 
 def test_bad_flags_and_a_file_in_the_way(docs_corpus, tmp_path):
@@ -252,6 +252,10 @@ def test_bad_flags_and_a_file_in_the_way(docs_corpus, tmp_path):
     assert (tmp_path / "file").read_text() == "keep me"
     assert_user_error(run_cli("prep", "--text_path", docs_corpus, "--out_dir", tmp_path / "d", "--num_workers", -1,
                               check=False), "--num_workers -1")
+    # a vocabulary too big for the corpus is known only after the folder is made: a new one goes again
+    assert_user_error(run_cli("prep", "--text_path", docs_corpus, "--out_dir", tmp_path / "d", "--vocab_size", 50000,
+                              "--sample_lines", 2000, check=False), "too small for --vocab_size 50000")
+    assert not (tmp_path / "d").exists()
     with pytest.raises(lm.UserError, match=r"supports at most 2\d\d. HINT: use more text$"):
         lm.train_tokenizer(["a", "b"], 300)  # no vocabulary of the allowed 300 or more fits: no size to suggest
 

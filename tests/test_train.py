@@ -1,3 +1,4 @@
+import argparse
 import contextlib
 import dataclasses
 import json
@@ -119,19 +120,27 @@ def test_logged_step_times_leave_out_checkpoint_saves(docs_data, tmp_path, monke
     assert max(r["ms_per_step"] for r in rows) < 5000, rows  # a save counted would add 20,000 ms to its window
 
 
-def test_grad_clip_is_applied_and_a_non_finite_grad_norm_stops_a_float32_run(docs_data, tmp_path, monkeypatch, capsys):
+@pytest.mark.parametrize("bad_step", [1, 3])
+def test_grad_clip_is_applied_and_a_non_finite_grad_norm_stops_a_float32_run(docs_data, tmp_path, monkeypatch, capsys,
+                                                                             bad_step):
     clip, max_norms = torch.nn.utils.clip_grad_norm_, []
 
-    def infinite_at_step_3(params, max_norm):  # a finite loss with an overflowing gradient: no scaler skips it
+    def infinite_at_bad_step(params, max_norm):  # a finite loss with an overflowing gradient: no scaler skips it
         max_norms.append(max_norm)
         norm = clip(params, max_norm)
-        return norm * math.inf if len(max_norms) == 3 else norm
-    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", infinite_at_step_3)
+        return norm * math.inf if len(max_norms) == bad_step else norm
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", infinite_at_bad_step)
     with pytest.raises(SystemExit) as stopped:
         lm.main(["train", *train_args(tmp_path / "run", docs_data, max_steps=10, save_interval=2, grad_clip=0.5)])
-    assert stopped.value.code == 2 and max_norms == [0.5] * 3
-    assert "error: training diverged at step 3: loss " in capsys.readouterr().err
-    assert load(tmp_path / "run" / "ckpt_last.pt")["step"] == 2
+    assert stopped.value.code == 2 and max_norms == [0.5] * bad_step
+    err = capsys.readouterr().err
+    assert f"error: training diverged at step {bad_step}: loss " in err
+    if bad_step == 1:  # before the first save: nothing to resume
+        assert "nothing was saved yet. HINT: start again with a lower --lr" in err
+        assert not (tmp_path / "run" / "ckpt_last.pt").exists()
+    else:
+        assert "ckpt_last.pt is as it was. HINT: resume with a lower --lr" in err
+        assert load(tmp_path / "run" / "ckpt_last.pt")["step"] == 2
 
 
 def test_val_loss_is_measured_without_dropout_and_only_a_lower_one_is_a_new_best(docs_data, tmp_path):
@@ -173,6 +182,19 @@ def test_train_help_shows_every_training_default(capsys):
     for flag, default in (("batch_size", 16), ("lr", 0.0006), ("max_steps", 200000), ("compile", 0), ("dtype", "auto")):
         assert re.search(rf"--{flag} \S+ [^-]*\(default: {default}\)", text), flag
     assert "--min_lr MIN_LR (default: lr / 10)" in text and "(default: None)" not in text
+
+
+@pytest.mark.parametrize("command", [["prep", "--text_path", "x"], ["train", "--out_dir", "x"], ["generate", "--ckpt", "x"],
+                                     ["demo"]])
+def test_help_shows_the_default_of_every_flag_that_has_one(command, capsys):
+    parser = lm.build_parser().parse_known_args(command)[0].parser
+    text = " ".join(parser.format_help().split())
+    for action in parser._actions:
+        if action.option_strings and action.default not in (None, "", argparse.SUPPRESS):
+            assert f"(default: {action.default})" in text, action.dest
+    with pytest.raises(SystemExit) as e:  # and a flag it does not have is named with this subcommand's --help
+        lm.main([*command, "--bogus", "1"])
+    assert e.value.code == 2 and f"{command[0]} --help` lists the flags" in capsys.readouterr().err
 
 
 def test_a_checkpoint_of_another_version_is_refused(tmp_path):
