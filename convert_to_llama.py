@@ -22,8 +22,8 @@ import warnings
 
 import torch
 
-from standalone_transformer_lm import (ModelConfig, Parser, Transformer, UserError, file_sha256, load_tokenizer,
-                                      require_file)
+from standalone_transformer_lm import (HelpFormatter, ModelConfig, Parser, Transformer, UserError, file_sha256,
+                                      load_tokenizer, require_file)
 
 try:  # the trainer runs without these (the guide's first install is torch, sentencepiece, tqdm and numpy)
     from safetensors.torch import save_file
@@ -309,10 +309,10 @@ def convert(ckpt: str, spm_path: str, out: str, dtype: str = "float32", force: b
 
 
 def main(argv=None) -> None:
-    p = Parser(description="Convert a checkpoint into a Hugging Face LLaMA folder.")
+    p = Parser(description="Convert a checkpoint into a Hugging Face LLaMA folder.", formatter_class=HelpFormatter)
     p.add_argument("--ckpt", required=True, help="ckpt_last.pt, ckpt_best.pt or an exported pytorch_model.bin")
     p.add_argument("--spm", help="SentencePiece tokenizer.model (default: the one beside --ckpt)")
-    p.add_argument("--out", default=DEFAULT_OUT, help=f"folder to write (default {DEFAULT_OUT})")
+    p.add_argument("--out", default=DEFAULT_OUT, help="folder to write")
     p.add_argument("--dtype", default="float32", choices=list(DTYPES), help="dtype of the saved weights")
     p.add_argument("--force", action="store_true", help="replace --out when it is not empty")
     p.add_argument("--verify", action="store_true", help="load the result with transformers and compare logits")

@@ -13,7 +13,7 @@ import sys
 import torch
 
 from convert_to_llama import DEFAULT_OUT, VerificationError, load_our_model, max_logit_diff, need_transformers
-from standalone_transformer_lm import Parser, UserError, require_file
+from standalone_transformer_lm import HelpFormatter, Parser, UserError, require_file
 
 
 def run(args) -> None:
@@ -58,13 +58,14 @@ def run(args) -> None:
 
 
 def main(argv=None) -> None:
-    p = Parser(description="Generate with a converted LLaMA folder; optionally compare with ours.")
-    p.add_argument("folder", nargs="?", default=DEFAULT_OUT, help=f"converted folder (default {DEFAULT_OUT})")
-    p.add_argument("--prompt", default="The sun is")
-    p.add_argument("--max_new_tokens", type=int, default=50)
+    p = Parser(description="Generate with a converted LLaMA folder; optionally compare with ours.",
+               formatter_class=HelpFormatter)
+    p.add_argument("folder", nargs="?", default=DEFAULT_OUT, help="converted folder")
+    p.add_argument("--prompt", default="The sun is", help="text to continue")
+    p.add_argument("--max_new_tokens", type=int, default=50, help="tokens to generate at most")
     p.add_argument("--temperature", type=float, default=0.8, help="0 = greedy only")
-    p.add_argument("--top_k", type=int, default=50)
-    p.add_argument("--seed", type=int, default=1337)
+    p.add_argument("--top_k", type=int, default=50, help="sample from the k most likely tokens")
+    p.add_argument("--seed", type=int, default=1337, help="same seed, same text")
     p.add_argument("--ckpt", help="our checkpoint the folder came from: compare logits on the same tokens")
     p.add_argument("--tol", type=float, default=1e-3, help="largest logit difference accepted with --ckpt")
     args = p.parse_args(argv)
