@@ -178,11 +178,16 @@ def pid_alive(pid: int) -> bool:
     return True
 
 
-def make_dir(path: str, flag: str) -> None:
+def make_dir(path: str, flag: str) -> str | None:
+    """Returns the topmost folder of the path that it made, None if the folder was there."""
+    top, parent = None, os.path.abspath(path)
+    while not os.path.exists(parent):
+        top, parent = parent, os.path.dirname(parent)
     try:
         os.makedirs(path, exist_ok=True)
     except OSError as e:  # a file in the way, no permission
         raise UserError(f"{flag} {path!r} cannot be made a folder ({e.strerror}). HINT: pass another path") from None
+    return top
 
 
 def require_file(path: str, what: str, hint: str) -> None:
@@ -1209,9 +1214,13 @@ def train(tc: TrainConfig, args, device: torch.device, rank: int, world: int, he
                 if is_eval:
                     last_log["val_loss"] = round(evaluate(), 5)
                 if rank == 0:
-                    bar.write(" | ".join(f"{k} {v}" for k, v in last_log.items()))
                     with open(metrics_path, "a") as f:
                         f.write(json.dumps(last_log) + "\n")
+                    try:
+                        bar.write(" | ".join(f"{k} {v}" for k, v in last_log.items()))
+                    except BrokenPipeError:  # stdout closed (`train | head`): save and stop, as for SIGTERM
+                        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+                        stop.requested = True
                 t_log, steps_since_log = time.time(), 0
             new_best = is_eval and last_log["val_loss"] < best_val
             if new_best:
@@ -1339,13 +1348,16 @@ class TextStream:
 
 
 def cmd_prep(args) -> dict:
-    new = not os.path.exists(args.out_dir)
+    made = make_dir(args.out_dir, "--out_dir")
     try:
         return prep(args.text_path, args.out_dir, args.vocab_size, args.val_fraction, args.seed, args.num_workers,
                     args.sample_lines, bool(args.dedup), bool(args.normalize_whitespace))
-    except BaseException:  # (a vocabulary the corpus cannot support is found out only after the folder is made)
-        if new and os.path.isdir(args.out_dir) and not os.listdir(args.out_dir):  # no empty folder left behind
-            os.rmdir(args.out_dir)
+    except BaseException:  # e.g. a vocabulary the corpus cannot support: the folders made for it go again if empty
+        folder = os.path.abspath(args.out_dir)
+        with contextlib.suppress(OSError):  # (rmdir refuses a folder that is not empty)
+            while made and folder != os.path.dirname(made):
+                os.rmdir(folder)
+                folder = os.path.dirname(folder)
         raise
 
 
@@ -1360,9 +1372,8 @@ def cmd_train(args) -> dict:
             return train(tc, args, device, rank, world, held)
     except Exception as e:  # a size too big for the GPU, an op without a deterministic kernel; compile wraps them
         if op := re.search(r"(\S+) does not have a deterministic implementation", str(e)):
-            raise UserError(f"--deterministic 1: {op[1]} has no deterministic kernel on {device.type} here; the "
-                            f"checkpoints saved so far are intact. HINT: train with --deterministic 0 (reruns then "
-                            f"differ in the last bits)") from None
+            raise UserError(f"--deterministic 1: {op[1]} has no deterministic kernel on {device.type} here. HINT: "
+                            f"train with --deterministic 0 (reruns then differ in the last bits)") from None
         if not (isinstance(e, torch.cuda.OutOfMemoryError) or "CUDA out of memory" in str(e)):
             raise
         detail = re.search(r"Tried to allocate [\d.]+ \w+", str(e))
@@ -1472,6 +1483,7 @@ def build_parser() -> argparse.ArgumentParser:
     fmt = HelpFormatter
     p = Parser(description=__doc__.split("\n")[0], formatter_class=fmt)
     sub = p.add_subparsers(dest="command", required=True)
+    p.commands = sub.choices  # subcommand -> its parser
     flag = dict(type=int, choices=[0, 1])
     device = dict(default="auto", choices=["auto", "cpu", "cuda"], help="auto: the GPU if torch can use one")
 
@@ -1485,7 +1497,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--sample_lines", type=int, default=300_000, help="lines sampled to train the tokenizer")
     s.add_argument("--dedup", default=0, help="drop exact duplicate lines", **flag)
     s.add_argument("--normalize_whitespace", default=0, help="collapse runs of whitespace to one space", **flag)
-    s.set_defaults(func=cmd_prep, parser=s)
+    s.set_defaults(func=cmd_prep)
 
     s = sub.add_parser("train", help="train (or resume) a model; works under torchrun", formatter_class=fmt)
     s.add_argument("--out_dir", required=True, help="checkpoints go here; an existing ckpt_last.pt is resumed")
@@ -1509,10 +1521,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--device", **device)
     s.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float16", "float32"],
                    help="autocast dtype; auto: bfloat16 on GPUs that have it, else float16; float32 on CPU")
-    s.set_defaults(func=cmd_train, parser=s)
+    s.set_defaults(func=cmd_train)
 
     s = sub.add_parser("generate", help="sample from a checkpoint", formatter_class=fmt)
-    s.add_argument("--ckpt", required=True)
+    s.add_argument("--ckpt", required=True, help="ckpt_last.pt or ckpt_best.pt that train wrote")
     s.add_argument("--spm", help="tokenizer.model (default: the one beside --ckpt)")
     s.add_argument("--prompt", default="", help="text to continue (default: none, a document's start)")
     s.add_argument("--max_new_tokens", type=int, default=100,
@@ -1520,13 +1532,13 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
     s.add_argument("--top_k", type=int, default=200, help="0 = off")
     s.add_argument("--top_p", type=float, default=1.0, help="nucleus: the fewest tokens whose probability reaches p")
-    s.add_argument("--repetition_penalty", type=float, default=1.0, help="makes seen tokens less likely (CTRL); 1 = off")
+    s.add_argument("--repetition_penalty", type=float, default=1.0, help="penalises seen tokens (CTRL); 1 = off")
     s.add_argument("--seed", type=int, default=None, help="same seed, same text")
     s.add_argument("--num_samples", type=int, default=1, help="samples of the prompt, decoded as a batch (up to "
                                                                f"{SAMPLES_PER_BATCH} at a time)")
     s.add_argument("--device", **device)
     s.add_argument("--compile", default=0, help="compile the decode step (CUDA graphs on GPU)", **flag)
-    s.set_defaults(func=cmd_generate, parser=s)
+    s.set_defaults(func=cmd_generate)
 
     s = sub.add_parser("demo", help="the whole workflow on Python's own docs, in a few minutes on a CPU",
                        formatter_class=fmt)
@@ -1534,14 +1546,15 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--vocab_size", type=int, default=2000, help="of the demo's tokenizer")
     s.add_argument("--max_steps", type=int, default=600, help="training steps (run again, it resumes)")
     s.add_argument("--device", **device)
-    s.set_defaults(func=cmd_demo, parser=s)
+    s.set_defaults(func=cmd_demo)
     return p
 
 
 def main(argv=None) -> None:
-    args, extra = build_parser().parse_known_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
     if extra:  # said by the subcommand's parser, whose --help lists its flags
-        args.parser.error(f"unrecognized arguments: {' '.join(extra)}")
+        parser.commands[args.command].error(f"unrecognized arguments: {' '.join(extra)}")
     signal.signal(signal.SIGTERM, signal.default_int_handler)  # like Ctrl-C: temporary files go (train: it saves)
     try:
         args.func(args)
@@ -1553,7 +1566,8 @@ def main(argv=None) -> None:
         sys.exit(130)
     except BrokenPipeError:  # stdout closed early (`generate ... | head`): not a fault of the path or the disk
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # Python's exit flushes into nothing
-        print("error: the output pipe was closed (by `head`?); stopped", file=sys.stderr)
+        with contextlib.suppress(OSError):  # stderr may have gone with it (`2>&1 | head`)
+            print("error: the output pipe was closed (by `head`?); stopped", file=sys.stderr)
         sys.exit(141)  # as for SIGPIPE
     except OSError as e:  # the machine's, not ours: permissions, a full disk, a vanished mount
         print(f"error: {e}. HINT: check the path, its permissions and the free space", file=sys.stderr)

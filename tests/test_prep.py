@@ -252,10 +252,10 @@ def test_bad_flags_and_a_file_in_the_way(docs_corpus, tmp_path):
     assert (tmp_path / "file").read_text() == "keep me"
     assert_user_error(run_cli("prep", "--text_path", docs_corpus, "--out_dir", tmp_path / "d", "--num_workers", -1,
                               check=False), "--num_workers -1")
-    # a vocabulary too big for the corpus is known only after the folder is made: a new one goes again
-    assert_user_error(run_cli("prep", "--text_path", docs_corpus, "--out_dir", tmp_path / "d", "--vocab_size", 50000,
-                              "--sample_lines", 2000, check=False), "too small for --vocab_size 50000")
-    assert not (tmp_path / "d").exists()
+    # a vocabulary too big for the corpus is known only after the folder is made: the folders made for it go again
+    assert_user_error(run_cli("prep", "--text_path", docs_corpus, "--out_dir", tmp_path / "d" / "sub", "--vocab_size",
+                              50000, "--sample_lines", 2000, check=False), "too small for --vocab_size 50000")
+    assert not (tmp_path / "d").exists() and (tmp_path / "file").exists()
     with pytest.raises(lm.UserError, match=r"supports at most 2\d\d. HINT: use more text$"):
         lm.train_tokenizer(["a", "b"], 300)  # no vocabulary of the allowed 300 or more fits: no size to suggest
 

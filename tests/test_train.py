@@ -184,10 +184,10 @@ def test_train_help_shows_every_training_default(capsys):
     assert "--min_lr MIN_LR (default: lr / 10)" in text and "(default: None)" not in text
 
 
-@pytest.mark.parametrize("command", [["prep", "--text_path", "x"], ["train", "--out_dir", "x"], ["generate", "--ckpt", "x"],
-                                     ["demo"]])
+@pytest.mark.parametrize("command", [["prep", "--text_path", "x"], ["train", "--out_dir", "x"],
+                                     ["generate", "--ckpt", "x"], ["demo"]])
 def test_help_shows_the_default_of_every_flag_that_has_one(command, capsys):
-    parser = lm.build_parser().parse_known_args(command)[0].parser
+    parser = lm.build_parser().commands[command[0]]
     text = " ".join(parser.format_help().split())
     for action in parser._actions:
         if action.option_strings and action.default not in (None, "", argparse.SUPPRESS):
@@ -394,6 +394,21 @@ def test_ranks_that_see_different_out_dirs_refuse_to_train(docs_data, tmp_path):
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert proc.returncode != 0 and "error: the processes start at different steps [5, 0]" in proc.stderr
     assert load(tmp_path / "node0" / "run" / "ckpt_last.pt")["step"] == 5
+
+
+def test_a_closed_stdout_saves_and_stops_as_a_signal_does(docs_data, tmp_path):
+    # `train ... | head -n 8`: the reader goes away mid-run; the steps since the last save are not lost
+    proc = subprocess.Popen([sys.executable, SCRIPT, "train", *train_args(tmp_path / "run", docs_data, max_steps=100000,
+                                                                         save_interval=100000, log_interval=1)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        while not proc.stdout.readline().startswith("step 3 |"):
+            assert proc.poll() is None, proc.stderr.read()
+        proc.stdout.close()
+        assert proc.wait(timeout=120) == 0, proc.stderr.read()
+    finally:
+        proc.kill()
+    assert 3 < load(tmp_path / "run" / "ckpt_last.pt")["step"] < 100000
 
 
 def test_divergence_stops_with_error_and_keeps_the_last_good_checkpoint(docs_data, tmp_path):
