@@ -1192,8 +1192,8 @@ def train(tc: TrainConfig, args, device: torch.device, rank: int, world: int, he
                 dist.all_reduce(flags)
             loss_val, norm_val, stop_votes = (flags / torch.tensor([world, world, 1.0], device=device)).tolist()
             if not math.isfinite(loss_val) or (not scaler.is_enabled() and not math.isfinite(norm_val)):
-                kept = f"{last_path} is as it was. HINT: resume" if os.path.exists(last_path) else \
-                    "nothing was saved yet. HINT: start again"
+                kept = (f"{last_path} is as it was. HINT: resume" if os.path.exists(last_path)
+                        else "nothing was saved yet. HINT: start again")
                 raise UserError(f"training diverged at step {step + 1}: loss {loss_val}, grad norm {norm_val} "
                                 f"(lr {lr:.3g}); {kept} with a lower --lr or more --warmup_steps")
             scaler.step(optimizer)
@@ -1475,7 +1475,7 @@ class Parser(argparse.ArgumentParser):
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
-    def _get_help_string(self, action):  # no "(default: None)": such a flag's help says what leaving it out does
+    def _get_help_string(self, action):  # no "(default: None)" or "(default: )": the help says what leaving it out does
         return action.help if action.default in (None, "") else super()._get_help_string(action)
 
 
