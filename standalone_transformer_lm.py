@@ -658,6 +658,30 @@ class Block(nn.Module):
         return x + self.dropout(self.mlp(self.post_attention_layernorm(x)))
 
 
+class LinearCrossEntropy(torch.autograd.Function):
+    """lm_head and the mean cross-entropy as one float32 step, over a single (tokens, vocab) tensor: the logits become
+    their log-softmax in place, then the gradient (softmax minus the one-hot target) in place, where autograd's
+    log_softmax and nll_loss allocate three more (fresh memory, faulted in page by page on a CPU, where that was a
+    quarter of the step at vocab 32,000)."""
+
+    @staticmethod
+    def forward(ctx, x, weight, targets):  # x (N, d_model), weight (vocab, d_model), targets (N,), -1 ignored
+        logp = x @ weight.t()  # (N, vocab) logits
+        torch.log_softmax(logp, dim=-1, out=logp)
+        counted = targets >= 0
+        share = counted / counted.sum()  # of the mean; no target counted: nan, as F.cross_entropy
+        ctx.save_for_backward(x, weight, targets, logp, share)
+        return -(logp.gather(1, targets.clamp(min=0)[:, None])[:, 0] * share).sum()
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        x, weight, targets, logp, share = ctx.saved_tensors
+        grad = logp.exp_()  # (N, vocab) softmax
+        grad.scatter_add_(1, targets.clamp(min=0)[:, None], -torch.ones_like(share)[:, None])
+        grad.mul_((share * grad_loss)[:, None])
+        return grad @ weight, grad.t() @ x, None
+
+
 class Transformer(nn.Module):
     def __init__(self, cfg: ModelConfig, dropout: float = 0.0):
         super().__init__()
@@ -689,7 +713,8 @@ class Transformer(nn.Module):
                 nn.init.normal_(proj.weight, std=std / math.sqrt(2 * self.cfg.n_layer))
 
     def forward(self, idx, targets=None, pos=None):
-        """idx (B, T) token ids. Training: targets (B, T), -1 ignored. Decoding: pos (T,) positions in the KV cache."""
+        """idx (B, T) token ids -> (logits, None). Training: targets (B, T), -1 ignored -> (None, loss). Decoding: pos
+        (T,) positions in the KV cache."""
         T = idx.size(1)
         if pos is None:
             cos, sin, mask = self.rope_cos[:T], self.rope_sin[:T], None
@@ -701,11 +726,13 @@ class Transformer(nn.Module):
         x = self.dropout(self.embed_tokens(idx))  # (B, T, d_model)
         for block in self.layers:
             x = block(x, cos, sin, pos, mask)
-        logits = self.output_layer(self.norm(x))  # (B, T, vocab_size)
+        x = self.norm(x)
         if targets is None:
-            return logits, None
-        loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1)
-        return logits, loss
+            return self.output_layer(x), None  # (B, T, vocab_size)
+        if x.dtype == torch.float32 and not torch.is_autocast_enabled(x.device.type):
+            return None, LinearCrossEntropy.apply(x.view(-1, x.size(-1)), self.lm_head.weight, targets.reshape(-1))
+        logits = self.lm_head(x)  # autocast: the in-place gradient above would be rounded to 16 bits
+        return None, F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1)
 
     def output_layer(self, x):
         """lm_head. On CPU, MKL multiplies a few rows by the (vocab, d_model) matrix on one core; cut into blocks of

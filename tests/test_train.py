@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 import torch
 import torch._dynamo.testing
+import torch.nn.functional as F
 
 import standalone_transformer_lm as lm
 from conftest import SCRIPT, assert_user_error, run_cli
@@ -234,6 +235,32 @@ def test_lr_schedule_and_which_parameters_decay():
     assert decay["weight_decay"] == 0.1 and {p.ndim for p in decay["params"]} == {2}  # embeddings, projections
     assert no_decay["weight_decay"] == 0.0 and len(no_decay["params"]) == 2 * 2 + 1  # the norm gains
     assert {p.ndim for p in no_decay["params"]} == {1}
+
+
+@pytest.mark.parametrize("tie, backend", [(0, None), (1, None), (0, "aot_eager")])
+def test_the_fused_float32_loss_equals_cross_entropy_over_the_logits(tie, backend):
+    """The training loss (lm_head and cross-entropy in one step, the logits' gradient computed over them in place)
+    and every gradient equal autograd's F.cross_entropy over the logits, -1 targets ignored; compiled too (aot_eager
+    traces it as inductor would, without the C++ compile)."""
+    cfg = lm.ModelConfig(**lm.PRESETS["tiny"], vocab_size=320, tie_embeddings=tie)
+    torch.manual_seed(0)
+    model = lm.Transformer(cfg)
+    x = torch.randint(0, cfg.vocab_size, (3, cfg.seq_len))
+    y = x.roll(-1, 1)
+    y[0, :7] = y[2, 30:] = -1
+    torch._dynamo.reset()
+    loss = (torch.compile(model, backend=backend) if backend else model)(x, y)[1]
+    fused = torch.autograd.grad(loss / 3, list(model.parameters()))  # as a micro-step's loss, scaled
+    logits = model(x)[0]
+    assert logits.requires_grad  # the plain path: lm_head's output, then autograd's loss
+    ref = F.cross_entropy(logits.view(-1, cfg.vocab_size), y.view(-1), ignore_index=-1)
+    assert loss.item() == pytest.approx(ref.item(), abs=1e-6)
+    wanted = torch.autograd.grad(ref / 3, list(model.parameters()))
+    for (name, _), got, want in zip(model.named_parameters(), fused, wanted):
+        assert torch.allclose(got, want, rtol=1e-5, atol=1e-8), (name, (got - want).abs().max().item())
+    assert model(x, torch.full_like(y, -1))[1].isnan()  # no target counted: nan, as F.cross_entropy
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # under autocast: the plain loss, as before
+        assert model(x, y)[1].item() == pytest.approx(ref.item(), abs=0.05)
 
 
 def test_an_epoch_reads_every_window_once_in_a_seeded_order(tmp_path):
