@@ -737,9 +737,9 @@ class Transformer(nn.Module):
     def output_layer(self, x):
         """lm_head. On CPU, MKL multiplies a few rows by the (vocab, d_model) matrix on one core; cut into blocks of
         the vocabulary, one batched matmul runs them on every core, faster still from the copy laid out block by block
-        that generate() holds for the length of each call. One token at vocab 32000 on 2 cores: 4.2-4.7 ms plain,
-        0.7-2.2 ms in 32 blocks, 0.4-1.1 ms from the copy; the same dot products (bit-identical there, equal to
-        rounding in general)."""
+        that generate() holds for the length of each call. One token at vocab 32000 on 2 AMD EPYC cores: 4.2-4.7 ms
+        plain, 0.7-2.2 ms in 32 blocks, 0.4-1.1 ms from the copy (on 2 Intel Xeon cores, where MKL uses both, 0.75
+        and 0.72 ms); the same dot products (bit-identical there, equal to rounding in general)."""
         n, w = x.size(0) * x.size(1), self.vocab_blocks()
         if x.device.type != "cpu" or torch.is_grad_enabled() or n > 256 or w is None:
             return self.lm_head(x)
