@@ -668,16 +668,16 @@ class LinearCrossEntropy(torch.autograd.Function):
     def forward(ctx, x, weight, targets):  # x (N, d_model), weight (vocab, d_model), targets (N,), -1 ignored
         logp = x @ weight.t()  # (N, vocab) logits
         torch.log_softmax(logp, dim=-1, out=logp)
-        counted = targets >= 0
+        counted, column = targets >= 0, targets.clamp(min=0)[:, None]  # (N,), (N, 1)
         share = counted / counted.sum()  # of the mean; no target counted: nan, as F.cross_entropy
-        ctx.save_for_backward(x, weight, targets, logp, share)
-        return -(logp.gather(1, targets.clamp(min=0)[:, None])[:, 0] * share).sum()
+        ctx.save_for_backward(x, weight, column, logp, share)
+        return -(logp.gather(1, column)[:, 0] * share).sum()
 
     @staticmethod
     def backward(ctx, grad_loss):
-        x, weight, targets, logp, share = ctx.saved_tensors
+        x, weight, column, logp, share = ctx.saved_tensors
         grad = logp.exp_()  # (N, vocab) softmax
-        grad.scatter_add_(1, targets.clamp(min=0)[:, None], -torch.ones_like(share)[:, None])
+        grad.scatter_add_(1, column, -torch.ones_like(share)[:, None])
         grad.mul_((share * grad_loss)[:, None])
         return grad @ weight, grad.t() @ x, None
 

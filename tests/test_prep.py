@@ -71,7 +71,7 @@ def test_packed_tokens_decode_to_every_line(tricky):
     data, expected = tricky
     sp = spm.SentencePieceProcessor(model_file=str(data / "tokenizer.model"))
     packed = samples(data, "train") + samples(data, "val")
-    assert packed == [sp.encode(line) for line in expected]  # SentencePiece's own ids, though prep encodes by word
+    assert packed == [sp.encode(line) for line in expected]  # SentencePiece's own ids for each line
     got = [sp.decode(ids) for ids in packed]
     assert got == [line.replace("\u2581", " ") for line in expected]  # a literal ▁ is SentencePiece's space
     assert any(len(line) > 20_000 for line in got) and "\t" in "".join(got)
