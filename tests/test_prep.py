@@ -22,6 +22,7 @@ TRICKY = [
     "rare characters: ẞ ꙮ 𓂀 \u2028 inside",
     "x" * 5000 + " " + "long line of 20 kB " * 800,
     "a literal \u2581 lower block, \u2581\u2581 two, and one trailing space ",
+    "\u2581\u2581 two lower blocks first, and two trailing spaces  ",
 ]
 
 
@@ -156,7 +157,7 @@ def test_every_file_is_on_disk_before_its_rename_and_the_folder_after(docs_corpu
 
 
 def test_a_line_too_long_to_encode_is_refused_before_any_work(tmp_path, monkeypatch):
-    monkeypatch.setattr(lm, "BLOCK_BYTES", 4096)  # as 4 MB blocks meet a line of more than 64 MB, scaled down
+    monkeypatch.setattr(lm, "BLOCK_BYTES", 4096)  # as 256 kB blocks meet a line of more than 64 MB, scaled down
     monkeypatch.setattr(lm, "MAX_LINE_BYTES", 10_000)
     corpus = tmp_path / "corpus.txt"
     corpus.write_text("\n".join(docs_lines()[:300] + ["word " * 5000] + docs_lines()[300:600]) + "\n")
@@ -245,6 +246,20 @@ def test_an_out_of_space_error_is_one_line(docs_corpus, tmp_path, monkeypatch, c
     err = capsys.readouterr().err.strip().splitlines()
     assert e.value.code == 2 and len(err) == 1 and err[0].startswith("error: [Errno 28] No space left on device")
     assert not (tmp_path / "d").exists()  # its temporary files are gone, and the folder it made for them
+
+
+def die(*args):
+    os._exit(9)  # as the kernel's out-of-memory killer would end it
+
+
+def test_a_worker_that_dies_is_one_error_line(docs_corpus, tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(lm, "start_encoder", die)  # run by each forked worker
+    with pytest.raises(SystemExit) as e:
+        lm.main(["prep", "--text_path", str(docs_corpus), "--out_dir", str(tmp_path / "d"), "--vocab_size", "400"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert e.value.code == 2 and err == [f"error: an encoding worker died (out of memory?) while encoding "
+                                         f"{str(docs_corpus)!r}. HINT: pass fewer --num_workers"]
+    assert not (tmp_path / "d").exists()
 
 
 def test_bad_flags_and_a_file_in_the_way(docs_corpus, tmp_path):
