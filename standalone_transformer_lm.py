@@ -615,7 +615,7 @@ def rope_tables(cfg: ModelConfig) -> tuple[torch.Tensor, torch.Tensor]:
     return emb.cos(), emb.sin()
 
 
-def apply_rope(x, cos, sin):  # x: (B, n_head, T, head_dim); cos, sin: (T, head_dim)
+def apply_rope(x, cos, sin):  # x: (B, T, heads, head_dim); cos, sin: (T, 1, head_dim)
     x1, x2 = x.chunk(2, dim=-1)
     rotated = torch.cat((-x2, x1), dim=-1)
     return x * cos.to(x.dtype) + rotated * sin.to(x.dtype)
@@ -647,21 +647,19 @@ class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig, dropout: float):
         super().__init__()
         self.n_head, self.n_kv_head, self.head_dim, self.dropout = cfg.n_head, cfg.n_kv_head, cfg.head_dim, dropout
-        self.splits = [cfg.n_head * cfg.head_dim, cfg.n_kv_head * cfg.head_dim, cfg.n_kv_head * cfg.head_dim]
-        self.qkv_proj = nn.Linear(cfg.d_model, sum(self.splits), bias=False)  # rows: q, k, v
+        self.qkv_proj = nn.Linear(cfg.d_model, (cfg.n_head + 2 * cfg.n_kv_head) * cfg.head_dim, bias=False)  # q, k, v
         self.o_proj = nn.Linear(cfg.n_head * cfg.head_dim, cfg.d_model, bias=False)
         self.cache: KVCache | None = None
 
-    def forward(self, x, cos, sin, pos=None, mask=None):
+    def forward(self, x, cos, sin, pos=None, mask=None, n_ctx=None):
         B, T, _ = x.shape
-        q, k, v = self.qkv_proj(x).split(self.splits, dim=-1)
-        q = q.view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # (B, n_head, T, head_dim)
-        k = k.view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)  # (B, n_kv_head, T, head_dim)
-        v = v.view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        if pos is not None:  # decoding: attend over the cache's first mask.size(-1) slots, masked per query
-            k, v = (t[:, :, :mask.size(-1)] for t in self.cache.update(pos, k, v))
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
+        qkv = self.qkv_proj(x).view(B, T, -1, self.head_dim)  # heads: n_head of q, n_kv_head of k, n_kv_head of v
+        qk = apply_rope(qkv[:, :, :self.n_head + self.n_kv_head], cos, sin).transpose(1, 2)  # q and k in one go
+        q, k = qk.split([self.n_head, self.n_kv_head], dim=1)  # (B, n_head, T, head_dim), (B, n_kv_head, T, head_dim)
+        v = qkv[:, :, self.n_head + self.n_kv_head:].transpose(1, 2)
+        if pos is not None:  # decoding: attend over the cache's first n_ctx slots
+            k, v = (t[:, :, :n_ctx] for t in self.cache.update(pos, k, v))
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and T > 1,
                                            dropout_p=self.dropout if self.training else 0.0,
                                            enable_gqa=self.n_kv_head != self.n_head)  # (B, n_head, T, head_dim)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
@@ -685,10 +683,10 @@ class Block(nn.Module):
         self.self_attn = Attention(cfg, dropout)
         self.post_attention_layernorm = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.mlp = FeedForward(cfg)
-        self.dropout = nn.Dropout(dropout)
+        self.dropout = nn.Dropout(dropout) if dropout else nn.Identity()
 
-    def forward(self, x, cos, sin, pos=None, mask=None):
-        x = x + self.dropout(self.self_attn(self.input_layernorm(x), cos, sin, pos, mask))
+    def forward(self, x, cos, sin, pos=None, mask=None, n_ctx=None):
+        x = x + self.dropout(self.self_attn(self.input_layernorm(x), cos, sin, pos, mask, n_ctx))
         return x + self.dropout(self.mlp(self.post_attention_layernorm(x)))
 
 
@@ -721,7 +719,7 @@ class Transformer(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.d_model)
-        self.dropout = nn.Dropout(dropout)
+        self.dropout = nn.Dropout(dropout) if dropout else nn.Identity()
         self.layers = nn.ModuleList(Block(cfg, dropout) for _ in range(cfg.n_layer))
         self.norm = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
@@ -749,17 +747,20 @@ class Transformer(nn.Module):
     def forward(self, idx, targets=None, pos=None):
         """idx (B, T) token ids -> (logits, None). Training: targets (B, T), -1 ignored -> (None, loss). Decoding: pos
         (T,) positions in the KV cache."""
-        T = idx.size(1)
+        T, mask, n_ctx = idx.size(1), None, None
         if pos is None:
-            cos, sin, mask = self.rope_cos[:T], self.rope_sin[:T], None
-        else:  # query at position p sees cache slots 0..p. Eager attends over the slots written so far; a compiled
-            # step over the whole cache, one static shape (CUDA graphs replay it).
-            cos, sin = self.rope_cos[pos], self.rope_sin[pos]
-            n_ctx = self.cfg.seq_len if torch.compiler.is_compiling() else int(pos[-1]) + 1
-            mask = pos[:, None] >= torch.arange(n_ctx, device=idx.device)  # (T, n_ctx)
+            cos, sin = self.rope_cos[:T, None], self.rope_sin[:T, None]
+        else:  # query at position p sees cache slots 0..p. A compiled step attends over the whole cache, one static
+            # shape (CUDA graphs replay it), masked. Eager attends over the slots written so far, unmasked where that
+            # is the same: a prompt from slot 0 is causal, and one query sees every slot so far.
+            cos, sin = self.rope_cos[pos, None], self.rope_sin[pos, None]
+            compiling = torch.compiler.is_compiling()
+            n_ctx = self.cfg.seq_len if compiling else int(pos[-1]) + 1
+            if compiling or 1 < T != n_ctx:
+                mask = pos[:, None] >= torch.arange(n_ctx, device=idx.device)  # (T, n_ctx)
         x = self.dropout(self.embed_tokens(idx))  # (B, T, d_model)
         for block in self.layers:
-            x = block(x, cos, sin, pos, mask)
+            x = block(x, cos, sin, pos, mask, n_ctx)
         x = self.norm(x)
         if targets is None:
             return self.output_layer(x), None  # (B, T, vocab_size)
@@ -1324,7 +1325,7 @@ def sample_next(logits: torch.Tensor, seen: torch.Tensor, temperature: float, to
         penalised = torch.where(logits > 0, logits / repetition_penalty, logits * repetition_penalty)
         logits = torch.where(seen, penalised, logits)
     if temperature <= 0:
-        return logits.argmax(dim=-1, keepdim=True)
+        return logits.max(dim=-1, keepdim=True).indices
     probs, ids = candidates(logits / temperature, top_k, top_p)
     choice = torch.multinomial(probs, 1, generator=generator)
     return choice if ids is None else ids.gather(-1, choice)
