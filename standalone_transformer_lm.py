@@ -653,10 +653,10 @@ class Attention(nn.Module):
 
     def forward(self, x, cos, sin, pos=None, mask=None, n_ctx=None):
         B, T, _ = x.shape
-        qkv = self.qkv_proj(x).view(B, T, -1, self.head_dim)  # heads: n_head of q, n_kv_head of k, n_kv_head of v
-        qk = apply_rope(qkv[:, :, :self.n_head + self.n_kv_head], cos, sin).transpose(1, 2)  # q and k in one go
+        qk, v = self.qkv_proj(x).view(B, T, -1, self.head_dim).split([self.n_head + self.n_kv_head, self.n_kv_head], 2)
+        qk = apply_rope(qk, cos, sin).transpose(1, 2)  # q and k in one go: (B, n_head + n_kv_head, T, head_dim)
         q, k = qk.split([self.n_head, self.n_kv_head], dim=1)  # (B, n_head, T, head_dim), (B, n_kv_head, T, head_dim)
-        v = qkv[:, :, self.n_head + self.n_kv_head:].transpose(1, 2)
+        v = v.transpose(1, 2)  # (B, n_kv_head, T, head_dim)
         if pos is not None:  # decoding: attend over the cache's first n_ctx slots
             k, v = (t[:, :, :n_ctx] for t in self.cache.update(pos, k, v))
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and T > 1,
