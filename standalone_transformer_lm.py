@@ -710,8 +710,8 @@ class LinearCrossEntropy(torch.autograd.Function):
         x, weight, column, logp, share = ctx.saved_tensors
         grad = logp.exp_()  # (N, vocab) softmax
         grad.scatter_add_(1, column, -torch.ones_like(share)[:, None])
-        grad.mul_((share * grad_loss)[:, None])
-        return grad @ weight, grad.t() @ x, None
+        scale = (share * grad_loss)[:, None]  # (N, 1), each row's share of the loss: on the small operands, not grad
+        return (grad @ weight) * scale, grad.t() @ (x * scale), None
 
 
 class Transformer(nn.Module):
