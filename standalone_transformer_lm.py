@@ -756,7 +756,7 @@ class Transformer(nn.Module):
             cos, sin = self.rope_cos[pos, None], self.rope_sin[pos, None]
             compiling = torch.compiler.is_compiling()
             n_ctx = self.cfg.seq_len if compiling else int(pos[-1]) + 1
-            if compiling or 1 < T != n_ctx:
+            if compiling or (T > 1 and n_ctx != T):
                 mask = pos[:, None] >= torch.arange(n_ctx, device=idx.device)  # (T, n_ctx)
         x = self.dropout(self.embed_tokens(idx))  # (B, T, d_model)
         for block in self.layers:
