@@ -81,9 +81,10 @@ def kill_then_resume_equals_uninterrupted(docs_data, tmp_path, kill_at, **common
 
 
 def test_sigkill_then_resume_is_bit_identical(docs_data, tmp_path):
-    # dropout on, so the resumed run must also restore the RNG state exactly
+    # dropout on, so the resumed run must also restore the RNG state exactly. --deterministic 1: without it, about one
+    # eager CPU run in twenty at this size leaves the usual path in the last bits from step 15 on, uninterrupted too.
     kill_then_resume_equals_uninterrupted(docs_data, tmp_path, kill_at=40, max_steps=120, save_interval=20,
-                                          eval_interval=40, dropout=0.1, d_model=96, seq_len=128)
+                                          eval_interval=40, dropout=0.1, d_model=96, seq_len=128, deterministic=1)
 
 
 def test_float16_with_grad_scaler_resumes_bit_identically(docs_data, tmp_path):
