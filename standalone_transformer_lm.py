@@ -624,8 +624,10 @@ class RMSNorm(nn.Module):
 def rope_tables(cfg: ModelConfig) -> tuple[torch.Tensor, torch.Tensor]:
     inv_freq = 1.0 / cfg.rope_theta ** (torch.arange(0, cfg.head_dim, 2, dtype=torch.float32) / cfg.head_dim)
     freqs = torch.outer(torch.arange(cfg.seq_len, dtype=torch.float32), inv_freq)  # (T, head_dim/2)
-    emb = torch.cat((freqs, freqs), dim=-1)  # (T, head_dim): rotate-half pairs i with i + head_dim/2
-    return emb.cos(), emb.sin()
+    emb = torch.cat((freqs, freqs), dim=-1).double()  # (T, head_dim): rotate-half pairs i with i + head_dim/2
+    # cos and sin in float64, rounded once: float32 cos on a CPU gave other last bits in about 1 process in 6 (its
+    # first call), so two runs of the same command could train apart
+    return emb.cos().float(), emb.sin().float()
 
 
 def apply_rope(x, cos, sin):  # x: (B, T, heads, head_dim); cos, sin: (T, 1, head_dim)
