@@ -622,11 +622,11 @@ class RMSNorm(nn.Module):
 
 
 def rope_tables(cfg: ModelConfig) -> tuple[torch.Tensor, torch.Tensor]:
-    inv_freq = 1.0 / cfg.rope_theta ** (torch.arange(0, cfg.head_dim, 2, dtype=torch.float32) / cfg.head_dim)
+    # Frequencies, cos and sin in float64, each rounded once to float32: torch's float32 pow on a CPU gave other last
+    # bits in its first call of about 1 process in 6, so two runs of one command trained apart. Angles as HF's.
+    inv_freq = (1.0 / cfg.rope_theta ** (torch.arange(0, cfg.head_dim, 2, dtype=torch.float64) / cfg.head_dim)).float()
     freqs = torch.outer(torch.arange(cfg.seq_len, dtype=torch.float32), inv_freq)  # (T, head_dim/2)
     emb = torch.cat((freqs, freqs), dim=-1).double()  # (T, head_dim): rotate-half pairs i with i + head_dim/2
-    # cos and sin in float64, rounded once: float32 cos on a CPU gave other last bits in about 1 process in 6 (its
-    # first call), so two runs of the same command could train apart
     return emb.cos().float(), emb.sin().float()
 
 
