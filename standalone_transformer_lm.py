@@ -203,12 +203,12 @@ def require_file(path: str, what: str, hint: str) -> None:
                         f"HINT: save it to a file first")
 
 
-def keep_freed_memory() -> None:
-    """For a run on the CPU. glibc hands large freed blocks back to the kernel, so the next step's tensors of the same
-    sizes are faulted in again, page by page, zeroed: 10-20 % of a training step and of batch-16 decoding on 2 cores.
-    Told to keep them (as MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=-1 would from outside), the process holds its peak
-    memory instead. Another C library: nothing changes."""
-    if sys.platform.startswith("linux"):
+def keep_freed_memory(device: torch.device) -> None:
+    """For a run on the CPU (not a GPU run: its checkpoint copies would stay held). glibc hands large freed blocks
+    back to the kernel, so the next step's tensors of the same sizes are faulted in again, page by page, zeroed: 10-20 %
+    of a training step and of batch-16 decoding on 2 cores. Told to keep them (as MALLOC_MMAP_MAX_=0
+    MALLOC_TRIM_THRESHOLD_=-1 would from outside), the process holds its peak memory instead. Other libcs: no change."""
+    if device.type == "cpu" and sys.platform.startswith("linux"):
         with contextlib.suppress(OSError, AttributeError):
             libc = ctypes.CDLL(None)
             libc.mallopt(-4, 0)  # M_MMAP_MAX: no block gets a mapping of its own, which free() would unmap
@@ -1443,8 +1443,7 @@ def cmd_train(args) -> dict:
     tc = TrainConfig(**{k: v for k, v in vars(args).items() if k in fields})
     tc.compile, tc.deterministic = bool(tc.compile), bool(tc.deterministic)
     device = resolve_device(tc.device)
-    if device.type == "cpu":
-        keep_freed_memory()
+    keep_freed_memory(device)
     rank, world = setup_distributed(device, tc.dist_timeout)
     try:
         with contextlib.ExitStack() as held:  # rank 0's --out_dir lock, taken once train() has checked its input
@@ -1473,8 +1472,7 @@ def cmd_generate(args) -> list[str]:
                        ("top_k", args.top_k >= 0, "0 (off) or more"), ("top_p", 0 < args.top_p <= 1, "in (0, 1]"),
                        ("repetition_penalty", args.repetition_penalty > 0, "above 0 (1 = off)")])
     device = resolve_device(args.device)
-    if device.type == "cpu":
-        keep_freed_memory()
+    keep_freed_memory(device)
     model = model_from_checkpoint(args.ckpt, device, resolve_dtype("auto", device))
     spm_path = args.spm or os.path.join(os.path.dirname(os.path.abspath(args.ckpt)), "tokenizer.model")
     sp = load_tokenizer(spm_path)

@@ -263,7 +263,7 @@ def test_a_cpu_run_reuses_freed_memory_instead_of_faulting_it_in_again():
             return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
         faults()
         default = faults()
-        lm.keep_freed_memory()
+        lm.keep_freed_memory(torch.device("cpu"))
         faults()  # the first ones come from the kernel once
         print(default, faults())
     """
