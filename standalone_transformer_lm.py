@@ -203,12 +203,20 @@ def require_file(path: str, what: str, hint: str) -> None:
                         f"HINT: save it to a file first")
 
 
-def keep_freed_memory(device: torch.device) -> None:
-    """For a run on the CPU (not a GPU run: its checkpoint copies would stay held). glibc hands large freed blocks
-    back to the kernel, so the next step's tensors of the same sizes are faulted in again, page by page, zeroed: 10-20 %
-    of a training step and of batch-16 decoding on 2 cores. Told to keep them (as MALLOC_MMAP_MAX_=0
-    MALLOC_TRIM_THRESHOLD_=-1 would from outside), the process holds its peak memory instead. Other libcs: no change."""
-    if device.type == "cpu" and sys.platform.startswith("linux"):
+def settle_cpu(device: torch.device) -> None:
+    """Two habits of the libraries, met for a run on the CPU:
+    - MKL's vector math (torch's exp, log, tanh, sin, cos, sqrt on a CPU) sets itself up at its first call. When that
+      call was split over 2 threads, one thread's half came out in other last bits in 5 of 60 processes (exp of
+      512,000 floats), and two runs of one command trained apart from their first step. A first call on one thread
+      settles it (0 of 80).
+    - glibc hands large freed blocks back to the kernel, so the next step's tensors of the same sizes are faulted in
+      again, page by page, zeroed: 10-20 % of a training step and of batch-16 decoding on 2 cores. Told to keep them
+      (as MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=-1 would from outside), the process holds its peak memory instead.
+      Not for a GPU run, whose checkpoint copies would stay held; other libcs: no change."""
+    if device.type != "cpu":
+        return
+    torch.ones(8).exp()  # under the 2,048 elements that torch splits over threads
+    if sys.platform.startswith("linux"):
         with contextlib.suppress(OSError, AttributeError):
             libc = ctypes.CDLL(None)
             libc.mallopt(-4, 0)  # M_MMAP_MAX: no block gets a mapping of its own, which free() would unmap
@@ -622,12 +630,12 @@ class RMSNorm(nn.Module):
 
 
 def rope_tables(cfg: ModelConfig) -> tuple[torch.Tensor, torch.Tensor]:
-    # Frequencies, cos and sin in float64, each rounded once to float32: torch's float32 pow on a CPU gave other last
-    # bits in its first call of about 1 process in 6, so two runs of one command trained apart. Angles as HF's.
-    inv_freq = (1.0 / cfg.rope_theta ** (torch.arange(0, cfg.head_dim, 2, dtype=torch.float64) / cfg.head_dim)).float()
-    freqs = torch.outer(torch.arange(cfg.seq_len, dtype=torch.float32), inv_freq)  # (T, head_dim/2)
-    emb = torch.cat((freqs, freqs), dim=-1).double()  # (T, head_dim): rotate-half pairs i with i + head_dim/2
-    return emb.cos().float(), emb.sin().float()
+    # numpy, in float64, each table rounded once to float32: torch's CPU pow and cos gave other last bits in their first
+    # call of some processes (1 in 6 to 1 in 40), so two runs of one command trained apart. Angles as HF's products.
+    inv_freq = (1.0 / cfg.rope_theta ** (np.arange(0, cfg.head_dim, 2) / cfg.head_dim)).astype(np.float32)
+    freqs = np.outer(np.arange(cfg.seq_len, dtype=np.float32), inv_freq)  # (T, head_dim/2) float32
+    emb = np.concatenate((freqs, freqs), axis=-1).astype(np.float64)  # (T, head_dim): rotate-half, i with i + head_dim/2
+    return torch.from_numpy(np.cos(emb).astype(np.float32)), torch.from_numpy(np.sin(emb).astype(np.float32))
 
 
 def apply_rope(x, cos, sin):  # x: (B, T, heads, head_dim); cos, sin: (T, 1, head_dim)
@@ -1443,7 +1451,7 @@ def cmd_train(args) -> dict:
     tc = TrainConfig(**{k: v for k, v in vars(args).items() if k in fields})
     tc.compile, tc.deterministic = bool(tc.compile), bool(tc.deterministic)
     device = resolve_device(tc.device)
-    keep_freed_memory(device)
+    settle_cpu(device)
     rank, world = setup_distributed(device, tc.dist_timeout)
     try:
         with contextlib.ExitStack() as held:  # rank 0's --out_dir lock, taken once train() has checked its input
@@ -1472,7 +1480,7 @@ def cmd_generate(args) -> list[str]:
                        ("top_k", args.top_k >= 0, "0 (off) or more"), ("top_p", 0 < args.top_p <= 1, "in (0, 1]"),
                        ("repetition_penalty", args.repetition_penalty > 0, "above 0 (1 = off)")])
     device = resolve_device(args.device)
-    keep_freed_memory(device)
+    settle_cpu(device)
     model = model_from_checkpoint(args.ckpt, device, resolve_dtype("auto", device))
     spm_path = args.spm or os.path.join(os.path.dirname(os.path.abspath(args.ckpt)), "tokenizer.model")
     sp = load_tokenizer(spm_path)
