@@ -769,7 +769,7 @@ class Transformer(nn.Module):
 
     def forward(self, idx, targets=None, pos=None):
         """idx (B, T) token ids -> (logits, None). Training: targets (B, T), -1 ignored -> (None, loss). Decoding: pos
-        (T,) positions in the KV cache."""
+        (T,) positions in the KV cache -> (logits of the last position (B, 1, vocab_size), None)."""
         T, mask, n_ctx = idx.size(1), None, None
         if pos is None:
             cos, sin = self.rope_cos[:T, None], self.rope_sin[:T, None]
@@ -784,9 +784,9 @@ class Transformer(nn.Module):
         x = self.dropout(self.embed_tokens(idx))  # (B, T, d_model)
         for block in self.layers:
             x = block(x, cos, sin, pos, mask, n_ctx)
-        x = self.norm(x)
+        x = self.norm(x if pos is None else x[:, -1:])  # a prompt's prefill samples from its last position only
         if targets is None:
-            return self.output_layer(x), None  # (B, T, vocab_size)
+            return self.output_layer(x), None  # (B, T, vocab_size); decoding (B, 1, vocab_size)
         if x.dtype == torch.float32 and not torch.is_autocast_enabled(x.device.type):
             return None, LinearCrossEntropy.apply(x.view(-1, x.size(-1)), self.lm_head.weight, targets.reshape(-1))
         logits = self.lm_head(x)  # autocast: the in-place gradient above would be rounded to 16 bits
