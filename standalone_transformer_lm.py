@@ -925,8 +925,9 @@ class TrainConfig:
 ARCH_FLAGS = ("n_layer", "n_head", "n_kv_head", "d_model", "head_dim", "ffn_mult", "seq_len", "rope_theta",
               "tie_embeddings")
 # Dense, per GPU; the first name found in the device's name wins ("H100 PCIe" before "H100"). MFU only for these.
-PEAK_BF16_FLOPS = {"H100 PCIe": 756e12, "H100 NVL": 835e12, "H100": 989e12, "H200": 989e12, "A100": 312e12,
-                   "L40S": 362e12, "L40": 181e12, "L4": 121e12, "A10G": 70e12, "4090": 165e12, "3090": 71e12}
+PEAK_BF16_FLOPS = {"H100 PCIe": 756e12, "H100 NVL": 835e12, "H100": 989e12, "H200 NVL": 835e12, "H200": 989e12,
+                   "A100": 312e12, "L40S": 362e12, "L40": 181e12, "L4": 121e12, "A10G": 70e12, "4090": 165e12,
+                   "3090": 71e12}
 
 
 def peak_bf16_flops(device: torch.device) -> float | None:
@@ -1406,7 +1407,8 @@ def generate(model: Transformer, prompt: list[int], max_new_tokens: int, tempera
                 seen.scatter_(1, next_id, True)
             if on_token:
                 on_token(out[0])
-            logits = decode_step(next_id, pos=torch.tensor([t], device=device))[0]
+            if t + 1 < len(prompt) + max_new_tokens:  # not for the last token: nothing samples from its logits
+                logits = decode_step(next_id, pos=torch.tensor([t], device=device))[0]
     finally:
         model.lay_out_for_decoding(False)  # its memory back
     return out

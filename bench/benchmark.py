@@ -575,17 +575,20 @@ def time_generate(ours, hf, step, prompt: list[int], batch: int, size: str, devi
         return out[0, len(prompt):].tolist()
 
     variants = {("ours", 0): run_ours, ("ours", 1): lambda: run_ours(step), ("hf", 0): run_hf}
-    first, extra, tokens = {}, {}, {}
+    first, extra, tokens, graphs_skipped = {}, {}, {}, {}
     for key, fn in list(variants.items()):
         if key[0] == "ours":  # a fresh KV cache, so that each of ours' rows counts its own
             for block in ours.layers:
                 block.self_attn.cache = None
         try:
+            skips = torch._dynamo.utils.counters["inductor"]["cudagraph_skips"]
             with PeakMemory(device) as mem:  # KV cache and activations, beyond the weights
                 t0 = time.perf_counter()
                 tokens[key] = fn()  # warm-up: compiles and records the CUDA graphs on its first decode steps
                 first[key] = time.perf_counter() - t0
             extra[key] = mem.mib
+            # inductor only logs when it runs a step without CUDA graphs: the row says so
+            graphs_skipped[key] = torch._dynamo.utils.counters["inductor"]["cudagraph_skips"] - skips
         except Exception as e:
             budget.failure(f"generate {size} {'sampled' if sampled else 'greedy'} batch {batch} {key[0]} "
                            f"compile={key[1]}", e)
@@ -604,6 +607,8 @@ def time_generate(ours, hf, step, prompt: list[int], batch: int, size: str, devi
                      "tok_s": batch * len(toks) / dt, "ms_step": dt * 1e3 / len(toks),
                      "first_call_s": first[(name, compiled)], "extra_MiB": extra[(name, compiled)],
                      "tokens_vs_ours": None if sampled and name == "hf" else same})
+        if device.type == "cuda" and compiled:
+            rows[-1]["cudagraph_skips"] = graphs_skipped[(name, compiled)]  # 0, or the step ran without them
     hf_row = next((r for r in rows if r["model"] == "hf"), None)
     for r in rows:
         if r["model"] == "ours" and hf_row:
@@ -692,7 +697,8 @@ def main(argv=None) -> None:
     p.add_argument("--new_tokens", type=int, default=128, help="tokens to generate (default 128)")
     p.add_argument("--gen_batch", default="1,16", help="decode batch sizes, comma-separated (default 1,16)")
     p.add_argument("--time_budget", type=float, help="seconds; variants not started by then are skipped (default: "
-                                                     "540 for presets, so a GPU run ends within 10 minutes; none "
+                                                     "420 for presets: a variant started just before may compile for "
+                                                     "2 minutes more, and a GPU run still ends within 10; none "
                                                      "for quick)")
     p.add_argument("--prep_child", nargs=3, metavar=("TEXT", "OUT", "WORKERS"), help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -722,7 +728,7 @@ def main(argv=None) -> None:
                 "least 1")
     if args.vocab_size is not None and args.vocab_size < lm.MIN_VOCAB:
         p.error(f"--vocab_size must be at least {lm.MIN_VOCAB}, as for prep")
-    budget = Budget(args.time_budget if args.time_budget is not None else 540 if presets else 0)
+    budget = Budget(args.time_budget if args.time_budget is not None else 420 if presets else 0)
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True  # as the trainer sets
     env = environment(device)

@@ -65,11 +65,22 @@ def test_each_sample_of_a_batch_equals_its_own_full_recomputation(model):
     assert len(rows) == 4 and len({tuple(r) for r in rows}) == 4 and all(len(r) == 20 for r in rows)
     with torch.no_grad():
         for i, row in enumerate(rows):
-            full = model(torch.tensor([prompt + row]))[0][0, len(prompt):]
+            full = model(torch.tensor([prompt + row]))[0][0, len(prompt):-1]  # the last token needs no logits
             torch.testing.assert_close(torch.stack([s[i] for s in steps]), full)
     eos = rows[0][5]
     cut = lm.generate(model, prompt, 20, temperature=1.0, seed=5, eos_id=eos, num_samples=4)
     assert cut == [r[:r.index(eos)] if eos in r else r for r in rows] and cut[0] == rows[0][:5]
+
+
+def test_each_new_token_after_the_first_costs_one_decode_step(model):
+    positions = []
+
+    def step(idx, pos):
+        positions.append(int(pos))
+        return model(idx, pos=pos)
+
+    assert len(lm.generate(model, [1, 9, 33], 10, eos_id=None, decode_step=step)[0]) == 10
+    assert positions == list(range(3, 12))  # the prefill gives the first token; the last needs no step after it
 
 
 def test_output_layer_in_vocabulary_blocks_equals_lm_head():
