@@ -634,7 +634,7 @@ def rope_tables(cfg: ModelConfig) -> tuple[torch.Tensor, torch.Tensor]:
     # call of some processes (1 in 6 to 1 in 40), so two runs of one command trained apart. Angles as HF's products.
     inv_freq = (1.0 / cfg.rope_theta ** (np.arange(0, cfg.head_dim, 2) / cfg.head_dim)).astype(np.float32)
     freqs = np.outer(np.arange(cfg.seq_len, dtype=np.float32), inv_freq)  # (T, head_dim/2) float32
-    emb = np.concatenate((freqs, freqs), axis=-1).astype(np.float64)  # (T, head_dim): rotate-half, i with i + head_dim/2
+    emb = np.concatenate((freqs, freqs), axis=-1).astype(np.float64)  # (T, head_dim): pairs i, i + head_dim/2
     return torch.from_numpy(np.cos(emb).astype(np.float32)), torch.from_numpy(np.sin(emb).astype(np.float32))
 
 
