@@ -958,13 +958,16 @@ def resolve_device(name: str) -> torch.device:
         raise UserError(f"torch {torch.__version__} cannot use a GPU here ({why}). HINT: install the torch build "
                         f"for this machine's driver (https://pytorch.org/get-started/locally/), or pass --device cpu")
     # torch's wordings for a GPU too old for this build (not its warning for a newer one, which runs via PTX)
-    signs = ("does not include kernels", "builds for release", "no longer supports this GPU")
+    signs = ("this version of PyTorch was built for", "does not include kernels", "builds for release",
+             "no longer supports this GPU")
     old_gpu = next((m for m in said if any(sign in m for sign in signs)), None)
     if cuda and old_gpu:
         gpu = re.search(r"Found GPU\d+ (.+?) which is of (?:compute|cuda) capability (?:\(CC\) )?(\d+\.\d+)", old_gpu)
         fix = re.search(r"pip install torch\S* --index-url \S+", old_gpu)
         what = f" ({gpu[1]}, compute capability {gpu[2]})" if gpu else ""
-        how = f"`{fix[0]}`" if fix else "install a build for it (https://pytorch.org/get-started/locally/)"
+        cudas = re.search(r"one of these CUDA versions: (.+)", old_gpu)  # torch 2.11's wording: no pip line
+        how = f"`{fix[0]}`" if fix else (f"install a build for CUDA {cudas[1] if cudas else 'that has them'} "
+                                          f"(https://pytorch.org/get-started/locally/)")
         raise UserError(f"torch {torch.__version__} has no kernels for this GPU{what}. HINT: {how}, or pass "
                         f"--device cpu")
     if cuda and "LOCAL_RANK" in os.environ:
