@@ -966,8 +966,8 @@ def resolve_device(name: str) -> torch.device:
         fix = re.search(r"pip install torch\S* --index-url \S+", old_gpu)
         what = f" ({gpu[1]}, compute capability {gpu[2]})" if gpu else ""
         cudas = re.search(r"one of these CUDA versions: (.+)", old_gpu)  # torch 2.11's wording: no pip line
-        how = f"`{fix[0]}`" if fix else (f"install a build for CUDA {cudas[1] if cudas else 'that has them'} "
-                                          f"(https://pytorch.org/get-started/locally/)")
+        build = f"a build for CUDA {cudas[1]}" if cudas else "a build for it"
+        how = f"`{fix[0]}`" if fix else f"install {build} (https://pytorch.org/get-started/locally/)"
         raise UserError(f"torch {torch.__version__} has no kernels for this GPU{what}. HINT: {how}, or pass "
                         f"--device cpu")
     if cuda and "LOCAL_RANK" in os.environ:
