@@ -1,6 +1,10 @@
+import contextlib
+import io
 import os
+import signal
 import subprocess
 import sys
+import traceback
 
 import pydoc_data.topics
 import pytest
@@ -17,6 +21,26 @@ def run_cli(*args, check=True, timeout=600, env=None, cwd=None):
     if check and proc.returncode != 0:
         raise AssertionError(f"exit {proc.returncode}\nstdout:\n{proc.stdout}\nstderr:\n{proc.stderr}")
     return proc
+
+
+def run_main(*args):
+    """The script's main() in this process, for input it must refuse: run_cli's code path (main is all that
+    `python standalone_transformer_lm.py` runs) without starting Python and importing torch again, which takes 2-3 s
+    a call on 2 cores. An exception that escapes main() comes back as exit 1 with its traceback on stderr."""
+    import standalone_transformer_lm as lm
+    out, err, code = io.StringIO(), io.StringIO(), 0
+    handler = signal.getsignal(signal.SIGTERM)  # main() makes SIGTERM raise KeyboardInterrupt, as in the script
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            lm.main([str(a) for a in args])
+    except SystemExit as e:
+        code = e.code if isinstance(e.code, int) else 1
+    except Exception:
+        err.write(traceback.format_exc())
+        code = 1
+    finally:
+        signal.signal(signal.SIGTERM, handler)
+    return subprocess.CompletedProcess(args, code, out.getvalue(), err.getvalue())
 
 
 def assert_user_error(proc, *needles):

@@ -3,7 +3,7 @@ import subprocess
 import sys
 import time
 
-from conftest import SCRIPT, assert_user_error, run_cli
+from conftest import SCRIPT, assert_user_error, run_cli, run_main
 
 
 def test_demo_runs_then_runs_again_and_refuses_another_vocabulary(tmp_path):
@@ -14,7 +14,7 @@ def test_demo_runs_then_runs_again_and_refuses_another_vocabulary(tmp_path):
     out = run_cli(*args).stdout
     assert "nothing to train" in out and "after 20 steps" in out and "done: loss nan" not in out
     tokenizer = (tmp_path / "demo" / "data" / "tokenizer.model").read_bytes()
-    proc = run_cli(*args[:-4], "--vocab_size", 600, check=False)
+    proc = run_main(*args[:-4], "--vocab_size", 600)
     assert_user_error(proc, "500-token vocabulary", "--vocab_size 500")
     assert (tmp_path / "demo" / "data" / "tokenizer.model").read_bytes() == tokenizer
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import standalone_transformer_lm as lm
-from conftest import SCRIPT, assert_user_error, run_cli
+from conftest import SCRIPT, assert_user_error, run_cli, run_main
 from test_train import train_args
 
 
@@ -228,24 +228,23 @@ def test_cli_generate_refuses_bad_input(trained, docs_corpus, tmp_path):
     assert_user_error(run_cli("generate", "--ckpt", tmp_path / "evil.pt", "--spm", trained / "tokenizer.model",
                               check=False), "not a loadable checkpoint")
     assert not marker.exists()
-    assert_user_error(run_cli("generate", "--ckpt", trained / "pytorch_model.bin", check=False),  # the export
+    assert_user_error(run_main("generate", "--ckpt", trained / "pytorch_model.bin"),  # the export
                       "not a checkpoint of this script", "pytorch_model.bin holds the weights alone")
     (tmp_path / "torn.pt").write_bytes(ckpt.read_bytes()[:5000])
-    assert_user_error(run_cli("generate", "--ckpt", tmp_path / "torn.pt", check=False), "not a loadable")
-    run_cli("prep", "--text_path", docs_corpus, "--out_dir", tmp_path / "other", "--vocab_size", 500,
-            "--num_workers", 1)
-    assert_user_error(run_cli("generate", "--ckpt", ckpt, "--spm", tmp_path / "other" / "tokenizer.model",
-                              check=False), "has 500 tokens but the model has 1000")
-    assert_user_error(run_cli("generate", "--ckpt", ckpt, "--prompt", "word " * 200, check=False),
+    assert_user_error(run_main("generate", "--ckpt", tmp_path / "torn.pt"), "not a loadable")
+    lm.prep(str(docs_corpus), str(tmp_path / "other"), vocab_size=500, num_workers=1, progress=False)
+    assert_user_error(run_main("generate", "--ckpt", ckpt, "--spm", tmp_path / "other" / "tokenizer.model"),
+                      "has 500 tokens but the model has 1000")
+    assert_user_error(run_main("generate", "--ckpt", ckpt, "--prompt", "word " * 200),
                       "context is 64", "shorten the prompt")
-    assert_user_error(run_cli("generate", "--ckpt", tmp_path / "missing.pt", check=False), "does not exist")
-    assert_user_error(run_cli("generate", "--ckpt", ckpt, "--num_samples", 0, check=False),
+    assert_user_error(run_main("generate", "--ckpt", tmp_path / "missing.pt"), "does not exist")
+    assert_user_error(run_main("generate", "--ckpt", ckpt, "--num_samples", 0),
                       "--num_samples must be at least 1, got 0")
-    assert_user_error(run_cli("generate", "--ckpt", ckpt, "--max_new_tokens", -5, check=False),
+    assert_user_error(run_main("generate", "--ckpt", ckpt, "--max_new_tokens", -5),
                       "--max_new_tokens must be 0 or more, got -5")
-    assert_user_error(run_cli("generate", "--ckpt", ckpt, "--top_p", 0, check=False), "--top_p must be in (0, 1]")
-    assert_user_error(run_cli("generate", "--ckpt", ckpt, "--top_k", -1, check=False), "--top_k must be 0 (off)")
-    assert_user_error(run_cli("generate", "--ckpt", ckpt, "--repetition_penalty", 0, check=False),
+    assert_user_error(run_main("generate", "--ckpt", ckpt, "--top_p", 0), "--top_p must be in (0, 1]")
+    assert_user_error(run_main("generate", "--ckpt", ckpt, "--top_k", -1), "--top_k must be 0 (off)")
+    assert_user_error(run_main("generate", "--ckpt", ckpt, "--repetition_penalty", 0),
                       "--repetition_penalty must be above 0")
 
 

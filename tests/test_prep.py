@@ -3,6 +3,7 @@ import hashlib
 import json
 import os
 import random
+import shutil
 import subprocess
 import sys
 
@@ -11,7 +12,7 @@ import pytest
 import sentencepiece as spm
 
 import standalone_transformer_lm as lm
-from conftest import ROOT, assert_user_error, docs_lines, run_cli
+from conftest import ROOT, assert_user_error, docs_lines, run_cli, run_main
 
 TRICKY = [
     "\tindented with a tab\tand a tab inside",
@@ -173,6 +174,13 @@ def test_token_dtype_never_wraps():
     assert lm.token_dtype(65536) == np.uint16 and lm.token_dtype(65537) == np.uint32
 
 
+@pytest.fixture(scope="module")
+def docs_500(docs_corpus, tmp_path_factory):
+    out = tmp_path_factory.mktemp("data500")
+    run_cli("prep", "--text_path", docs_corpus, "--out_dir", out, "--vocab_size", 500, "--num_workers", 1)
+    return out
+
+
 @pytest.mark.parametrize("case, needle", [
     ("missing", "does not exist"),
     ("directory", "is a directory"),
@@ -189,9 +197,9 @@ def test_token_dtype_never_wraps():
     ("fifo", "not a regular file"),
     ("too_many_characters", "distinct characters"),
 ])
-def test_bad_input_is_refused_and_good_outputs_survive(case, needle, docs_corpus, tmp_path):
+def test_bad_input_is_refused_and_good_outputs_survive(case, needle, docs_500, tmp_path):
     out = tmp_path / "data"
-    run_cli("prep", "--text_path", docs_corpus, "--out_dir", out, "--vocab_size", 500, "--num_workers", 1)
+    shutil.copytree(docs_500, out)
     before = digest(out)
     text_path, vocab = tmp_path / "corpus.txt", 500
     if case == "directory":
@@ -219,8 +227,7 @@ def test_bad_input_is_refused_and_good_outputs_survive(case, needle, docs_corpus
     elif case != "missing":
         text_path.write_text("\n".join(docs_lines()[:300]) + "\n", encoding="utf-8")
         vocab = {"vocab_too_big": 50000, "vocab_negative": -5, "vocab_absurd": 10**9}[case]
-    proc = run_cli("prep", "--text_path", text_path, "--out_dir", out, "--vocab_size", vocab, "--num_workers", 1,
-                   check=False)
+    proc = run_main("prep", "--text_path", text_path, "--out_dir", out, "--vocab_size", vocab, "--num_workers", 1)
     assert_user_error(proc, needle)
     assert digest(out) == before
     assert sorted(os.listdir(out)) == ["meta.json", "tokenizer.model", "train.bin", "val.bin"]  # no temp files left
@@ -268,11 +275,11 @@ def test_bad_flags_and_a_file_in_the_way(docs_corpus, tmp_path):
         assert_user_error(run_cli("prep", "--text_path", docs_corpus, "--out_dir", out, check=False),
                           "cannot be made a folder")
     assert (tmp_path / "file").read_text() == "keep me"
-    assert_user_error(run_cli("prep", "--text_path", docs_corpus, "--out_dir", tmp_path / "d", "--num_workers", -1,
-                              check=False), "--num_workers -1")
+    assert_user_error(run_main("prep", "--text_path", docs_corpus, "--out_dir", tmp_path / "d", "--num_workers", -1),
+                      "--num_workers -1")
     # a vocabulary too big for the corpus is known only after the folder is made: the folders made for it go again
-    assert_user_error(run_cli("prep", "--text_path", docs_corpus, "--out_dir", tmp_path / "d" / "sub", "--vocab_size",
-                              50000, "--sample_lines", 2000, check=False), "too small for --vocab_size 50000")
+    assert_user_error(run_main("prep", "--text_path", docs_corpus, "--out_dir", tmp_path / "d" / "sub", "--vocab_size",
+                              50000, "--sample_lines", 2000), "too small for --vocab_size 50000")
     assert not (tmp_path / "d").exists() and (tmp_path / "file").exists()
     with pytest.raises(lm.UserError, match=r"supports at most 2\d\d. HINT: use more text$"):
         lm.train_tokenizer(["a", "b"], 300)  # no vocabulary of the allowed 300 or more fits: no size to suggest

@@ -19,7 +19,7 @@ import torch._dynamo.testing
 import torch.nn.functional as F
 
 import standalone_transformer_lm as lm
-from conftest import SCRIPT, assert_user_error, run_cli
+from conftest import SCRIPT, assert_user_error, run_cli, run_main
 
 
 def train_args(out_dir, data_dir, **overrides):
@@ -601,16 +601,16 @@ def test_a_new_best_checkpoint_is_linked_not_written_twice(tmp_path, monkeypatch
 
 def test_resume_refuses_another_architecture_or_tokenizer(docs_corpus, docs_data, tmp_path):
     run_cli("train", *train_args(tmp_path / "run", docs_data, max_steps=5, save_interval=5))
-    proc = run_cli("train", *train_args(tmp_path / "run", docs_data, max_steps=10, n_layer=3), check=False)
+    proc = run_main("train", *train_args(tmp_path / "run", docs_data, max_steps=10, n_layer=3))
     assert_user_error(proc, "n_layer 2 -> 3", "new --out_dir")
     other = tmp_path / "other"  # the same corpus and vocabulary size, a tokenizer trained on another sample
-    run_cli("prep", "--text_path", docs_corpus, "--out_dir", other, "--vocab_size", 1000, "--val_fraction", 0.05,
-            "--num_workers", 1, "--sample_lines", 3000)
-    assert_user_error(run_cli("train", *train_args(tmp_path / "run", other, max_steps=10), check=False),
+    lm.prep(str(docs_corpus), str(other), vocab_size=1000, val_fraction=0.05, num_workers=1, sample_lines=3000,
+            progress=False)
+    assert_user_error(run_main("train", *train_args(tmp_path / "run", other, max_steps=10)),
                       "trained with another tokenizer", "--data_dir")
     # a checkpoint with 8 heads, resumed with the preset's 4: named as such, not as a derived value's conflict
     run_cli("train", *train_args(tmp_path / "run8", docs_data, max_steps=5, save_interval=5, n_head=8))
-    assert_user_error(run_cli("train", *train_args(tmp_path / "run8", docs_data, max_steps=10), check=False),
+    assert_user_error(run_main("train", *train_args(tmp_path / "run8", docs_data, max_steps=10)),
                       "n_head 8 -> 4")
 
 
@@ -687,35 +687,35 @@ def test_bad_train_input(docs_data, tmp_path):
     assert_user_error(run_cli("train", *train_args(tmp_path / "r", tmp_path / "nothing"), check=False),
                       "does not exist", "prep")
     assert not (tmp_path / "r").exists()  # a typo in --data_dir leaves no empty --out_dir behind
-    assert_user_error(run_cli("train", *train_args(tmp_path / "r2", docs_data, seq_len=100000), check=False),
+    assert_user_error(run_main("train", *train_args(tmp_path / "r2", docs_data, seq_len=100000)),
                       "not one sequence", "--val_fraction")
     for flag, value, needle in (("n_head", 0, "must be positive, got n_head 0"), ("n_kv_head", 0, "n_kv_head 0"),
                                 ("ffn_mult", -1, "ffn_mult -1"), ("dropout", 1.5, "--dropout must be in [0, 1)"),
                                 ("lr", -1e-3, "--lr must be above 0"), ("grad_clip", -1, "--grad_clip must be 0"),
                                 ("seed", -1, "--seed must be 0 or more, got -1"),
                                 ("batch_size", "x", "invalid int value")):
-        assert_user_error(run_cli("train", *train_args(tmp_path / "r2", docs_data, **{flag: value}), check=False),
+        assert_user_error(run_main("train", *train_args(tmp_path / "r2", docs_data, **{flag: value})),
                           needle)
     assert not (tmp_path / "r2").exists()  # nor does a bad model shape, a split too short for it or a training flag
     (tmp_path / "file").write_text("x")
-    assert_user_error(run_cli("train", *train_args(tmp_path / "file", docs_data), check=False),
+    assert_user_error(run_main("train", *train_args(tmp_path / "file", docs_data)),
                       "cannot be made a folder")
-    assert_user_error(run_cli("train", *train_args(tmp_path / "r", tmp_path / "file"), check=False),
+    assert_user_error(run_main("train", *train_args(tmp_path / "r", tmp_path / "file")),
                       "is not a folder")
     (tmp_path / "data").mkdir()
     for name in ("train.bin", "val.bin", "tokenizer.model"):
         (tmp_path / "data" / name).write_bytes((docs_data / name).read_bytes())
     (tmp_path / "data" / "meta.json").write_text('{"vocab_size": 1000')
-    assert_user_error(run_cli("train", *train_args(tmp_path / "r", tmp_path / "data"), check=False),
+    assert_user_error(run_main("train", *train_args(tmp_path / "r", tmp_path / "data")),
                       "is not a meta.json that prep wrote")
     (tmp_path / "data" / "meta.json").write_bytes((docs_data / "meta.json").read_bytes())
     (tmp_path / "data" / "val.bin").write_bytes((docs_data / "val.bin").read_bytes()[:-2])  # a prep killed mid-way
-    assert_user_error(run_cli("train", *train_args(tmp_path / "r", tmp_path / "data"), check=False),
+    assert_user_error(run_main("train", *train_args(tmp_path / "r", tmp_path / "data")),
                       "not the ones its meta.json describes")
-    assert_user_error(run_cli("train", *train_args(tmp_path / "r", docs_data, n_head=5, d_model=64), check=False),
+    assert_user_error(run_main("train", *train_args(tmp_path / "r", docs_data, n_head=5, d_model=64)),
                       "not divisible", "--head_dim")
     (tmp_path / "r2").mkdir()
     (tmp_path / "r2" / "ckpt_last.pt").write_bytes(b"not a checkpoint")
-    assert_user_error(run_cli("train", *train_args(tmp_path / "r2", docs_data), check=False), "not a loadable")
+    assert_user_error(run_main("train", *train_args(tmp_path / "r2", docs_data)), "not a loadable")
     (tmp_path / "r2" / "ckpt_last.pt").write_bytes(b"")  # a save cut short by a full disk
-    assert_user_error(run_cli("train", *train_args(tmp_path / "r2", docs_data), check=False), "not a loadable")
+    assert_user_error(run_main("train", *train_args(tmp_path / "r2", docs_data)), "not a loadable")
