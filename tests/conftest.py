@@ -34,7 +34,7 @@ def run_main(*args):
         with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
             lm.main([str(a) for a in args])
     except SystemExit as e:
-        code = e.code if isinstance(e.code, int) else 1
+        code = e.code if isinstance(e.code, int) else int(e.code is not None)  # sys.exit(): 0; a message: 1
     except Exception:
         err.write(traceback.format_exc())
         code = 1
