@@ -174,13 +174,6 @@ def test_token_dtype_never_wraps():
     assert lm.token_dtype(65536) == np.uint16 and lm.token_dtype(65537) == np.uint32
 
 
-@pytest.fixture(scope="module")
-def docs_500(docs_corpus, tmp_path_factory):
-    out = tmp_path_factory.mktemp("data500")
-    run_cli("prep", "--text_path", docs_corpus, "--out_dir", out, "--vocab_size", 500, "--num_workers", 1)
-    return out
-
-
 @pytest.mark.parametrize("case, needle", [
     ("missing", "does not exist"),
     ("directory", "is a directory"),
@@ -197,9 +190,9 @@ def docs_500(docs_corpus, tmp_path_factory):
     ("fifo", "not a regular file"),
     ("too_many_characters", "distinct characters"),
 ])
-def test_bad_input_is_refused_and_good_outputs_survive(case, needle, docs_500, tmp_path):
+def test_bad_input_is_refused_and_good_outputs_survive(case, needle, docs_data, tmp_path):
     out = tmp_path / "data"
-    shutil.copytree(docs_500, out)
+    shutil.copytree(docs_data, out)  # an earlier prep's output, which a refused run must leave as it was
     before = digest(out)
     text_path, vocab = tmp_path / "corpus.txt", 500
     if case == "directory":
