@@ -8,10 +8,16 @@ import traceback
 
 import pydoc_data.topics
 import pytest
+import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(ROOT, "standalone_transformer_lm.py")
 sys.path.insert(0, ROOT)
+import standalone_transformer_lm as lm  # noqa: E402  (after the path insert)
+
+# Before any test computes: main() settles a new process's CPU math at its start, and run_main() runs it in this one,
+# whose bits must then match those of the script run as a process (a settle after another first exp would be late).
+lm.settle_cpu(torch.device("cpu"))
 
 
 def run_cli(*args, check=True, timeout=600, env=None, cwd=None):
@@ -23,14 +29,23 @@ def run_cli(*args, check=True, timeout=600, env=None, cwd=None):
     return proc
 
 
-def run_main(*args):
-    """The script's main() in this process, for input it must refuse: run_cli's code path (main is all that
-    `python standalone_transformer_lm.py` runs) without starting Python and importing torch again, which takes 2-3 s
-    a call on 2 cores. An exception that escapes main() comes back as exit 1 with its traceback on stderr."""
-    import standalone_transformer_lm as lm
+def run_main(*args, check=False, cwd=None, env=None, threads=None):
+    """The script's main() in this process: run_cli's code path (main is all that `python standalone_transformer_lm.py`
+    runs) without starting Python and importing torch, and for training torch._dynamo (which torch.optim imports),
+    again: 6-7 s a call on 2 cores. An exception that escapes main() comes back as exit 1 with its traceback on
+    stderr. What a run sets for its process is put back: signal handlers, deterministic algorithms, the environment,
+    the thread count, the working folder. threads: as OMP_NUM_THREADS would for a new process."""
     out, err, code = io.StringIO(), io.StringIO(), 0
-    handler = signal.getsignal(signal.SIGTERM)  # main() makes SIGTERM raise KeyboardInterrupt, as in the script
+    handlers = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
+    deterministic, n_threads, environ, folder = torch.are_deterministic_algorithms_enabled(), \
+        torch.get_num_threads(), dict(os.environ), os.getcwd()
     try:
+        os.environ.update(env or {})
+        if cwd:
+            os.chdir(cwd)
+        if threads:
+            torch.set_num_threads(threads)
+        torch._dynamo.reset()  # --compile 1 compiles from nothing, as in a new process
         with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
             lm.main([str(a) for a in args])
     except SystemExit as e:
@@ -39,7 +54,15 @@ def run_main(*args):
         err.write(traceback.format_exc())
         code = 1
     finally:
-        signal.signal(signal.SIGTERM, handler)
+        for s, handler in handlers.items():
+            signal.signal(s, handler)
+        torch.use_deterministic_algorithms(deterministic)
+        torch.set_num_threads(n_threads)
+        os.environ.clear()
+        os.environ.update(environ)
+        os.chdir(folder)
+    if check and code != 0:
+        raise AssertionError(f"exit {code}\nstdout:\n{out.getvalue()}\nstderr:\n{err.getvalue()}")
     return subprocess.CompletedProcess(args, code, out.getvalue(), err.getvalue())
 
 
@@ -69,6 +92,6 @@ def docs_corpus(tmp_path_factory):
 def docs_data(docs_corpus, tmp_path_factory):
     """A prepped data folder (vocab 1000) shared by the training tests."""
     out = tmp_path_factory.mktemp("data")
-    run_cli("prep", "--text_path", docs_corpus, "--out_dir", out, "--vocab_size", 1000, "--val_fraction", 0.05,
-            "--num_workers", 1)
+    run_main("prep", "--text_path", docs_corpus, "--out_dir", out, "--vocab_size", 1000, "--val_fraction", 0.05,
+             "--num_workers", 1, check=True)
     return out

@@ -174,16 +174,16 @@ def test_repetition_penalty_in_the_decode_loop_sees_every_token_so_far(model):
 @pytest.fixture(scope="module")
 def trained(docs_data, tmp_path_factory):
     out = tmp_path_factory.mktemp("gen") / "run"
-    run_cli("train", *train_args(out, docs_data, max_steps=20, save_interval=20))
+    run_main("train", *train_args(out, docs_data, max_steps=20, save_interval=20), check=True)
     return out
 
 
 def test_cli_generate_is_reproducible_and_finds_its_tokenizer(trained):
     args = ["generate", "--ckpt", trained / "ckpt_last.pt", "--prompt", "The try statement", "--max_new_tokens", 20,
             "--seed", 3, "--num_samples", 2, "--top_p", 0.9]
-    first, second = run_cli(*args).stdout, run_cli(*args).stdout
+    first, second = run_cli(*args).stdout, run_main(*args, check=True).stdout  # a process, then here
     assert first == second and first.count("The try statement") == 2
-    other_seed = run_cli(*args[:7], "--seed", 4, "--num_samples", 2, "--top_p", 0.9).stdout
+    other_seed = run_main(*args[:7], "--seed", 4, "--num_samples", 2, "--top_p", 0.9, check=True).stdout
     assert other_seed != first
 
 

@@ -55,8 +55,8 @@ def tricky(tmp_path_factory):
     corpus = tmp / "tricky.txt"
     corpus.write_bytes(raw)
     expected = lines + ["bad bytes \ufffd\ufffd here", "the last line, with CRLF"]
-    run_cli("prep", "--text_path", corpus, "--out_dir", tmp / "data", "--vocab_size", 800, "--val_fraction", 0.1,
-            "--num_workers", 1)
+    run_main("prep", "--text_path", corpus, "--out_dir", tmp / "data", "--vocab_size", 800, "--val_fraction", 0.1,
+             "--num_workers", 1, check=True)
     return tmp / "data", expected
 
 
@@ -95,9 +95,9 @@ def test_stats_count_what_was_repaired(tricky):
 
 
 def test_deterministic_whatever_the_number_of_workers(docs_corpus, tmp_path):
-    for name, workers in (("a", 1), ("b", 2)):
-        run_cli("prep", "--text_path", docs_corpus, "--out_dir", tmp_path / name, "--vocab_size", 600,
-                "--num_workers", workers)
+    run_cli("prep", "--text_path", docs_corpus, "--out_dir", tmp_path / "a", "--vocab_size", 600, "--num_workers", 1)
+    run_main("prep", "--text_path", docs_corpus, "--out_dir", tmp_path / "b", "--vocab_size", 600, "--num_workers", 2,
+             check=True)  # in this process: the same files as a process of the script writes
     assert digest(tmp_path / "a") == digest(tmp_path / "b")
 
 
@@ -106,8 +106,8 @@ def test_dedup_and_whitespace_normalisation(tmp_path):
     corpus = tmp_path / "c.txt"
     lines = lines + lines[:500] + ["a \t  b   c"]
     corpus.write_text("\n".join(lines) + "\n", encoding="utf-8")
-    run_cli("prep", "--text_path", corpus, "--out_dir", tmp_path / "d", "--vocab_size", 500, "--num_workers", 1,
-            "--dedup", 1, "--normalize_whitespace", 1)
+    run_main("prep", "--text_path", corpus, "--out_dir", tmp_path / "d", "--vocab_size", 500, "--num_workers", 1,
+             "--dedup", 1, "--normalize_whitespace", 1, check=True)
     meta = json.loads((tmp_path / "d" / "meta.json").read_text())
     normalised = [" ".join(line.split()) for line in lines]  # dedup compares lines after normalisation
     assert meta["stats"]["duplicate lines skipped"] == len(lines) - len(set(normalised)) >= 500
@@ -122,8 +122,8 @@ def test_prep_notes_a_json_lines_corpus_and_hard_wrapped_text(tmp_path):
     jsonl = [json.dumps({"text": d, "id": i}) for i, d in enumerate(documents)]
     for name, lines in (("wrapped", wrapped), ("jsonl", jsonl)):
         (tmp_path / name).write_text("\n".join(lines) + "\n", encoding="utf-8")
-        outputs.append(run_cli("prep", "--text_path", tmp_path / name, "--out_dir", tmp_path / f"d_{name}",
-                               "--vocab_size", 500, "--num_workers", 1).stdout)
+        outputs.append(run_main("prep", "--text_path", tmp_path / name, "--out_dir", tmp_path / f"d_{name}",
+                                "--vocab_size", 500, "--num_workers", 1, check=True).stdout)
     json_note, short_note = "the lines are JSON objects, so the model will learn JSON syntax", "Each line is one sample"
     assert json_note not in outputs[0] and short_note in outputs[0], outputs[0]
     assert json_note in outputs[1] and short_note not in outputs[1], outputs[1]

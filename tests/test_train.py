@@ -48,7 +48,7 @@ def assert_same_weights(a, b, atol=0.0):
 
 
 def test_loss_falls_on_real_text(docs_data, tmp_path):
-    run_cli("train", *train_args(tmp_path / "run", docs_data, max_steps=60, eval_interval=20))
+    run_main("train", *train_args(tmp_path / "run", docs_data, max_steps=60, eval_interval=20), check=True)
     rows = metrics(tmp_path / "run")
     assert [r["step"] for r in rows] == list(range(5, 61, 5))
     assert rows[-1]["loss"] < rows[0]["loss"] - 1.0 and rows[-1]["val_loss"] < math.log(1000) - 1.0
@@ -56,7 +56,7 @@ def test_loss_falls_on_real_text(docs_data, tmp_path):
 
 
 def kill_then_resume_equals_uninterrupted(docs_data, tmp_path, kill_at, **common):
-    run_cli("train", *train_args(tmp_path / "full", docs_data, **common))
+    run_main("train", *train_args(tmp_path / "full", docs_data, **common), check=True)  # here; killed: a process
     cmd = [sys.executable, SCRIPT, "train", *train_args(tmp_path / "killed", docs_data, **common)]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     config = tmp_path / "killed" / "config.json"
@@ -69,7 +69,7 @@ def kill_then_resume_equals_uninterrupted(docs_data, tmp_path, kill_at, **common
     assert proc.wait() == -signal.SIGKILL, "the run ended before it could be killed"
     saved = load(tmp_path / "killed" / "ckpt_last.pt")["step"]  # config.json is written after it: maybe not yet
     assert kill_at <= saved < common["max_steps"]
-    out = run_cli("train", *train_args(tmp_path / "killed", docs_data, **common)).stdout
+    out = run_main("train", *train_args(tmp_path / "killed", docs_data, **common), check=True).stdout
     assert f"resuming {tmp_path / 'killed'}/ckpt_last.pt at step {saved}" in out
     assert_same_weights(tmp_path / "full", tmp_path / "killed")
     assert [r["step"] for r in metrics(tmp_path / "killed")] == [r["step"] for r in metrics(tmp_path / "full")]
@@ -327,8 +327,8 @@ def test_resume_switches_between_bfloat16_and_float16(docs_data, tmp_path):
     # A bf16 run resumed on a GPU without bf16 (where --dtype auto picks float16): the loss scaler starts fresh; and
     # back again, the float16 run's scaler state is dropped.
     for max_steps, dtype in ((4, "bfloat16"), (8, "float16"), (12, "bfloat16")):
-        out = run_cli("train", *train_args(tmp_path / "run", docs_data, max_steps=max_steps, save_interval=4,
-                                           eval_interval=4, dtype=dtype)).stdout
+        out = run_main("train", *train_args(tmp_path / "run", docs_data, max_steps=max_steps, save_interval=4,
+                                            eval_interval=4, dtype=dtype), check=True).stdout
         ckpt = load(tmp_path / "run" / "ckpt_last.pt")
         assert ckpt["step"] == max_steps and bool(ckpt["scaler"]) == (dtype == "float16")
     assert "resuming" in out and "dtype bfloat16" in out
@@ -342,8 +342,8 @@ def test_resume_switches_between_bfloat16_and_float16(docs_data, tmp_path):
 @pytest.mark.parametrize("accum, model", [(2, {}), (1, {"compile": 1, "d_model": 384})], ids=["eager", "compiled"])
 def test_two_gloo_ranks_match_one_process_with_accumulation(docs_data, tmp_path, accum, model):
     one_thread = {"OMP_NUM_THREADS": "1"}  # as each rank: sums split over threads may round differently
-    run_cli("train", *train_args(tmp_path / "one", docs_data, grad_accum_steps=2 * accum, max_steps=12, **model),
-            env=one_thread)
+    run_main("train", *train_args(tmp_path / "one", docs_data, grad_accum_steps=2 * accum, max_steps=12, **model),
+             check=True, threads=1)
     args = [SCRIPT, "train", *train_args(tmp_path / "two", docs_data, grad_accum_steps=accum, max_steps=12, **model)]
     logs = [tmp_path / f"launcher{i}.log" for i in range(2)]
     launch = [dict(stdout=open(log, "w"), stderr=subprocess.STDOUT, env={**os.environ, **one_thread}) for log in logs]
@@ -375,7 +375,7 @@ def test_two_gloo_ranks_match_one_process_with_accumulation(docs_data, tmp_path,
 
 def test_a_rank_added_on_resume_draws_its_own_dropout_masks(docs_data, tmp_path):
     args = train_args(tmp_path / "run", docs_data, grad_accum_steps=2, max_steps=5, dropout=0.1)
-    run_cli("train", *args)  # one process; then resumed on two, each reading half of the same global batch
+    run_main("train", *args, check=True)  # one process; then resumed on two, each reading half of the same global batch
     proc = subprocess.run(torchrun(SCRIPT, "train", *args, "--grad_accum_steps", "1", "--max_steps", "10"),
                           capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
@@ -403,7 +403,7 @@ def test_a_live_run_keeps_a_second_out_and_repeated_sigterm_saves_and_exits_clea
     try:
         wait_for_metrics(tmp_path / "run")
         # The same command again (here as `srun` would start a copy) while the first trains: refused, nothing touched
-        second = run_cli(*cmd[2:], check=False, env={"SLURM_STEP_NUM_TASKS": "2"}, timeout=60)
+        second = run_main(*cmd[2:], env={"SLURM_STEP_NUM_TASKS": "2"})
         assert_user_error(second, f"another training run (pid {proc.pid} on", "srun started 2 copies", "--out_dir")
         assert live.exists() and proc.poll() is None
         # A scheduler signals every process and torchrun forwards the signal again; some repeat it until the end. A
@@ -450,7 +450,7 @@ def test_ranks_that_see_different_out_dirs_refuse_to_train(docs_data, tmp_path):
     # two "nodes", each with its own folder: --out_dir run is a different folder for each rank
     for node in ("node0", "node1"):
         (tmp_path / node).mkdir()
-    run_cli("train", *train_args("run", docs_data, max_steps=5, save_interval=5), cwd=tmp_path / "node0")
+    run_main("train", *train_args("run", docs_data, max_steps=5, save_interval=5), check=True, cwd=tmp_path / "node0")
     wrapper = tmp_path / "node.sh"
     wrapper.write_text(f'cd "{tmp_path}/node$LOCAL_RANK" && exec "{sys.executable}" "{SCRIPT}" "$@"\n')
     cmd = torchrun("--no-python", "sh", wrapper, "train", *train_args("run", docs_data, max_steps=10))
@@ -475,8 +475,8 @@ def test_a_closed_stdout_saves_and_stops_as_a_signal_does(docs_data, tmp_path):
 
 
 def test_divergence_stops_with_error_and_keeps_the_last_good_checkpoint(docs_data, tmp_path):
-    proc = run_cli("train", *train_args(tmp_path / "run", docs_data, lr=1e9, warmup_steps=40, max_steps=200,
-                                        save_interval=2, grad_clip=0), check=False)
+    proc = run_main("train", *train_args(tmp_path / "run", docs_data, lr=1e9, warmup_steps=40, max_steps=200,
+                                         save_interval=2, grad_clip=0))
     assert_user_error(proc, "training diverged at step", "grad norm", "lower --lr")
     ckpt = load(tmp_path / "run" / "ckpt_last.pt")
     assert ckpt["step"] >= 2
@@ -486,7 +486,7 @@ def test_divergence_stops_with_error_and_keeps_the_last_good_checkpoint(docs_dat
 @pytest.mark.parametrize("error", [torch.cuda.OutOfMemoryError, RuntimeError])  # RuntimeError: a compile's wrapper
 def test_out_of_gpu_memory_is_one_line_with_the_fix_and_keeps_the_checkpoint(docs_data, tmp_path, monkeypatch, capsys,
                                                                               error):
-    run_cli("train", *train_args(tmp_path / "run", docs_data, max_steps=4, save_interval=2))
+    run_main("train", *train_args(tmp_path / "run", docs_data, max_steps=4, save_interval=2), check=True)
     before = (tmp_path / "run" / "ckpt_last.pt").read_bytes()
 
     def oom(*args, **kwargs):
@@ -600,7 +600,7 @@ def test_a_new_best_checkpoint_is_linked_not_written_twice(tmp_path, monkeypatch
 
 
 def test_resume_refuses_another_architecture_or_tokenizer(docs_corpus, docs_data, tmp_path):
-    run_cli("train", *train_args(tmp_path / "run", docs_data, max_steps=5, save_interval=5))
+    run_main("train", *train_args(tmp_path / "run", docs_data, max_steps=5, save_interval=5), check=True)
     proc = run_main("train", *train_args(tmp_path / "run", docs_data, max_steps=10, n_layer=3))
     assert_user_error(proc, "n_layer 2 -> 3", "new --out_dir")
     other = tmp_path / "other"  # the same corpus and vocabulary size, a tokenizer trained on another sample
@@ -609,14 +609,14 @@ def test_resume_refuses_another_architecture_or_tokenizer(docs_corpus, docs_data
     assert_user_error(run_main("train", *train_args(tmp_path / "run", other, max_steps=10)),
                       "trained with another tokenizer", "--data_dir")
     # a checkpoint with 8 heads, resumed with the preset's 4: named as such, not as a derived value's conflict
-    run_cli("train", *train_args(tmp_path / "run8", docs_data, max_steps=5, save_interval=5, n_head=8))
+    run_main("train", *train_args(tmp_path / "run8", docs_data, max_steps=5, save_interval=5, n_head=8), check=True)
     assert_user_error(run_main("train", *train_args(tmp_path / "run8", docs_data, max_steps=10)),
                       "n_head 8 -> 4")
 
 
 def test_the_schedule_line_counts_epochs_and_a_run_shorter_than_its_warmup_says_so(docs_data, tmp_path):
-    out = run_cli("train", *train_args(tmp_path / "run", docs_data, max_steps=4, warmup_steps=8, eval_interval=4,
-                                       save_interval=4, batch_size=16, grad_accum_steps=4)).stdout
+    out = run_main("train", *train_args(tmp_path / "run", docs_data, max_steps=4, warmup_steps=8, eval_interval=4,
+                                        save_interval=4, batch_size=16, grad_accum_steps=4), check=True).stdout
     n = json.loads((docs_data / "meta.json").read_text())["train"]["tokens"]
     assert f"at step 4, {4 * 64 * 64 / n:,.2f} epochs of train.bin ({n:,} tokens)" in out, out  # 64 rows of 64 a step
     assert "--warmup_steps 8 is not below --max_steps 4, so the learning rate only climbs, to 0.0015" in out, out
@@ -624,19 +624,20 @@ def test_the_schedule_line_counts_epochs_and_a_run_shorter_than_its_warmup_says_
 
 
 def test_resume_drops_a_torn_metrics_line_and_a_finished_run_has_nothing_to_train(docs_data, tmp_path):
-    run_cli("train", *train_args(tmp_path / "run", docs_data, max_steps=10))
+    run_main("train", *train_args(tmp_path / "run", docs_data, max_steps=10), check=True)
     with open(tmp_path / "run" / "metrics.jsonl", "a") as f:
         f.write('{"step": 15, "lo')  # what a crash in the middle of a write could leave
-    run_cli("train", *train_args(tmp_path / "run", docs_data, max_steps=20))
+    run_main("train", *train_args(tmp_path / "run", docs_data, max_steps=20), check=True)
     assert [r["step"] for r in metrics(tmp_path / "run")] == [5, 10, 15, 20]
-    out = run_cli("train", *train_args(tmp_path / "run", docs_data, max_steps=20)).stdout
+    out = run_main("train", *train_args(tmp_path / "run", docs_data, max_steps=20), check=True).stdout
     assert "nothing to train" in out and "raise --max_steps" in out
     assert [r["step"] for r in metrics(tmp_path / "run")] == [5, 10, 15, 20]
 
 
 def test_resume_accepts_new_max_steps_lr_and_dropout(docs_data, tmp_path):
-    run_cli("train", *train_args(tmp_path / "run", docs_data, max_steps=10))
-    out = run_cli("train", *train_args(tmp_path / "run", docs_data, max_steps=20, lr=1e-3, dropout=0.1)).stdout
+    run_main("train", *train_args(tmp_path / "run", docs_data, max_steps=10), check=True)
+    out = run_main("train", *train_args(tmp_path / "run", docs_data, max_steps=20, lr=1e-3, dropout=0.1),
+                   check=True).stdout
     assert "max_steps 10 -> 20" in out and "lr 0.003 -> 0.001" in out and "dropout 0.0 -> 0.1" in out
     assert "cosine from lr 0.001 to 0.0001 at step 20" in out
     assert load(tmp_path / "run" / "ckpt_last.pt")["step"] == 20
