@@ -83,8 +83,8 @@ def kill_then_resume_equals_uninterrupted(docs_data, tmp_path, kill_at, **common
 def test_sigkill_then_resume_is_bit_identical(docs_data, tmp_path):
     # dropout on, so the resumed run must also restore the RNG state exactly. Default flags: eager on a CPU, the same
     # command gives the same bits in every process (5 of 40 runs left the common path before settle_cpu)
-    kill_then_resume_equals_uninterrupted(docs_data, tmp_path, kill_at=40, max_steps=120, save_interval=20,
-                                          eval_interval=40, dropout=0.1, d_model=96, seq_len=128)
+    kill_then_resume_equals_uninterrupted(docs_data, tmp_path, kill_at=20, max_steps=60, save_interval=10,
+                                          eval_interval=20, dropout=0.1, d_model=96, seq_len=128)
 
 
 def test_float16_with_grad_scaler_resumes_bit_identically(docs_data, tmp_path):
