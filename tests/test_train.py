@@ -56,7 +56,7 @@ def test_loss_falls_on_real_text(docs_data, tmp_path):
 
 
 def kill_then_resume_equals_uninterrupted(docs_data, tmp_path, kill_at, **common):
-    run_main("train", *train_args(tmp_path / "full", docs_data, **common), check=True)  # here; killed: a process
+    log = run_main("train", *train_args(tmp_path / "full", docs_data, **common), check=True).stdout  # here
     cmd = [sys.executable, SCRIPT, "train", *train_args(tmp_path / "killed", docs_data, **common)]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     config = tmp_path / "killed" / "config.json"
@@ -78,6 +78,7 @@ def kill_then_resume_equals_uninterrupted(docs_data, tmp_path, kill_at, **common
     for a, b in zip(full["optimizer"]["state"].values(), resumed["optimizer"]["state"].values(), strict=True):
         assert all(torch.equal(a[k], b[k]) for k in a)  # AdamW's moments and step counts
     assert all(torch.equal(a["torch"], b["torch"]) for a, b in zip(full["rng"], resumed["rng"], strict=True))
+    return log
 
 
 def test_sigkill_then_resume_is_bit_identical(docs_data, tmp_path):
@@ -205,10 +206,27 @@ def test_a_checkpoint_of_another_version_is_refused(tmp_path):
         lm.load_checkpoint(str(tmp_path / "ckpt.pt"))
 
 
-def test_compiled_deterministic_run_resumes_bit_identically(docs_data, tmp_path):
-    # compiled, a backward adds with atomics in a varying order; --deterministic 1 takes kernels without them
-    kill_then_resume_equals_uninterrupted(docs_data, tmp_path, kill_at=6, max_steps=18, save_interval=3,
-                                          eval_interval=6, dropout=0.1, compile=1, deterministic=1)
+def test_compiled_deterministic_run_resumes_bit_identically_and_exports_clean_files(docs_data, tmp_path):
+    # Compiled, a backward adds with atomics in a varying order; --deterministic 1 takes kernels without them. With
+    # bf16 autocast, as on a GPU (CPU autocast runs the same code), and tied embeddings.
+    log = kill_then_resume_equals_uninterrupted(docs_data, tmp_path, kill_at=6, max_steps=18, save_interval=3,
+                                                eval_interval=6, dropout=0.1, compile=1, deterministic=1,
+                                                dtype="bfloat16", tie_embeddings=1)
+    assert "compile True (the first step compiles: a minute or more" in log  # not a hang: it says so
+    out = tmp_path / "full"
+    assert all(math.isfinite(r["loss"]) for r in metrics(out))
+    state = load(out / "pytorch_model.bin")
+    assert not any(k.startswith(("_orig_mod.", "module.")) or "._orig_mod." in k for k in state)
+    assert state["lm_head.weight"].data_ptr() == state["embed_tokens.weight"].data_ptr()  # tied stays tied
+    config = json.loads((out / "config.json").read_text())
+    cfg = lm.ModelConfig.from_dict({k: v for k, v in config.items() if k not in ("format", "step")})
+    model = lm.Transformer(cfg)
+    model.load_state_dict(state, strict=True)
+    assert (out / "tokenizer.model").read_bytes() == (docs_data / "tokenizer.model").read_bytes()
+    for name in ("ckpt_last.pt", "ckpt_best.pt"):
+        ckpt = load(out / name)
+        assert ckpt["model"].keys() == state.keys() and ckpt["format"] == lm.CKPT_FORMAT
+    assert not [p for p in os.listdir(out) if ".tmp" in p]
 
 
 def test_deterministic_is_strict_and_an_op_without_such_a_kernel_is_one_error_line(docs_data, tmp_path):
@@ -641,27 +659,6 @@ def test_resume_accepts_new_max_steps_lr_and_dropout(docs_data, tmp_path):
     assert "max_steps 10 -> 20" in out and "lr 0.003 -> 0.001" in out and "dropout 0.0 -> 0.1" in out
     assert "cosine from lr 0.001 to 0.0001 at step 20" in out
     assert load(tmp_path / "run" / "ckpt_last.pt")["step"] == 20
-
-
-def test_compile_on_cpu_and_the_exported_files(docs_data, tmp_path):
-    # compile with bf16 autocast, as on a GPU (CPU autocast runs the same code)
-    log = run_cli("train", *train_args(tmp_path / "run", docs_data, max_steps=6, save_interval=3, compile=1,
-                                       tie_embeddings=1, eval_interval=3, dtype="bfloat16")).stdout
-    assert "compile True (the first step compiles: a minute or more" in log  # not a hang: it says so
-    out = tmp_path / "run"
-    assert all(math.isfinite(r["loss"]) for r in metrics(out))
-    state = load(out / "pytorch_model.bin")
-    assert not any(k.startswith(("_orig_mod.", "module.")) or "._orig_mod." in k for k in state)
-    assert state["lm_head.weight"].data_ptr() == state["embed_tokens.weight"].data_ptr()  # tied stays tied
-    config = json.loads((out / "config.json").read_text())
-    cfg = lm.ModelConfig.from_dict({k: v for k, v in config.items() if k not in ("format", "step")})
-    model = lm.Transformer(cfg)
-    model.load_state_dict(state, strict=True)
-    assert (out / "tokenizer.model").read_bytes() == (docs_data / "tokenizer.model").read_bytes()
-    for name in ("ckpt_last.pt", "ckpt_best.pt"):
-        ckpt = load(out / name)
-        assert ckpt["model"].keys() == state.keys() and ckpt["format"] == lm.CKPT_FORMAT
-    assert not [p for p in os.listdir(out) if ".tmp" in p]
 
 
 @pytest.mark.parametrize("tie, n_kv_head, dropout, autocast", [(0, 4, 0.0, False), (1, 2, 0.1, True)])
