@@ -229,20 +229,18 @@ def test_compiled_deterministic_run_resumes_bit_identically_and_exports_clean_fi
     assert not [p for p in os.listdir(out) if ".tmp" in p]
 
 
-def test_deterministic_is_strict_and_an_op_without_such_a_kernel_is_one_error_line(docs_data, tmp_path):
+def test_deterministic_is_strict_and_an_op_without_such_a_kernel_is_one_error_line(docs_data, tmp_path, monkeypatch):
     # warn_only would let GPU attention keep its backward with atomics (torch only warns); strict, an op that has no
     # deterministic kernel stops the run instead. put_ without accumulate has none on any device.
-    code = ("import sys, torch, standalone_transformer_lm as lm\n"
-            "forward = lm.Transformer.forward\n"
-            "def with_put(self, *args, **kwargs):\n"
-            "    torch.zeros(4).put_(torch.tensor([1]), torch.ones(1))\n"
-            "    return forward(self, *args, **kwargs)\n"
-            "lm.Transformer.forward = with_put\n"
-            "lm.main(sys.argv[1:])\n")
-    proc = subprocess.run([sys.executable, "-c", code, "train", *train_args(tmp_path / "run", docs_data, max_steps=2,
-                                                                              deterministic=1)],
-                          capture_output=True, text=True, timeout=600, cwd=os.path.dirname(SCRIPT))
+    forward = lm.Transformer.forward
+
+    def with_put(self, *args, **kwargs):
+        torch.zeros(4).put_(torch.tensor([1]), torch.ones(1))
+        return forward(self, *args, **kwargs)
+    monkeypatch.setattr(lm.Transformer, "forward", with_put)
+    proc = run_main("train", *train_args(tmp_path / "run", docs_data, max_steps=2, deterministic=1))
     assert_user_error(proc, "--deterministic 1: put_ has no deterministic kernel on cpu", "--deterministic 0")
+    assert not torch.are_deterministic_algorithms_enabled()  # run_main put the process's setting back
 
 
 def test_lr_schedule_and_which_parameters_decay():
