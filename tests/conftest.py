@@ -29,12 +29,13 @@ def run_cli(*args, check=True, timeout=600, env=None, cwd=None):
     return proc
 
 
-def run_main(*args, check=False, cwd=None, env=None, threads=None):
+def run_main(*args, check=False, cwd=None, env=None, threads=None, main=None):
     """The script's main() in this process: run_cli's code path (main is all that `python standalone_transformer_lm.py`
     runs) without starting Python and importing torch, and for training torch._dynamo (which torch.optim imports),
     again: 6-7 s a call on 2 cores. An exception that escapes main() comes back as exit 1 with its traceback on
     stderr. What a run sets for its process is put back: signal handlers, deterministic algorithms, the environment,
-    the thread count, the working folder. threads: as OMP_NUM_THREADS would for a new process."""
+    the thread count, the working folder. threads: as OMP_NUM_THREADS would for a new process. main: another
+    script's main(), such as test_llama_model.py's."""
     out, err, code = io.StringIO(), io.StringIO(), 0
     handlers = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
     deterministic, n_threads, environ, folder = torch.are_deterministic_algorithms_enabled(), \
@@ -47,7 +48,7 @@ def run_main(*args, check=False, cwd=None, env=None, threads=None):
             torch.set_num_threads(threads)
         torch._dynamo.reset()  # --compile 1 compiles from nothing, as in a new process
         with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-            lm.main([str(a) for a in args])
+            (main or lm.main)([str(a) for a in args])
     except SystemExit as e:
         code = e.code if isinstance(e.code, int) else int(e.code is not None)  # sys.exit(): 0; a message: 1
     except Exception:

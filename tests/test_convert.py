@@ -18,6 +18,7 @@ import convert_to_llama as C  # noqa: E402  (conftest.py puts the repository roo
 import standalone_transformer_lm as S  # noqa: E402
 from safetensors.torch import load_file, save_file  # noqa: E402
 from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: E402
+from conftest import run_main  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -273,18 +274,7 @@ def test_user_mistakes_give_one_error_line(converted, tmp_path, spm_path, capsys
     assert mistake != "out-holds-the-run" or ckpt.exists()
 
 
-def run_here(main, *args: str, capsys) -> subprocess.CompletedProcess:
-    """A script's main() in this process, for the checks after its first run as a process: 8-9 s less each."""
-    code = 0
-    try:
-        main(list(args))
-    except SystemExit as e:
-        code = e.code
-    out, err = capsys.readouterr()
-    return subprocess.CompletedProcess(args, code, out, err)
-
-
-def test_test_llama_model_generates_and_compares(converted, tmp_path, capsys):
+def test_test_llama_model_generates_and_compares(converted, tmp_path):
     import test_llama_model as T
     run_dir, out = converted
     r = run_cli("test_llama_model.py", str(out), "--ckpt", str(run_dir / "ckpt_last.pt"), "--max_new_tokens", "8",
@@ -292,14 +282,14 @@ def test_test_llama_model_generates_and_compares(converted, tmp_path, capsys):
     assert r.returncode == 0, r.stderr
     assert "greedy : The sun is" in r.stdout and "sampled: The sun is" in r.stdout
     assert "largest logit difference" in r.stdout
-    r = run_here(T.main, str(out), "--temperature", "0", "--max_new_tokens", "4", capsys=capsys)
+    r = run_main(str(out), "--temperature", "0", "--max_new_tokens", "4", main=T.main)  # then in this process
     assert r.returncode == 0 and "greedy : The sun is" in r.stdout and "sampled" not in r.stdout, r.stderr
 
     torn = tmp_path / "torn"  # a copy cut short: one error line, no traceback
     shutil.copytree(out, torn)
     weights = (torn / "model.safetensors").read_bytes()
     (torn / "model.safetensors").write_bytes(weights[:len(weights) // 2])
-    r = run_here(T.main, str(torn), capsys=capsys)
+    r = run_main(str(torn), main=T.main)
     assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
     assert r.stderr.splitlines()[-1].startswith("error:") and "does not load with transformers" in r.stderr
 
@@ -309,7 +299,7 @@ def test_test_llama_model_generates_and_compares(converted, tmp_path, capsys):
     q, k = "model.layers.0.self_attn.q_proj.weight", "model.layers.0.self_attn.k_proj.weight"
     w[q], w[k] = w[k].clone(), w[q].clone()
     save_file(w, broken / "model.safetensors", metadata={"format": "pt"})
-    r = run_here(T.main, str(broken), "--ckpt", str(run_dir / "ckpt_last.pt"), "--max_new_tokens", "4", capsys=capsys)
+    r = run_main(str(broken), "--ckpt", str(run_dir / "ckpt_last.pt"), "--max_new_tokens", "4", main=T.main)
     assert r.returncode == 1 and r.stderr.splitlines()[-1].startswith("error:"), r.stderr
 
 
