@@ -21,6 +21,7 @@ import os
 import platform
 import re
 import resource
+import signal
 import subprocess
 import sys
 import tempfile
@@ -234,9 +235,13 @@ def bench_prep(args) -> list[dict]:
         with tempfile.TemporaryDirectory() as out_dir, tempfile.TemporaryFile("w+") as log:
             cmd = [sys.executable, os.path.abspath(__file__), "--prep_child", corpus, out_dir, str(workers)]
             proc, peak = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, text=True), 0.0
-            while proc.poll() is None:  # sampled: the workers' memory is invisible to getrusage (see prep_child)
-                peak = max(peak, tree_pss_mib(proc.pid) or 0.0)
-                time.sleep(1.0)
+            try:
+                while proc.poll() is None:  # sampled: the workers' memory is invisible to getrusage (see prep_child)
+                    peak = max(peak, tree_pss_mib(proc.pid) or 0.0)
+                    time.sleep(1.0)
+            finally:  # stopped early: the child stops its encoding workers and removes its files
+                proc.terminate()
+                proc.wait()
             log.seek(0)
             output = log.read()
         if proc.returncode:
@@ -702,6 +707,9 @@ def main(argv=None) -> None:
                                                      "for quick)")
     p.add_argument("--prep_child", nargs=3, metavar=("TEXT", "OUT", "WORKERS"), help=argparse.SUPPRESS)
     args = p.parse_args(argv)
+    # SIGTERM (a scheduler, `timeout`) as Ctrl-C: the `finally` blocks stop the child processes, or a killed benchmark
+    # would leave a training run holding the GPU and gigabytes of temporary files
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
     if args.prep_child:
         text, out, workers = args.prep_child
         return prep_child(text, out, int(workers))
@@ -798,4 +806,8 @@ def main(argv=None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except KeyboardInterrupt:  # the JSON holds every variant finished before it
+        print("\ninterrupted", file=sys.stderr)
+        sys.exit(130)

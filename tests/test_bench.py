@@ -1,8 +1,10 @@
 import json
 import math
 import os
+import signal
 import subprocess
 import sys
+import time
 
 from conftest import ROOT
 
@@ -34,3 +36,26 @@ def test_benchmark_runs_every_part_and_compares_like_with_like(tmp_path):
     assert len(decode) == 12 and all(r["new_tokens"] == 8 for r in decode.values())
     # Greedy: HF's tokens are ours. Sampled: the compiled decode step draws what eager draws.
     assert all(r["tokens_vs_ours"] == "same" for key, r in decode.items() if key[0] == "greedy" or key[2] == "ours")
+
+
+def test_a_stopped_benchmark_stops_the_training_run_it_started(tmp_path):
+    """A scheduler's SIGTERM (or `timeout`) ends the benchmark, and with it the `train` process it measures: left
+    running, that would hold the GPU, and its temporary data folder the disk, after the job had ended."""
+    (tmp_path / "tmp").mkdir()
+    proc = subprocess.Popen([sys.executable, BENCH, "--size", "tiny", "--only", "trainer", "--steps", "1000",
+                             "--vocab_size", "300", "--out", str(tmp_path / "out")],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "TMPDIR": str(tmp_path / "tmp")})
+    children = []
+    while not children and proc.poll() is None:  # the trainer is the benchmark's first child process
+        time.sleep(0.1)
+        with open(f"/proc/{proc.pid}/task/{proc.pid}/children") as f:
+            children = [int(pid) for pid in f.read().split()]
+    assert children, proc.communicate()
+    time.sleep(1.0)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130 and err.strip().endswith("interrupted") and "Traceback" not in err, err
+    time.sleep(0.5)  # the child was killed and reaped by the benchmark before it exited
+    assert not os.path.exists(f"/proc/{children[0]}")
+    assert list((tmp_path / "tmp").iterdir()) == []  # its data folder went with it
