@@ -31,12 +31,14 @@ import json
 import math
 import multiprocessing
 import os
+import pickle
 import random
 import re
 import signal
 import sys
 import time
 import warnings
+import zipfile
 from collections import Counter, deque
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
@@ -259,7 +261,8 @@ def load_tokenizer(path: str):
     try:
         return spm.SentencePieceProcessor(model_file=path)
     except (RuntimeError, OSError) as e:
-        raise UserError(f"{path!r} is not a SentencePiece model ({e})") from None
+        raise UserError(f"{path!r} is not a SentencePiece model ({e}). HINT: pass the tokenizer.model that `prep` "
+                        f"wrote") from None
 
 
 def token_dtype(vocab_size: int):
@@ -860,14 +863,20 @@ def cpu_state_dict(module: nn.Module) -> dict:
     return {k: copies.setdefault(v.data_ptr(), v.detach().cpu()) for k, v in module.state_dict().items()}
 
 
-def load_checkpoint(path: str) -> dict:
-    require_file(path, "checkpoint", "pass the ckpt_last.pt or ckpt_best.pt that `train` wrote")
+def load_checkpoint(path: str, hint: str = "pass the ckpt_last.pt or ckpt_best.pt that `train` wrote") -> dict:
+    require_file(path, "checkpoint", hint)
+    with open(path, "rb") as f:
+        head = f.read(4)
     try:
+        if not zipfile.is_zipfile(path):  # torch.save's archive (mmap reads no other) ends with its directory
+            raise ValueError("the file is empty" if not head else "the file is cut short or damaged"
+                             if head == b"PK\x03\x04" else "not a torch.save archive")
         # never unpickle arbitrary objects; mmap: ranks of a node share the file's pages, not a copy each
         ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except Exception as e:  # a malicious, foreign or truncated file: refuse, whatever torch raises
-        reason = (str(e).strip().splitlines() or ["the file is empty or cut short"])[0]
-        raise UserError(f"{path!r} is not a loadable checkpoint ({type(e).__name__}: {reason})") from None
+    except Exception as e:  # a malicious, foreign or damaged file: refuse, whatever torch raises
+        reason = ("it holds objects other than tensors and plain values, and those are never unpickled"
+                  if isinstance(e, pickle.UnpicklingError) else str(e).strip().splitlines()[0])
+        raise UserError(f"{path!r} is not a loadable checkpoint ({reason}). HINT: {hint}") from None
     if not isinstance(ckpt, dict) or ckpt.get("format") != CKPT_FORMAT:
         raise UserError(f"{path!r} is not a checkpoint of this script (no {CKPT_FORMAT!r} format tag). HINT: use a "
                         f"ckpt_last.pt or ckpt_best.pt that `train` wrote (pytorch_model.bin holds the weights alone, "
@@ -1124,7 +1133,8 @@ def train(tc: TrainConfig, args, device: torch.device, rank: int, world: int, he
         held.enter_context(out_dir_lock(tc.out_dir))
         remove_stale_tmp(tc.out_dir, ("ckpt_last.pt", "ckpt_best.pt", "pytorch_model.bin", "config.json",
                                       "tokenizer.model", "metrics.jsonl"))
-    ckpt = load_checkpoint(last_path) if os.path.exists(last_path) else None
+    ckpt = load_checkpoint(last_path, "to resume from the best checkpoint, copy ckpt_best.pt over it; or pass a new "
+                                      "--out_dir") if os.path.exists(last_path) else None
     if ckpt and ckpt.get("tokenizer_sha256") != meta["tokenizer_sha256"]:
         raise UserError(f"{last_path} was trained with another tokenizer than {tc.data_dir}/tokenizer.model. HINT: "
                         f"resume with the --data_dir it was trained on, or start a new --out_dir")
@@ -1482,6 +1492,7 @@ SAMPLES_PER_BATCH = 16  # --num_samples decode together in batches of at most th
 def cmd_generate(args) -> list[str]:
     check_flags(args, [("num_samples", args.num_samples >= 1, "at least 1"),
                        ("max_new_tokens", args.max_new_tokens >= 0, "0 or more"),
+                       ("temperature", args.temperature >= 0, "0 (greedy) or more"),
                        ("top_k", args.top_k >= 0, "0 (off) or more"), ("top_p", 0 < args.top_p <= 1, "in (0, 1]"),
                        ("repetition_penalty", args.repetition_penalty > 0, "above 0 (1 = off)")])
     device = resolve_device(args.device)

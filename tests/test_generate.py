@@ -224,14 +224,21 @@ def test_cli_generate_refuses_bad_input(trained, docs_corpus, tmp_path):
         def __reduce__(self):
             return (os.system, (f"touch {marker}",))
 
-    (tmp_path / "evil.pt").write_bytes(pickle.dumps({"format": lm.CKPT_FORMAT, "x": Evil()}))
-    assert_user_error(run_cli("generate", "--ckpt", tmp_path / "evil.pt", "--spm", trained / "tokenizer.model",
-                              check=False), "not a loadable checkpoint")
+    torch.save({"format": lm.CKPT_FORMAT, "x": Evil()}, tmp_path / "evil.pt")  # the pickle inside torch's archive
+    (tmp_path / "evil.pkl").write_bytes(pickle.dumps({"format": lm.CKPT_FORMAT, "x": Evil()}))  # a bare pickle
+    for evil, why in (("evil.pt", "those are never unpickled"), ("evil.pkl", "not a torch.save archive")):
+        assert_user_error(run_cli("generate", "--ckpt", tmp_path / evil, "--spm", trained / "tokenizer.model",
+                                  check=False), "not a loadable checkpoint", why)
     assert not marker.exists()
     assert_user_error(run_main("generate", "--ckpt", trained / "pytorch_model.bin"),  # the export
                       "not a checkpoint of this script", "pytorch_model.bin holds the weights alone")
     (tmp_path / "torn.pt").write_bytes(ckpt.read_bytes()[:5000])
-    assert_user_error(run_main("generate", "--ckpt", tmp_path / "torn.pt"), "not a loadable")
+    assert_user_error(run_main("generate", "--ckpt", tmp_path / "torn.pt"),
+                      "not a loadable checkpoint (the file is cut short or damaged). HINT: pass the ckpt_last.pt")
+    (tmp_path / "empty.pt").touch()
+    assert_user_error(run_main("generate", "--ckpt", tmp_path / "empty.pt"), "(the file is empty). HINT: pass")
+    assert_user_error(run_main("generate", "--ckpt", ckpt, "--spm", tmp_path / "empty.pt"),
+                      "is not a SentencePiece model", "HINT: pass the tokenizer.model that `prep` wrote")
     lm.prep(str(docs_corpus), str(tmp_path / "other"), vocab_size=500, num_workers=1, progress=False)
     assert_user_error(run_main("generate", "--ckpt", ckpt, "--spm", tmp_path / "other" / "tokenizer.model"),
                       "has 500 tokens but the model has 1000")
@@ -242,6 +249,7 @@ def test_cli_generate_refuses_bad_input(trained, docs_corpus, tmp_path):
                       "--num_samples must be at least 1, got 0")
     assert_user_error(run_main("generate", "--ckpt", ckpt, "--max_new_tokens", -5),
                       "--max_new_tokens must be 0 or more, got -5")
+    assert_user_error(run_main("generate", "--ckpt", ckpt, "--temperature", -1), "--temperature must be 0 (greedy)")
     assert_user_error(run_main("generate", "--ckpt", ckpt, "--top_p", 0), "--top_p must be in (0, 1]")
     assert_user_error(run_main("generate", "--ckpt", ckpt, "--top_k", -1), "--top_k must be 0 (off)")
     assert_user_error(run_main("generate", "--ckpt", ckpt, "--repetition_penalty", 0),

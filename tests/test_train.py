@@ -5,6 +5,7 @@ import json
 import math
 import os
 import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -628,6 +629,18 @@ def test_resume_refuses_another_architecture_or_tokenizer(docs_corpus, docs_data
     run_main("train", *train_args(tmp_path / "run8", docs_data, max_steps=5, save_interval=5, n_head=8), check=True)
     assert_user_error(run_main("train", *train_args(tmp_path / "run8", docs_data, max_steps=10)),
                       "n_head 8 -> 4")
+    # a damaged ckpt_last.pt (a disk fault: ours are renamed into place whole): the hint says how to go on
+    last, best = tmp_path / "run8" / "ckpt_last.pt", tmp_path / "run8" / "ckpt_best.pt"
+    torn = last.read_bytes()[:5000]
+    last.unlink()  # (a hard link to ckpt_best.pt's bytes)
+    last.write_bytes(torn)
+    assert_user_error(run_main("train", *train_args(tmp_path / "run8", docs_data, max_steps=10, n_head=8)),
+                      "ckpt_last.pt' is not a loadable checkpoint (the file is cut short or damaged). HINT: to "
+                      "resume from the best checkpoint, copy ckpt_best.pt over it")
+    shutil.copyfile(best, last)
+    assert run_main("train", *train_args(tmp_path / "run8", docs_data, max_steps=10, n_head=8),
+                    check=True).returncode == 0
+    assert lm.load_checkpoint(str(last))["step"] == 10
 
 
 def test_the_schedule_line_counts_epochs_and_a_run_shorter_than_its_warmup_says_so(docs_data, tmp_path):
