@@ -1177,7 +1177,8 @@ def train(tc: TrainConfig, args, device: torch.device, rank: int, world: int, he
             print0("  changed since the checkpoint: " + ", ".join(f"{k} {a} -> {b}" for k, (a, b) in changed.items()))
         if ckpt["data"]["global_batch"] != global_batch:
             print0(f"  note: the global batch is now {global_batch} sequences (was {ckpt['data']['global_batch']}),"
-                   f" so batches from here differ from those the old setup would have drawn")
+                   f" so batches from here differ from those the old setup would have drawn, and the val loss is "
+                   f"measured on {tc.eval_iters} x {global_batch} windows")
         del ckpt
     if ddp:  # a node that reads another --out_dir (not shared, or relative to another folder) would train apart
         steps = [None] * world
@@ -1235,10 +1236,12 @@ def train(tc: TrainConfig, args, device: torch.device, rank: int, world: int, he
             dist.barrier()
 
     @torch.no_grad()
-    def evaluate() -> float:  # the first eval_iters x batch_size windows of val.bin, shared out among the ranks
+    def evaluate() -> float:  # the first eval_iters x global_batch windows of val.bin, shared out among the ranks:
+        # the val loss (and so which checkpoint is best) does not depend on how the global batch is split into
+        # processes and micro-steps, as the out-of-memory hint splits it
         raw_model.eval()
-        total, n = torch.zeros((), device=device), tc.eval_iters * tc.batch_size
-        mine = range(rank, n, world)  # so the val loss does not depend on the number of processes
+        total, n = torch.zeros((), device=device), tc.eval_iters * global_batch
+        mine = range(rank, n, world)
         for i in range(0, len(mine), tc.batch_size):
             x, y = val_data.get(0, mine[i:i + tc.batch_size], device)
             with ctx:

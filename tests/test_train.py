@@ -152,7 +152,7 @@ def test_val_loss_is_measured_without_dropout_and_only_a_lower_one_is_a_new_best
     lm.main(["train", *train_args(run, docs_data, max_steps=10, eval_interval=10, save_interval=10, dropout=0.5)])
     model = lm.model_from_checkpoint(str(run / "ckpt_last.pt"), torch.device("cpu"), torch.float32)
     val = lm.Batches(str(docs_data / "val.bin"), np.uint16, model.cfg.seq_len, 1337 + 1, global_batch=4)
-    x, y = val.get(0, range(8), torch.device("cpu"))  # --eval_iters 2 x --batch_size 4: the windows evaluated
+    x, y = val.get(0, range(16), torch.device("cpu"))  # --eval_iters 2 x global batch 4 x 2: the windows evaluated
     with torch.no_grad():
         assert metrics(run)[-1]["val_loss"] == pytest.approx(model(x, y)[1].item(), abs=1e-4)
     ckpt = load(run / "ckpt_last.pt")
@@ -352,6 +352,20 @@ def test_resume_switches_between_bfloat16_and_float16(docs_data, tmp_path):
 
 
 # Eager: each rank accumulates too, so its micro-steps must read its own rows of the global batch; the two ranks are
+def test_halving_the_batch_and_doubling_accumulation_on_resume_continues_the_same_run(docs_data, tmp_path):
+    """The out-of-memory hint's way on: the same global batch in smaller micro-batches trains the same steps and
+    measures the same val loss, so ckpt_best.pt is still chosen as the uninterrupted run would choose it."""
+    run_main("train", *train_args(tmp_path / "one", docs_data, max_steps=10, eval_interval=5), check=True)
+    run_main("train", *train_args(tmp_path / "two", docs_data, max_steps=5, eval_interval=5), check=True)
+    run_main("train", *train_args(tmp_path / "two", docs_data, max_steps=10, eval_interval=5, batch_size=2,
+                                  grad_accum_steps=4), check=True)
+    assert_same_weights(tmp_path / "one", tmp_path / "two", atol=1e-5)  # sums in another order: rounding apart
+    rows = metrics(tmp_path / "one"), metrics(tmp_path / "two")
+    assert [r["step"] for r in rows[0]] == [r["step"] for r in rows[1]] == [5, 10]
+    for key in ("loss", "val_loss"):
+        assert [r[key] for r in rows[0]] == pytest.approx([r[key] for r in rows[1]], abs=1e-4), key
+
+
 # two "nodes" of one process each, started as the README starts several nodes (a torchrun per node, c10d rendezvous).
 # Compiled: d_model 384 makes 17 MB of weights, two of DDP's gradient buckets, so dynamo splits the compiled graph at
 # the bucket boundary (TORCH_LOGS=ddp_graphs shows submod_0 and submod_1) and each bucket's all-reduce must still see
