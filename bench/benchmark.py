@@ -317,7 +317,11 @@ def time_train(name: str, cpu_model, cfg: lm.ModelConfig, batch: int, compiled: 
     # As the trainer does: float32 weights, bf16 autocast on GPUs; plain float32 on CPU.
     ctx = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
     xy = torch.randint(0, cfg.vocab_size, (batch, cfg.seq_len + 1), generator=torch.Generator().manual_seed(1))
-    x, y = xy[:, :-1].contiguous().to(device), xy[:, 1:].contiguous().to(device)  # HF's loss needs .view()
+    if name == "ours":  # as the trainer feeds them, two views of one tensor: then a compiled step can reuse the graph
+        xy = xy.to(device)  # that the trainer compiled (the compile cache's key holds the inputs' strides)
+        x, y = xy[:, :-1], xy[:, 1:]
+    else:
+        x, y = xy[:, :-1].contiguous().to(device), xy[:, 1:].contiguous().to(device)  # HF's loss needs .view()
     with PeakMemory(device) as mem:  # weights, gradients, AdamW state and activations
         raw = copy.deepcopy(cpu_model).to(device)
         if name == "ours":
@@ -579,7 +583,10 @@ def time_generate(ours, hf, step, prompt: list[int], batch: int, size: str, devi
                           min_new_tokens=args.new_tokens, **hf_kw)
         return out[0, len(prompt):].tolist()
 
-    variants = {("ours", 0): run_ours, ("ours", 1): lambda: run_ours(step), ("hf", 0): run_hf}
+    variants = {("ours", 0): run_ours}
+    if step is not None:  # None once its compile failed
+        variants[("ours", 1)] = lambda: run_ours(step)
+    variants[("hf", 0)] = run_hf
     first, extra, tokens, graphs_skipped = {}, {}, {}, {}
     for key, fn in list(variants.items()):
         if key[0] == "ours":  # a fresh KV cache, so that each of ours' rows counts its own
@@ -612,8 +619,8 @@ def time_generate(ours, hf, step, prompt: list[int], batch: int, size: str, devi
                      "tok_s": batch * len(toks) / dt, "ms_step": dt * 1e3 / len(toks),
                      "first_call_s": first[(name, compiled)], "extra_MiB": extra[(name, compiled)],
                      "tokens_vs_ours": None if sampled and name == "hf" else same})
-        if device.type == "cuda" and compiled:
-            rows[-1]["cudagraph_skips"] = graphs_skipped[(name, compiled)]  # 0, or the step ran without them
+        if device.type == "cuda" and compiled and not sampled:  # counted when a graph compiles: the greedy rows'
+            rows[-1]["cudagraph_skips"] = graphs_skipped[(name, compiled)]  # 0, or the step runs without them
     hf_row = next((r for r in rows if r["model"] == "hf"), None)
     for r in rows:
         if r["model"] == "ours" and hf_row:
@@ -638,7 +645,10 @@ def bench_generate(args, device: torch.device, budget: Budget, size: str, fields
         for batch in args.gen_batch:  # batch b: `generate --num_samples b`, and HF's generate on b copies
             if not budget.allows(f"generate {size} {'sampled' if sampled else 'greedy'} batch {batch}"):
                 continue
-            rows += time_generate(ours, hf, step, prompt, batch, size, device, args, sampled, budget)
+            new = time_generate(ours, hf, step, prompt, batch, size, device, args, sampled, budget)
+            if step is not None and not any(r["model"] == "ours" and r["compile"] for r in new):  # compile failed:
+                step = None  # once is enough (dynamo does not remember a failure, and would spend minutes on it again)
+            rows += new
             progress(rows)
     del ours, hf, step
     free_memory(device)
@@ -697,7 +707,8 @@ def main(argv=None) -> None:
     p.add_argument("--rounds", type=int, help="alternating timing rounds of ours and HF's training step, the "
                                               "fastest kept (default: 2 on CPU, 1 on GPU)")
     p.add_argument("--deterministic", action="store_true", help="also run the trainer with --deterministic 1")
-    p.add_argument("--gen_reps", type=int, default=5, help="timed generate calls, the fastest kept (default 5)")
+    p.add_argument("--gen_reps", type=int, help="timed generate calls, the fastest kept (default 5; 3 for presets: "
+                                                "a GPU varies little, and HF's eager decoding takes seconds a call)")
     p.add_argument("--prompt_tokens", type=int, default=16, help="prompt length for generate (default 16)")
     p.add_argument("--new_tokens", type=int, default=128, help="tokens to generate (default 128)")
     p.add_argument("--gen_batch", default="1,16", help="decode batch sizes, comma-separated (default 1,16)")
@@ -726,6 +737,7 @@ def main(argv=None) -> None:
     if unknown:
         p.error(f"--only: unknown parts {sorted(unknown)}; choose from prep, train, trainer, generate")
     args.rounds = args.rounds or (1 if device.type == "cuda" else 2)
+    args.gen_reps = 3 if args.gen_reps is None and presets else 5 if args.gen_reps is None else args.gen_reps
     try:
         args.gen_batch = [int(b) for b in args.gen_batch.split(",")]
     except ValueError:
@@ -785,7 +797,7 @@ def main(argv=None) -> None:
                     bench()
                 except Exception as e:
                     budget.failure(f"{part} {size}", e)
-                    free_memory(device)
+                free_memory(device)  # here, not in `except`: the exception's traceback holds the part's models
                 save()
 
     print(f"\n{env['device']}, {env['cpu_count']} CPUs, torch {env['torch']}, transformers {env['transformers']}, "
