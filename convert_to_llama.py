@@ -15,15 +15,13 @@ every string, and is checked against SentencePiece before anything is written.
 import dataclasses
 import json
 import os
-import pickle
 import shutil
 import sys
-import warnings
 
 import torch
 
 from standalone_transformer_lm import (HelpFormatter, ModelConfig, Parser, Transformer, UserError, file_sha256,
-                                      load_tokenizer, require_file)
+                                      load_tensors, load_tokenizer, require_file)
 
 try:  # the trainer runs without these (the guide's first install is torch, sentencepiece, tqdm and numpy)
     from safetensors.torch import save_file
@@ -50,16 +48,7 @@ PARITY_TEXTS = [
 
 def load_our_model(path: str) -> tuple[Transformer, str | None]:
     """The model, and the sha256 of the tokenizer it was trained with (None when unknown)."""
-    require_file(path, "checkpoint", "pass ckpt_last.pt, ckpt_best.pt or pytorch_model.bin written by `train`")
-    try:
-        with warnings.catch_warnings():  # e.g. about a foreign pickle protocol: the error below says all there is
-            warnings.simplefilter("ignore")
-            obj = torch.load(path, map_location="cpu", weights_only=True)  # tensors and plain values, never code
-    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError) as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise UserError(f"{path!r} is not a checkpoint that loads safely ({first}). HINT: pass a ckpt_*.pt or "
-                        f"pytorch_model.bin written by `train`; files that need arbitrary unpickling are refused") \
-            from None
+    obj = load_tensors(path, "pass ckpt_last.pt, ckpt_best.pt or pytorch_model.bin written by `train`")
     if isinstance(obj, dict) and "model" in obj and "model_config" in obj:  # ckpt_last.pt / ckpt_best.pt
         cfg, state, sha = obj["model_config"], obj["model"], obj.get("tokenizer_sha256")
     elif isinstance(obj, dict) and obj and all(isinstance(v, torch.Tensor) for v in obj.values()):  # export

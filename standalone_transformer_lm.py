@@ -863,7 +863,8 @@ def cpu_state_dict(module: nn.Module) -> dict:
     return {k: copies.setdefault(v.data_ptr(), v.detach().cpu()) for k, v in module.state_dict().items()}
 
 
-def load_checkpoint(path: str, hint: str = "pass the ckpt_last.pt or ckpt_best.pt that `train` wrote") -> dict:
+def load_tensors(path: str, hint: str):
+    """What torch.save wrote, if it holds only tensors and plain values (never arbitrary objects); else a UserError."""
     require_file(path, "checkpoint", hint)
     with open(path, "rb") as f:
         head = f.read(4)
@@ -877,6 +878,11 @@ def load_checkpoint(path: str, hint: str = "pass the ckpt_last.pt or ckpt_best.p
         reason = ("it holds objects other than tensors and plain values, and those are never unpickled"
                   if isinstance(e, pickle.UnpicklingError) else str(e).strip().splitlines()[0])
         raise UserError(f"{path!r} is not a loadable checkpoint ({reason}). HINT: {hint}") from None
+    return ckpt
+
+
+def load_checkpoint(path: str, hint: str = "pass the ckpt_last.pt or ckpt_best.pt that `train` wrote") -> dict:
+    ckpt = load_tensors(path, hint)
     if not isinstance(ckpt, dict) or ckpt.get("format") != CKPT_FORMAT:
         raise UserError(f"{path!r} is not a checkpoint of this script (no {CKPT_FORMAT!r} format tag). HINT: use a "
                         f"ckpt_last.pt or ckpt_best.pt that `train` wrote (pytorch_model.bin holds the weights alone, "

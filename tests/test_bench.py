@@ -11,7 +11,7 @@ from conftest import ROOT
 BENCH = os.path.join(ROOT, "bench", "benchmark.py")
 
 
-def test_benchmark_runs_every_part_and_compares_like_with_like(tmp_path):
+def test_benchmark_runs_every_gpu_part_and_compares_like_with_like(tmp_path):
     """The benchmark at its tiny size, as the GPU command runs it at the presets: every variant runs and nothing
     fails, so it still works the day a GPU is at hand; and HF's model, holding our weights, computes what ours does
     (the same first loss, eager and compiled, and the same greedy tokens), so its timings compare like with like."""

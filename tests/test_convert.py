@@ -175,10 +175,19 @@ def test_bfloat16_export_loads(tmp_path, spm_path, sp):
 
 @pytest.mark.parametrize("name", ["ckpt_best.pt", "pytorch_model.bin"])
 def test_best_checkpoint_and_export_give_the_same_weights(converted, tmp_path, name):
-    run_dir, out = converted
-    C.main(["--ckpt", str(run_dir / name), "--out", str(tmp_path / "hf")])
+    run_dir, out = converted  # out: ckpt_last.pt converted, when it was also the best checkpoint and the export
+    run = tmp_path / "run"
+    shutil.copytree(run_dir, run)
+    later = torch.load(run / "ckpt_last.pt", weights_only=True)  # then training went on: a ckpt_last.pt of its own
+    later["model"] = {k: v + 1 for k, v in later["model"].items()}
+    (run / "ckpt_last.pt").unlink()
+    torch.save(later, run / "ckpt_last.pt")
+    for ckpt, hf in ((run / name, tmp_path / "hf"), (run / "ckpt_last.pt", tmp_path / "hf_last")):
+        C.main(["--ckpt", str(ckpt), "--out", str(hf)])
     want, got = load_file(out / "model.safetensors"), load_file(tmp_path / "hf" / "model.safetensors")
-    assert want.keys() == got.keys() and all(torch.equal(want[k], got[k]) for k in want)
+    assert want.keys() == got.keys() and all(torch.equal(want[k], got[k]) for k in want)  # the file it was given
+    last = load_file(tmp_path / "hf_last" / "model.safetensors")  # (and not the folder's ckpt_last.pt)
+    assert not any(torch.equal(want[k], last[k]) for k in want)
 
 
 class Evil:
@@ -267,9 +276,12 @@ def test_user_mistakes_give_one_error_line(converted, tmp_path, spm_path, capsys
         C.main(["--ckpt", str(ckpt), "--spm", str(spm_path), "--out", str(out)] + extra)
     err = capsys.readouterr().err
     assert e.value.code == 2 and err.startswith("error:") and err.count("\n") == 1, err
-    needle = {"other-tokenizer": "is not the one", "out-holds-the-run": "which replacing it would delete",
-              "float16-overflow": "not finite in float16"}.get(mistake, "")
-    assert needle in err, err
+    needle = {"missing": "does not exist", "directory": "is a directory", "truncated": "cut short or damaged",
+              "text": "not a torch.save archive", "bin-without-config": "config.json' does not exist",
+              "vocab-mismatch": "has 2000 pieces but the model's vocabulary is 2008", "out-is-file": "is a file",
+              "bad-flag-value": "--tol: invalid float value", "other-tokenizer": "is not the one",
+              "out-holds-the-run": "which replacing it would delete", "float16-overflow": "not finite in float16"}
+    assert needle[mistake] in err, err
     assert mistake in ("out-is-file", "out-holds-the-run") or not out.exists()
     assert mistake != "out-holds-the-run" or ckpt.exists()
 

@@ -94,8 +94,9 @@ def test_stats_count_what_was_repaired(tricky):
     assert stats["long lines (> 4192 bytes, encoded, sampled in part)"] == 2
 
 
-def test_deterministic_whatever_the_number_of_workers(docs_corpus, tmp_path):
+def test_deterministic_whatever_the_number_of_workers(docs_corpus, tmp_path, monkeypatch):
     run_cli("prep", "--text_path", docs_corpus, "--out_dir", tmp_path / "a", "--vocab_size", 600, "--num_workers", 1)
+    monkeypatch.setattr(lm, "BLOCK_BYTES", 1 << 14)  # 30 blocks in flight two per worker, finishing out of order
     run_main("prep", "--text_path", docs_corpus, "--out_dir", tmp_path / "b", "--vocab_size", 600, "--num_workers", 2,
              check=True)  # in this process: the same files as a process of the script writes
     assert digest(tmp_path / "a") == digest(tmp_path / "b")
@@ -294,8 +295,9 @@ def test_peak_memory_does_not_grow_with_corpus_size(tmp_path):
     words = [w for line in docs_lines()[:3000] for w in line.split()]
     small = "\n".join(" ".join(rng.choices(words, k=rng.randint(5, 60))) for _ in range(6000)) + "\n"
     (tmp_path / "small.txt").write_text(small, encoding="utf-8")
-    (tmp_path / "large.txt").write_text(small * 10, encoding="utf-8")  # 10x the bytes and lines
+    (tmp_path / "large.txt").write_text(small * 20, encoding="utf-8")  # 20x the bytes and lines: 24 MB more
     rss_small = peak_rss_mb(tmp_path / "small.txt", tmp_path / "s")
     rss_large = peak_rss_mb(tmp_path / "large.txt", tmp_path / "l")
     size_mb = os.path.getsize(tmp_path / "large.txt") / 1e6
-    assert rss_large - rss_small < 25, (rss_small, rss_large, size_mb)
+    # 0.7-2.1 MB apart when measured; holding a split's text (+24 MB) or its tokens (+15 MB) would show
+    assert rss_large - rss_small < 6, (rss_small, rss_large, size_mb)

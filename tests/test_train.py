@@ -1,6 +1,7 @@
 import argparse
 import contextlib
 import dataclasses
+import itertools
 import json
 import math
 import os
@@ -113,15 +114,15 @@ def test_an_overflowing_fp16_step_logs_a_grad_norm_that_strict_json_reads(docs_d
 
 
 def test_logged_step_times_leave_out_checkpoint_saves(docs_data, tmp_path, monkeypatch):
-    clock, save = [0.0], lm.save_checkpoint  # a save that takes 100 s by the clock train() reads
-    real_time = time.time
-    monkeypatch.setattr(time, "time", lambda: real_time() + clock[0])
+    clock, save = [0.0], lm.save_checkpoint  # a save that takes 100 s by the clock train() reads, which otherwise
+    calls = itertools.count()  # moves 1 us a call: a step's real duration, however slow the machine, does not count
+    monkeypatch.setattr(time, "time", lambda: clock[0] + next(calls) * 1e-6)
     monkeypatch.setattr(lm, "save_checkpoint", lambda *a: (save(*a), clock.__setitem__(0, clock[0] + 100.0)))
     lm.main(["train", *train_args(tmp_path / "run", docs_data, max_steps=20, log_interval=5, save_interval=5,
                                   eval_interval=10)])
     rows = metrics(tmp_path / "run")
     assert [r["step"] for r in rows] == [5, 10, 15, 20] and clock[0] == 400  # a save at every logged step
-    assert max(r["ms_per_step"] for r in rows) < 5000, rows  # a save counted would add 20,000 ms to its window
+    assert max(r["ms_per_step"] for r in rows) < 1000, rows  # a save counted would add 20,000 ms to its window
 
 
 @pytest.mark.parametrize("bad_step", [1, 3])
@@ -192,10 +193,11 @@ def test_train_help_shows_every_training_default(capsys):
                                      ["generate", "--ckpt", "x"], ["demo"]])
 def test_help_shows_the_default_of_every_flag_that_has_one(command, capsys):
     parser = lm.build_parser().commands[command[0]]
-    text = " ".join(parser.format_help().split())
     for action in parser._actions:
         if action.option_strings and action.default not in (None, "", argparse.SUPPRESS):
-            assert f"(default: {action.default})" in text, action.dest
+            formatter = parser._get_formatter()  # this flag's own help entry: a default shared with another flag
+            formatter.add_argument(action)  # must not pass for both
+            assert f"(default: {action.default})" in " ".join(formatter.format_help().split()), action.dest
     with pytest.raises(SystemExit) as e:  # and a flag it does not have is named with this subcommand's --help
         lm.main([*command, "--bogus", "1"])
     assert e.value.code == 2 and f"{command[0]} --help` lists the flags" in capsys.readouterr().err
@@ -241,7 +243,6 @@ def test_deterministic_is_strict_and_an_op_without_such_a_kernel_is_one_error_li
     monkeypatch.setattr(lm.Transformer, "forward", with_put)
     proc = run_main("train", *train_args(tmp_path / "run", docs_data, max_steps=2, deterministic=1))
     assert_user_error(proc, "--deterministic 1: put_ has no deterministic kernel on cpu", "--deterministic 0")
-    assert not torch.are_deterministic_algorithms_enabled()  # run_main put the process's setting back
 
 
 def test_lr_schedule_and_which_parameters_decay():
@@ -312,8 +313,9 @@ def test_the_fused_float32_loss_equals_cross_entropy_over_the_logits(tie, backen
     for (name, _), got, want in zip(model.named_parameters(), fused, wanted):
         assert torch.allclose(got, want, rtol=1e-5, atol=1e-8), (name, (got - want).abs().max().item())
     assert model(x, torch.full_like(y, -1))[1].isnan()  # no target counted: nan, as F.cross_entropy
-    with torch.autocast("cpu", dtype=torch.bfloat16):  # under autocast: the plain loss, as before
-        assert model(x, y)[1].item() == pytest.approx(ref.item(), abs=0.05)
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # under autocast: the plain loss over the 16-bit logits (the
+        plain = F.cross_entropy(model(x)[0].float().view(-1, cfg.vocab_size), y.view(-1), ignore_index=-1)
+        assert model(x, y)[1].item() == pytest.approx(plain.item(), abs=1e-6)  # fused one is 1e-3 away)
 
 
 def test_an_epoch_reads_every_window_once_in_a_seeded_order(tmp_path):
