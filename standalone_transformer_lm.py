@@ -1242,9 +1242,9 @@ def train(tc: TrainConfig, args, device: torch.device, rank: int, world: int, he
             dist.barrier()
 
     @torch.no_grad()
-    def evaluate() -> float:  # the first eval_iters x global_batch windows of val.bin, shared out among the ranks:
-        # the val loss (and so which checkpoint is best) does not depend on how the global batch is split into
-        # processes and micro-steps, as the out-of-memory hint splits it
+    def evaluate() -> float:
+        # The first eval_iters x global_batch windows of val.bin, shared out among the ranks: the val loss (and so which
+        # checkpoint is best) does not depend on how the global batch is split into processes and micro-steps.
         raw_model.eval()
         total, n = torch.zeros((), device=device), tc.eval_iters * global_batch
         mine = range(rank, n, world)
