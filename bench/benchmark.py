@@ -737,7 +737,8 @@ def main(argv=None) -> None:
     if unknown:
         p.error(f"--only: unknown parts {sorted(unknown)}; choose from prep, train, trainer, generate")
     args.rounds = args.rounds or (1 if device.type == "cuda" else 2)
-    args.gen_reps = 3 if args.gen_reps is None and presets else 5 if args.gen_reps is None else args.gen_reps
+    if args.gen_reps is None:
+        args.gen_reps = 3 if presets else 5
     try:
         args.gen_batch = [int(b) for b in args.gen_batch.split(",")]
     except ValueError:
