@@ -407,6 +407,15 @@ def timed_min(fn, device: torch.device, reps: int = 5) -> float:
     return min(timed(run, device)[1] for _ in range(reps)) / calls
 
 
+def probe_ms(device: torch.device) -> float:
+    """One fixed product, timed as the step floor's are (milliseconds on either device). main() times it before and
+    after each part: on a shared or throttled machine, whose speed can move by more than the ratios it measures (two
+    runs on one 2-core VM took 1,242 and 2,424 ms for the same HF step), the spread of these times says so."""
+    n, d, dtype = (8192, 8192, torch.bfloat16) if device.type == "cuda" else (2048, 1024, torch.float32)
+    x, w = torch.randn(n, d, device=device, dtype=dtype), torch.randn(d, d, device=device, dtype=dtype)
+    return timed_min(lambda: x @ w, device) * 1e3
+
+
 def step_floor_ms(cfg: lm.ModelConfig, batch: int, device: torch.device) -> float:
     """The step's products alone, each timed on its own: for every weight matrix (out, in) and N = batch x seq_len
     tokens, the forward (N, in) @ (in, out) and the backward's (N, out) @ (out, in) and (out, N) @ (N, in); and
@@ -781,8 +790,10 @@ def main(argv=None) -> None:
             save()
         return update
 
+    env["probe_ms"] = [probe_ms(device)]  # the machine's speed, again after each part
     if "prep" in parts:
         results["prep"] = bench_prep(args)
+        env["probe_ms"].append(probe_ms(device))
         save()
     for i, size in enumerate(sizes):  # size by size: a spent budget cuts the largest
         fields, batch = SIZES[size]
@@ -799,6 +810,7 @@ def main(argv=None) -> None:
                 except Exception as e:
                     budget.failure(f"{part} {size}", e)
                 free_memory(device)  # here, not in `except`: the exception's traceback holds the part's models
+                env["probe_ms"].append(probe_ms(device))
                 save()
 
     print(f"\n{env['device']}, {env['cpu_count']} CPUs, torch {env['torch']}, transformers {env['transformers']}, "
@@ -807,6 +819,13 @@ def main(argv=None) -> None:
     for part in ("prep", "train", "trainer", "generate"):
         if results.get(part):
             print_table(part, results[part], columns(results[part]))
+    probes = env["probe_ms"]
+    env["probe_spread"] = max(probes) / min(probes) - 1
+    print(f"\nmachine speed: a fixed product took {min(probes):#.3g} to {max(probes):#.3g} ms before and after the "
+          f"parts ({env['probe_spread']:.0%} apart)")
+    if env["probe_spread"] > 0.1:
+        print(f"warning: the machine's speed moved by {env['probe_spread']:.0%} during the run (other work on it, or "
+              f"throttling), more than the ratios can be trusted to; rerun on a quiet machine")
     if results["skipped"]:
         print(f"\nskipped (time budget): {', '.join(results['skipped'])}")
     if results["failed"]:

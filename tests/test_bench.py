@@ -23,6 +23,9 @@ def test_benchmark_runs_every_gpu_part_and_compares_like_with_like(tmp_path):
     [path] = tmp_path.glob("*-tiny-vocab300-*.json")
     results = json.loads(path.read_text())
     assert results["failed"] == [] and results["skipped"] == []
+    probes = results["env"]["probe_ms"]  # the machine's speed: at the start and after each of the three parts
+    assert len(probes) == 4 and min(probes) > 0 and results["env"]["probe_spread"] == max(probes) / min(probes) - 1
+    assert f"({results['env']['probe_spread']:.0%} apart)" in proc.stdout
     train = {(r["model"], r["compile"]): r for r in results["train"]}
     assert sorted(train) == [("hf", 0), ("hf", 1), ("ours", 0), ("ours", 1)]
     assert abs(train[("ours", 0)]["loss0"] - math.log(300)) < 0.1  # the vocabulary asked for, not tiny's 512
