@@ -93,8 +93,8 @@ def print_table(title: str, rows: list[dict], columns: list[str]) -> None:
             print("  ".join("-" * w for w in widths))
 
 
-def columns(rows: list[dict]) -> list[str]:  # lists (per-step times) go to the JSON only
-    return list(dict.fromkeys(k for r in rows for k, v in r.items() if not isinstance(v, list)))
+def columns(rows: list[dict]) -> list[str]:  # lists and dicts (per-step times, the floor's parts): the JSON only
+    return list(dict.fromkeys(k for r in rows for k, v in r.items() if not isinstance(v, (list, dict))))
 
 
 def sync(device: torch.device) -> None:
@@ -416,31 +416,39 @@ def probe_ms(device: torch.device) -> float:
     return timed_min(lambda: x @ w, device) * 1e3
 
 
-def step_floor_ms(cfg: lm.ModelConfig, batch: int, device: torch.device) -> float:
-    """The step's products alone, each timed on its own: for every weight matrix (out, in) and N = batch x seq_len
-    tokens, the forward (N, in) @ (in, out) and the backward's (N, out) @ (out, in) and (out, N) @ (N, in); and
-    each layer's causal attention (SDPA), forward and backward. Any implementation of this model computes them (in
-    bf16 on GPU, as under autocast); norms, activations, the loss and the optimizer come on top. So no step can be
-    faster than this, and HF's time over it bounds the ratio ours / HF that any implementation could reach."""
+def step_floor_pieces(cfg: lm.ModelConfig, batch: int, device: torch.device) -> dict[str, float]:
+    """The step's products, each timed on its own (milliseconds, times the layers that have it): for every weight
+    matrix (out, in) and N = batch x seq_len tokens, the forward (N, in) @ (in, out) and the backward's (N, out) @
+    (out, in) and (out, N) @ (N, in), each in the faster of its two layouts (the product or its transpose: on a
+    2-core Xeon they differed by up to 20 %); and each layer's causal attention (SDPA), forward and backward. Any
+    implementation of this model computes them (in bf16 on GPU, as under autocast); norms, activations, the loss and
+    the optimizer come on top. bench_train times them in every round and keeps each one's fastest, as it keeps each
+    step's: their sum is a floor no step can go under, and HF's time over it bounds the ratio ours / HF that any
+    implementation could reach."""
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     qkv = (cfg.n_head + 2 * cfg.n_kv_head) * cfg.head_dim
-    mats = [(qkv, cfg.d_model), (cfg.d_model, cfg.n_head * cfg.head_dim), (2 * cfg.ffn_hidden, cfg.d_model),
-            (cfg.d_model, cfg.ffn_hidden)]
-    mats = [(shape, cfg.n_layer) for shape in mats] + [((cfg.vocab_size, cfg.d_model), 1)]
-    n, total = batch * cfg.seq_len, 0.0
-    for (out_f, in_f), count in mats:
+    mats = {"qkv_proj": (qkv, cfg.d_model), "o_proj": (cfg.d_model, cfg.n_head * cfg.head_dim),
+            "gate_up_proj": (2 * cfg.ffn_hidden, cfg.d_model), "down_proj": (cfg.d_model, cfg.ffn_hidden)}
+    mats = {name: (shape, cfg.n_layer) for name, shape in mats.items()}
+    mats["lm_head"] = ((cfg.vocab_size, cfg.d_model), 1)
+    n, pieces = batch * cfg.seq_len, {}
+    for name, ((out_f, in_f), count) in mats.items():
         x, w, g = (torch.randn(*shape, device=device, dtype=dtype) for shape in ((n, in_f), (out_f, in_f), (n, out_f)))
-        total += count * sum(timed_min(fn, device) for fn in (lambda: x @ w.t(), lambda: g @ w, lambda: g.t() @ x))
-        del x, w, g
+        products = {"forward": (lambda: x @ w.t(), lambda: w @ x.t()),  # (N, out) or its transpose
+                    "grad input": (lambda: g @ w, lambda: w.t() @ g.t()),  # (N, in)
+                    "grad weight": (lambda: g.t() @ x, lambda: x.t() @ g)}  # (out, in)
+        for what, layouts in products.items():
+            pieces[f"{name} {what}"] = count * min(timed_min(fn, device, reps=2) for fn in layouts) * 1e3
+        del x, w, g, products
     q = torch.randn(batch, cfg.n_head, cfg.seq_len, cfg.head_dim, device=device, dtype=dtype, requires_grad=True)
     k, v = (torch.randn(batch, cfg.n_kv_head, cfg.seq_len, cfg.head_dim, device=device, dtype=dtype,
                         requires_grad=True) for _ in range(2))
     attention = lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True,  # noqa: E731
                                                        enable_gqa=cfg.n_kv_head != cfg.n_head).sum().backward()
-    total += cfg.n_layer * timed_min(attention, device)
+    pieces["attention"] = cfg.n_layer * timed_min(attention, device, reps=2) * 1e3
     del q, k, v
     free_memory(device)
-    return total * 1e3
+    return pieces
 
 
 def bench_train(args, device: torch.device, budget: Budget, size: str, fields: dict, batch: int,
@@ -455,6 +463,7 @@ def bench_train(args, device: torch.device, budget: Budget, size: str, fields: d
     if first:  # the run's first variant pays one-time costs (libraries' setup, allocator growth): a throwaway
         fitting_train("ours", size, models["ours"], cfg, batch, False, device, ours_optimizer,
                       argparse.Namespace(warmup=1, steps=1), budget)
+    floors, floor_failed = {}, False  # batch -> {product: its fastest ms}, timed in every round as the steps are
     for compiled in (False, True):
         best = {}
         for _ in range(args.rounds):  # alternating rounds, each model's fastest kept: other load hits both alike
@@ -465,6 +474,16 @@ def bench_train(args, device: torch.device, budget: Budget, size: str, fields: d
                     mfu = flops_per_token * row["tok_s"] / peak if peak else None
                     best[name] = {"size": size, **row, "mfu": mfu}
                     progress(rows + list(best.values()))
+            for b in {r["batch"] for r in best.values()}:  # (a row's batch may have been halved to fit)
+                if not floor_failed and budget.allows(f"step floor {size} batch {b}"):
+                    try:
+                        pieces = step_floor_pieces(cfg, b, device)
+                    except Exception as e:
+                        budget.failure(f"step floor {size}", e)
+                        floor_failed = True
+                        continue
+                    kept = floors.setdefault(b, pieces)
+                    kept.update({k: min(kept[k], ms) for k, ms in pieces.items()})
         if len(best) == 2:
             best["ours"]["ours/HF"] = best["ours"]["tok_s"] / best["hf"]["tok_s"]
         hf_eager = next((r for r in rows if r["model"] == "hf" and not r["compile"]), None)
@@ -472,18 +491,13 @@ def bench_train(args, device: torch.device, budget: Budget, size: str, fields: d
             best["ours"]["ours/HF_eager"] = best["ours"]["tok_s"] / hf_eager["tok_s"]
         rows += best.values()
         progress(rows)
-    if budget.allows(f"step floor {size}"):
-        try:
-            floors = {b: step_floor_ms(cfg, b, device) for b in {r["batch"] for r in rows}}  # a row's batch may
-        except Exception as e:  # have been halved to fit
-            budget.failure(f"step floor {size}", e)
-            floors = {}
-        for r in rows:
-            if r["batch"] in floors:
-                r["floor_ms"] = floors[r["batch"]]
-                if r["model"] == "hf":  # HF's time over the floor: the most any implementation could gain
-                    r["HF/floor"] = r["batch"] * cfg.seq_len / (r["floor_ms"] / 1e3) / r["tok_s"]
-        progress(rows)
+    for r in rows:
+        if r["batch"] in floors:
+            r["floor_ms"] = sum(floors[r["batch"]].values())
+            if r["model"] == "hf":  # HF's time over the floor: the most any implementation could gain
+                r["HF/floor"] = r["batch"] * cfg.seq_len / (r["floor_ms"] / 1e3) / r["tok_s"]
+                r["floor_pieces_ms"] = {k: round(ms, 2) for k, ms in floors[r["batch"]].items()}
+    progress(rows)
     return rows
 
 

@@ -31,6 +31,9 @@ def test_benchmark_runs_every_gpu_part_and_compares_like_with_like(tmp_path):
     assert abs(train[("ours", 0)]["loss0"] - math.log(300)) < 0.1  # the vocabulary asked for, not tiny's 512
     assert all(abs(r["loss0"] - train[("ours", 0)]["loss0"]) < 1e-5 for r in train.values())
     assert all(abs(r["loss_last"] - train[("ours", 0)]["loss_last"]) < 1e-3 for r in train.values())  # 3 AdamW steps
+    floor = train[("hf", 0)]["floor_pieces_ms"]  # 3 products of each of 5 matrices, and attention; 1 floor per batch
+    assert len(floor) == 16 and min(floor.values()) > 0
+    assert all(abs(r["floor_ms"] - sum(floor.values())) < 0.1 for r in train.values())  # (the parts are rounded)
     trainer, deterministic = results["trainer"]
     assert trainer["tok_s"] > 0 and trainer["trainer/step"] > 0
     assert deterministic["model"] == "ours trainer det" and deterministic["losses"] == trainer["losses"]  # eager
