@@ -225,6 +225,16 @@ def settle_cpu(device: torch.device) -> None:
             libc.mallopt(-1, -1)  # M_TRIM_THRESHOLD: never shrink the heap
 
 
+def beside_me(name: str = os.path.basename(__file__)) -> str:
+    """This script, or a file beside it, as a command printed for the user names it: from the working folder if it is
+    under it, else in full (so that `python path/to/standalone_transformer_lm.py demo` prints commands that run)."""
+    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), name)
+    with contextlib.suppress(ValueError):  # (Windows: another drive)
+        rel = os.path.relpath(path)
+        return path if rel.startswith("..") else rel
+    return path
+
+
 def check_flags(args, checks) -> None:
     """checks: (flag name, whether its value is fine, what it must be)."""
     for name, ok, want in checks:
@@ -1042,7 +1052,7 @@ def out_dir_lock(out_dir: str):
 
 def read_meta(data_dir: str) -> dict:
     path = os.path.join(data_dir, "meta.json")
-    hint = f"run `python {os.path.basename(__file__)} prep --text_path corpus.txt --out_dir {data_dir}` first"
+    hint = f"run `python {beside_me()} prep --text_path corpus.txt --out_dir {data_dir}` first"
     if not os.path.isdir(data_dir):
         raise UserError(f"--data_dir {data_dir!r} does not exist or is not a folder. HINT: {hint}")
     for name in ("meta.json", "train.bin", "val.bin", "tokenizer.model"):
@@ -1568,12 +1578,12 @@ def cmd_demo(args) -> None:
         cmd_generate(parser.parse_args(["generate", "--ckpt", ckpt, "--prompt", prompt, "--max_new_tokens", "40",
                                         "--temperature", "0.8", "--top_k", "50", "--seed", "0",
                                         "--device", args.device]))
-    me, nan = os.path.basename(__file__), float("nan")
+    me, nan = beside_me(), float("nan")
     print(f"\ndone: loss {result.get('loss', nan):.3f}, val loss {result.get('val_loss', nan):.3f} after "
           f"{result['step']} steps.\n  corpus     {corpus}\n  tokenizer  {data_dir}/tokenizer.model (+ train.bin, "
           f"val.bin, meta.json)\n  checkpoint {ckpt} (+ ckpt_best.pt, pytorch_model.bin, config.json, metrics.jsonl)"
           f"\nnext:\n  python {me} generate --ckpt {ckpt} --prompt \"Lists are\"\n"
-          f"  python convert_to_llama.py --ckpt {ckpt} --spm {data_dir}/tokenizer.model --out {out}/hf")
+          f"  python {beside_me('convert_to_llama.py')} --ckpt {ckpt} --spm {data_dir}/tokenizer.model --out {out}/hf")
 
 
 # ----------------------------------------------------------------------------------------------------------------------

@@ -1,3 +1,5 @@
+import os
+import shlex
 import signal
 import subprocess
 import sys
@@ -7,10 +9,16 @@ from conftest import SCRIPT, assert_user_error, run_cli, run_main
 
 
 def test_demo_runs_then_runs_again_and_refuses_another_vocabulary(tmp_path):
-    # the README's first command, shortened; run again, it resumes the finished run and samples again
+    # the README's first command, shortened, from another folder; run again, it resumes the finished run and samples
     args = ("demo", "--out_dir", tmp_path / "demo", "--max_steps", 20, "--vocab_size", 500, "--device", "cpu")
-    out = run_cli(*args).stdout
+    out = run_cli(*args, cwd=tmp_path).stdout
     assert "== 3/3 generate ==" in out and "done: loss" in out and "after 20 steps" in out
+    # the commands it suggests next run as printed, from the folder it ran in
+    generate, convert = (shlex.split(line) for line in out.splitlines() if line.startswith("  python "))
+    assert os.path.isfile(os.path.join(tmp_path, convert[1])) and convert[1].endswith("convert_to_llama.py")
+    proc = subprocess.run([sys.executable, *generate[1:], "--max_new_tokens", "5"], cwd=tmp_path, capture_output=True,
+                          text=True, timeout=300)
+    assert generate[2] == "generate" and proc.returncode == 0 and proc.stdout.startswith("Lists are"), proc.stderr
     out = run_main(*args, check=True).stdout
     assert "nothing to train" in out and "after 20 steps" in out and "done: loss nan" not in out
     tokenizer = (tmp_path / "demo" / "data" / "tokenizer.model").read_bytes()
