@@ -24,10 +24,14 @@ import standalone_transformer_lm as lm
 from conftest import SCRIPT, assert_user_error, run_cli, run_main
 
 
+# LM_TEST_DEVICE=cuda runs the training tests on a GPU instead (the README's Tests section says which hold there)
+DEVICE = os.environ.get("LM_TEST_DEVICE", "cpu")
+
+
 def train_args(out_dir, data_dir, **overrides):
     args = dict(out_dir=out_dir, data_dir=data_dir, preset="tiny", batch_size=4, grad_accum_steps=2, max_steps=30,
                 warmup_steps=5, lr=3e-3, eval_interval=10, eval_iters=2, log_interval=5, save_interval=10,
-                device="cpu")
+                device=DEVICE)
     args.update(overrides)
     return [x for k, v in args.items() for x in (f"--{k}", str(v))]
 
