@@ -596,7 +596,7 @@ def test_a_gpu_too_old_for_the_build_or_too_many_processes_is_an_error_not_a_cra
     with pytest.raises(lm.UserError) as e:
         lm.resolve_device("auto")
     assert "has no kernels for this GPU (Tesla V100-SXM2-16GB, compute capability 7.0)" in str(e.value)
-    # the CUDA 12.6 build still has kernels for 7.0: torch 2.13 names its pip command, 2.11 the CUDA versions
+    # the CUDA 12.6 build still has kernels for 7.0: 2.13 names its pip command, 2.11 the CUDA versions, 2.7 neither
     fix = (f"pip install torch=={torch.__version__.split('+')[0]} --index-url https://download.pytorch.org/whl/cu126"
            if "pip install" in message else "install a build for CUDA 12.6, 12.8" if "12.8" in message
            else "install a build for it (https://pytorch.org/get-started/locally/)")
