@@ -347,6 +347,33 @@ def test_every_window_lies_inside_the_split_however_short(tmp_path, tokens):
         lm.Batches(str(path), np.uint16, tokens, seed=0, global_batch=4)
 
 
+def test_a_vocabulary_over_65536_trains_from_uint32_token_files(tmp_path, monkeypatch):
+    """prep writes uint32 ids when the vocabulary exceeds 65,536 and says so in meta.json; train must read them as
+    such (as uint16, every id would be cut into two small ones, and training would run on garbage without a word)."""
+    vocab, n = 70_000, 4_000
+    data = tmp_path / "data"
+    data.mkdir()
+    for name, first in (("train.bin", 65_000), ("val.bin", 0)):  # consecutive ids, most of train's above 65,535
+        ((np.arange(n) + first) % vocab).astype(np.uint32).tofile(data / name)
+    (data / "tokenizer.model").write_bytes(b"a stand-in: train only hashes it and copies it")
+    meta = {"vocab_size": vocab, "dtype": "uint32", "tokenizer_sha256": lm.file_sha256(str(data / "tokenizer.model")),
+            "train": {"tokens": n}, "val": {"tokens": n}}
+    (data / "meta.json").write_text(json.dumps(meta))
+    seen, forward = [], lm.Transformer.forward
+
+    def recording(self, idx, targets=None, pos=None):
+        if self.training:
+            seen.append((idx.clone(), targets.clone()))
+        return forward(self, idx, targets, pos)
+    monkeypatch.setattr(lm.Transformer, "forward", recording)
+    proc = run_main("train", *train_args(tmp_path / "run", data, max_steps=2, grad_accum_steps=1, device="cpu"))
+    assert proc.returncode == 0, proc.stderr
+    assert f"of train.bin ({n:,} tokens)" in proc.stdout
+    x, y = torch.cat([x for x, _ in seen]), torch.cat([y for _, y in seen])
+    assert x.max() > 65_535 and torch.equal(y, (x + 1) % vocab)  # the file's ids, whole and in order
+    assert abs(metrics(tmp_path / "run")[0]["loss"] - math.log(vocab)) < 0.5  # a fresh model over 70,000 ids
+
+
 def test_resume_switches_between_bfloat16_and_float16(docs_data, tmp_path):
     # A bf16 run resumed on a GPU without bf16 (where --dtype auto picks float16): the loss scaler starts fresh; and
     # back again, the float16 run's scaler state is dropped.
