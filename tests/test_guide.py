@@ -94,4 +94,3 @@ def test_the_guides_convert_command_and_the_folder_that_test_llama_model_loads(t
     # `python test_llama_model.py  # loads from ./RSCaLM-138M-LLaMA`: no argument, the folder convert wrote
     proc = run_main(main=test_llama_model.main)
     assert_user_error(proc, "'./RSCaLM-138M-LLaMA' is not a converted model folder", "convert_to_llama.py")
-
