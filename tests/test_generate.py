@@ -83,15 +83,38 @@ def test_each_new_token_after_the_first_costs_one_decode_step(model):
     assert positions == list(range(3, 12))  # the prefill gives the first token; the last needs no step after it
 
 
-def test_output_layer_in_vocabulary_blocks_equals_lm_head():
+def test_output_layer_laid_out_for_decoding_equals_lm_head():
+    """The output layer as generate() lays it out, for 1 row and for 4 (MKL's packed product where torch has MKL),
+    and the weight's own layout cut in blocks, give lm_head's logits, for rows it was laid out for and for others."""
     torch.manual_seed(0)
     m = lm.Transformer(lm.ModelConfig(vocab_size=640, n_layer=1, n_head=2, d_model=32, seq_len=16)).eval()
-    x = torch.randn(3, 5, 32)
     with torch.no_grad():
-        for decoding in (False, True):  # the weight's own layout cut in blocks; generate()'s copy laid out by block
-            m.lay_out_for_decoding(decoding)
-            assert (m.decode_weight is not None) == decoding
-            torch.testing.assert_close(m.output_layer(x), m.lm_head(x), rtol=1e-6, atol=1e-6)
+        for rows in (0, 1, 4):
+            m.lay_out_for_decoding(rows)
+            assert (m.decode_weight is not None) == (rows > 0)
+            for shape in ((rows or 2, 1, 32), (1, 5, 32), (3, 5, 32)):
+                x = torch.randn(shape)
+                torch.testing.assert_close(m.output_layer(x), m.lm_head(x), rtol=1e-6, atol=1e-6)
+    packed = m.decode_weight.dim() == 2
+    assert packed == torch.backends.mkl.is_available()
+    m.lay_out_for_decoding(0)
+    assert m.decode_weight is None
+
+
+def test_a_float32_batch_decodes_each_sample_as_its_own_full_recomputation(model):
+    """The float32 path of a batch, where the output layer is packed for the batch's rows on a CPU with MKL."""
+    m, prompt, steps = copy.deepcopy(model).float(), [1, 9, 33], []
+
+    def step(idx, pos):
+        logits, _ = m(idx, pos=pos)
+        steps.append(logits[:, -1])
+        return logits, None
+
+    rows = lm.generate(m, prompt, 12, temperature=1.0, seed=5, eos_id=None, decode_step=step, num_samples=3)
+    with torch.no_grad():
+        for i, row in enumerate(rows):
+            full = m(torch.tensor([prompt + row]))[0][0, len(prompt):-1]
+            torch.testing.assert_close(torch.stack([s[i] for s in steps]), full, rtol=1e-4, atol=1e-4)
 
 
 def test_decoding_sees_weights_changed_without_a_trace(model):
