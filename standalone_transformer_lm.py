@@ -32,6 +32,7 @@ import math
 import multiprocessing
 import os
 import pickle
+import platform
 import random
 import re
 import signal
@@ -223,6 +224,16 @@ def settle_cpu(device: torch.device) -> None:
             libc = ctypes.CDLL(None)
             libc.mallopt(-4, 0)  # M_MMAP_MAX: no block gets a mapping of its own, which free() would unmap
             libc.mallopt(-1, -1)  # M_TRIM_THRESHOLD: never shrink the heap
+
+
+@functools.cache
+def intel_cpu() -> bool:
+    """MKL's small products differ by vendor: on an AMD EPYC its plain product ran one row on one core, and its packed
+    product (see Transformer.output_layer) was measured on Intel Xeons only."""
+    with contextlib.suppress(OSError):
+        with open("/proc/cpuinfo") as f:
+            return "GenuineIntel" in f.read(4096)
+    return "Intel" in platform.processor()  # Windows: "Intel64 Family 6 ..., GenuineIntel"
 
 
 def beside_me(name: str = os.path.basename(__file__)) -> str:
@@ -808,12 +819,12 @@ class Transformer(nn.Module):
     def output_layer(self, x):
         """lm_head. On a CPU, MKL multiplies a few rows by the (vocab, d_model) matrix far below its speed on large
         products, so generate() lays the weight out for the rows it decodes, for the length of each call:
-        - one row: in blocks of the vocabulary, which one batched matmul runs on every core (MKL runs one row on one
-          core of an AMD EPYC). At vocab 32000 on 2 EPYC cores: 4.2-4.7 ms plain, 0.4-1.1 ms from the blocks.
-        - more rows: packed by MKL for that many (its packed GEMM). 16 rows on 2 Intel Xeon cores: 4.9 ms plain,
-          2.7 ms packed (55 and 97 GFLOP/s, where large products reach 196); a batch-16 decode step 25 % faster.
-        A compiled step, and a CPU without MKL, use the weight's own layout cut in blocks. All are the same dot
-        products: equal to rounding, bit-identical in most cases."""
+        - packed by MKL for that many rows (its packed GEMM), for more than one row on an Intel CPU: 16 rows on 2 Xeon
+          cores took 2.7 ms against 4.9 plain (97 and 55 GFLOP/s; large products reach 196), a decode step 25 % less.
+        - else in blocks of the vocabulary, which one batched matmul runs on every core (MKL ran one row on one core of
+          an AMD EPYC): one row at vocab 32000 on 2 EPYC cores, 0.4-1.1 ms against 4.2-4.7 plain.
+        A compiled step cuts the weight's own layout in blocks. All are the same dot products: equal to rounding,
+        bit-identical in most cases."""
         n = x.size(0) * x.size(1)
         if x.device.type != "cpu" or torch.is_grad_enabled() or n > 256:
             return self.lm_head(x)
@@ -838,7 +849,7 @@ class Transformer(nn.Module):
         w, self.decode_weight, self.decode_rows = self.lm_head.weight.detach(), None, rows
         if not rows or w.device.type != "cpu":
             return
-        if rows > 1 and w.dtype == torch.float32 and torch.backends.mkl.is_available():
+        if rows > 1 and w.dtype == torch.float32 and torch.backends.mkl.is_available() and intel_cpu():
             with contextlib.suppress(AttributeError, RuntimeError):  # a build without the op: blocks
                 self.decode_weight = torch.ops.mkl._mkl_reorder_linear_weight(w, rows)  # (packed size, 1)
                 return

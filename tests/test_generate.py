@@ -83,9 +83,12 @@ def test_each_new_token_after_the_first_costs_one_decode_step(model):
     assert positions == list(range(3, 12))  # the prefill gives the first token; the last needs no step after it
 
 
-def test_output_layer_laid_out_for_decoding_equals_lm_head():
-    """The output layer as generate() lays it out, for 1 row and for 4 (MKL's packed product where torch has MKL),
-    and the weight's own layout cut in blocks, give lm_head's logits, for rows it was laid out for and for others."""
+@pytest.mark.parametrize("intel", [True, False])
+def test_output_layer_laid_out_for_decoding_equals_lm_head(monkeypatch, intel):
+    """The output layer as generate() lays it out, for 1 row and for 4 (MKL's packed product on an Intel CPU whose
+    torch has MKL, else blocks of the vocabulary), and the weight's own layout cut in blocks, give lm_head's logits,
+    for rows it was laid out for and for others."""
+    monkeypatch.setattr(lm, "intel_cpu", lambda: intel)
     torch.manual_seed(0)
     m = lm.Transformer(lm.ModelConfig(vocab_size=640, n_layer=1, n_head=2, d_model=32, seq_len=16)).eval()
     with torch.no_grad():
@@ -95,14 +98,14 @@ def test_output_layer_laid_out_for_decoding_equals_lm_head():
             for shape in ((rows or 2, 1, 32), (1, 5, 32), (3, 5, 32)):
                 x = torch.randn(shape)
                 torch.testing.assert_close(m.output_layer(x), m.lm_head(x), rtol=1e-6, atol=1e-6)
-    packed = m.decode_weight.dim() == 2
-    assert packed == torch.backends.mkl.is_available()
+    assert (m.decode_weight.dim() == 2) == (intel and torch.backends.mkl.is_available())  # packed, else blocks
     m.lay_out_for_decoding(0)
     assert m.decode_weight is None
 
 
-def test_a_float32_batch_decodes_each_sample_as_its_own_full_recomputation(model):
-    """The float32 path of a batch, where the output layer is packed for the batch's rows on a CPU with MKL."""
+def test_a_float32_batch_decodes_each_sample_as_its_own_full_recomputation(model, monkeypatch):
+    """The float32 path of a batch, where the output layer is packed for the batch's rows (torch with MKL)."""
+    monkeypatch.setattr(lm, "intel_cpu", lambda: True)
     m, prompt, steps = copy.deepcopy(model).float(), [1, 9, 33], []
 
     def step(idx, pos):
