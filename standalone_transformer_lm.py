@@ -229,7 +229,7 @@ def settle_cpu(device: torch.device) -> None:
 @functools.cache
 def intel_cpu() -> bool:
     """MKL's small products differ by vendor: on an AMD EPYC its plain product ran one row on one core, and its packed
-    product (see Transformer.output_layer) was measured on Intel Xeons only."""
+    product (see Linear) was measured on Intel Xeons only."""
     with contextlib.suppress(OSError):
         with open("/proc/cpuinfo") as f:
             return "GenuineIntel" in f.read(4096)
@@ -668,6 +668,21 @@ def apply_rope(x, cos, sin):  # x: (B, T, heads, head_dim); cos, sin: (T, 1, hea
     return x * cos.to(x.dtype) + rotated * sin.to(x.dtype)
 
 
+class Linear(nn.Linear):
+    """nn.Linear without bias, whose weight generate() may pack for the rows it decodes (Transformer.lay_out_for_decoding
+    says when): MKL's packed GEMM, laid out once for that many rows. 16 rows by the (32000, 256) output layer on 2 Intel
+    Xeon cores: 2.7 ms against 4.9 plain (97 and 55 GFLOP/s; large products reach 196). Other row counts: F.linear."""
+
+    def __init__(self, d_in: int, d_out: int):
+        super().__init__(d_in, d_out, bias=False)
+        self.packed, self.packed_rows = None, 0
+
+    def forward(self, x):
+        if torch.compiler.is_compiling() or self.packed is None:  # (a compiled step plans its own products)
+            return F.linear(x, self.weight)
+        return torch.ops.mkl._mkl_linear(x, self.packed, self.weight, None, self.packed_rows)
+
+
 class KVCache(nn.Module):
     """Preallocated keys and values for decoding: prefill writes the prompt, each decode step writes one position."""
 
@@ -694,8 +709,8 @@ class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig, dropout: float):
         super().__init__()
         self.n_head, self.n_kv_head, self.head_dim, self.dropout = cfg.n_head, cfg.n_kv_head, cfg.head_dim, dropout
-        self.qkv_proj = nn.Linear(cfg.d_model, (cfg.n_head + 2 * cfg.n_kv_head) * cfg.head_dim, bias=False)  # q, k, v
-        self.o_proj = nn.Linear(cfg.n_head * cfg.head_dim, cfg.d_model, bias=False)
+        self.qkv_proj = Linear(cfg.d_model, (cfg.n_head + 2 * cfg.n_kv_head) * cfg.head_dim)  # q, k, v
+        self.o_proj = Linear(cfg.n_head * cfg.head_dim, cfg.d_model)
         self.cache: KVCache | None = None
 
     def forward(self, x, cos, sin, pos=None, mask=None, n_ctx=None):
@@ -715,8 +730,8 @@ class Attention(nn.Module):
 class FeedForward(nn.Module):  # SwiGLU
     def __init__(self, cfg: ModelConfig):
         super().__init__()
-        self.gate_up_proj = nn.Linear(cfg.d_model, 2 * cfg.ffn_hidden, bias=False)  # rows: gate, up
-        self.down_proj = nn.Linear(cfg.ffn_hidden, cfg.d_model, bias=False)
+        self.gate_up_proj = Linear(cfg.d_model, 2 * cfg.ffn_hidden)  # rows: gate, up
+        self.down_proj = Linear(cfg.ffn_hidden, cfg.d_model)
 
     def forward(self, x):
         gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
@@ -769,13 +784,13 @@ class Transformer(nn.Module):
         self.dropout = nn.Dropout(dropout) if dropout else nn.Identity()
         self.layers = nn.ModuleList(Block(cfg, dropout) for _ in range(cfg.n_layer))
         self.norm = RMSNorm(cfg.d_model, cfg.norm_eps)
-        self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        self.lm_head = Linear(cfg.d_model, cfg.vocab_size)
         if cfg.tie_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
         cos, sin = rope_tables(cfg)
         self.register_buffer("rope_cos", cos, persistent=False)  # float32 always: bf16 angles lose positions
         self.register_buffer("rope_sin", sin, persistent=False)
-        self.decode_weight, self.decode_rows = None, 0  # see output_layer
+        self.decode_weight = None  # see output_layer
         self.init_weights()
 
     def init_weights(self):
@@ -818,20 +833,15 @@ class Transformer(nn.Module):
 
     def output_layer(self, x):
         """lm_head. On a CPU, MKL multiplies a few rows by the (vocab, d_model) matrix far below its speed on large
-        products, so generate() lays the weight out for the rows it decodes, for the length of each call:
-        - packed by MKL for that many rows (its packed GEMM), for more than one row on an Intel CPU: 16 rows on 2 Xeon
-          cores took 2.7 ms against 4.9 plain (97 and 55 GFLOP/s; large products reach 196), a decode step 25 % less.
-        - else in blocks of the vocabulary, which one batched matmul runs on every core (MKL ran one row on one core of
-          an AMD EPYC): one row at vocab 32000 on 2 EPYC cores, 0.4-1.1 ms against 4.2-4.7 plain.
-        A compiled step cuts the weight's own layout in blocks. All are the same dot products: equal to rounding,
-        bit-identical in most cases."""
-        n = x.size(0) * x.size(1)
-        if x.device.type != "cpu" or torch.is_grad_enabled() or n > 256:
+        products. generate() packs it for batches on Intel CPUs (see Linear); else it runs in blocks of the vocabulary,
+        one batched matmul on every core (MKL ran one row on one core of an AMD EPYC: at vocab 32000 on 2 EPYC cores,
+        4.2-4.7 ms plain, 0.4-1.1 ms from the copy laid out block by block that generate() holds for each call). All
+        are the same dot products: equal to rounding, bit-identical in most cases."""
+        n, compiling = x.size(0) * x.size(1), torch.compiler.is_compiling()  # (a compiled step plans its own)
+        if x.device.type != "cpu" or torch.is_grad_enabled() or n > 256 or (
+                not compiling and self.lm_head.packed is not None):
             return self.lm_head(x)
-        laid_out = None if torch.compiler.is_compiling() else self.decode_weight  # (a compiled step plans its own)
-        if laid_out is not None and laid_out.dim() == 2:  # packed; rows other than decode_rows: a plain product
-            return torch.ops.mkl._mkl_linear(x, laid_out, self.lm_head.weight, None, self.decode_rows)
-        w = self.vocab_blocks() if laid_out is None else laid_out
+        w = self.vocab_blocks() if compiling or self.decode_weight is None else self.decode_weight
         if w is None:
             return self.lm_head(x)
         logits = x.view(1, n, -1) @ w  # (blocks, n, vocab_size / blocks)
@@ -843,17 +853,21 @@ class Transformer(nn.Module):
         return self.lm_head.weight.view(blocks, -1, self.cfg.d_model).transpose(1, 2) if blocks >= 4 else None
 
     def lay_out_for_decoding(self, rows: int) -> None:
-        """generate() lays lm_head out for the rows it decodes at the start of a call, and drops it (rows 0) at the
-        end: a copy made per call cannot miss a change of the weights between calls (a write through .data leaves no
-        trace on the tensor, nor does a fused AdamW step)."""
-        w, self.decode_weight, self.decode_rows = self.lm_head.weight.detach(), None, rows
-        if not rows or w.device.type != "cpu":
-            return
-        if rows > 1 and w.dtype == torch.float32 and torch.backends.mkl.is_available() and intel_cpu():
-            with contextlib.suppress(AttributeError, RuntimeError):  # a build without the op: blocks
-                self.decode_weight = torch.ops.mkl._mkl_reorder_linear_weight(w, rows)  # (packed size, 1)
-                return
-        blocks = self.vocab_blocks()
+        """generate() lays the weights out for the rows it decodes at the start of a call, and drops them (rows 0) at
+        the end: a copy made per call cannot miss a change of the weights between calls (a write through .data leaves
+        no trace on the tensor, nor does a fused AdamW step). On a CPU: for more rows than one on an Intel CPU, every
+        product packed (a copy of about 1.5x the weights; decode steps at batch 4 and 16 took 22-23 % less on 2 Xeon
+        cores; MKL's small products differ by vendor, and the packed ones were measured on Xeons only); else lm_head in
+        vocabulary blocks."""
+        w = self.lm_head.weight
+        cpu = rows > 0 and w.device.type == "cpu"
+        pack = (cpu and rows > 1 and w.dtype == torch.float32 and intel_cpu() and torch.backends.mkl.is_available()
+                and hasattr(torch.ops.mkl, "_mkl_linear"))
+        for m in self.modules():
+            if isinstance(m, Linear):
+                m.packed = torch.ops.mkl._mkl_reorder_linear_weight(m.weight.detach(), rows) if pack else None
+                m.packed_rows = rows
+        blocks = self.vocab_blocks() if cpu and not pack else None
         self.decode_weight = None if blocks is None else blocks.detach().contiguous()
 
     def flops_per_token(self) -> float:

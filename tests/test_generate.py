@@ -6,6 +6,7 @@ import sys
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 import standalone_transformer_lm as lm
 from conftest import SCRIPT, assert_user_error, run_cli, run_main
@@ -84,27 +85,33 @@ def test_each_new_token_after_the_first_costs_one_decode_step(model):
 
 
 @pytest.mark.parametrize("intel", [True, False])
-def test_output_layer_laid_out_for_decoding_equals_lm_head(monkeypatch, intel):
-    """The output layer as generate() lays it out, for 1 row and for 4 (MKL's packed product on an Intel CPU whose
-    torch has MKL, else blocks of the vocabulary), and the weight's own layout cut in blocks, give lm_head's logits,
-    for rows it was laid out for and for others."""
+def test_products_laid_out_for_decoding_equal_the_plain_ones(monkeypatch, intel):
+    """What generate() lays out for 1 row and for 4 (every product packed by MKL on an Intel CPU whose torch has MKL,
+    else lm_head in blocks of the vocabulary), and lm_head's own layout cut in blocks, give the plain products, for
+    the rows they were laid out for and for others; and the call's end drops them."""
     monkeypatch.setattr(lm, "intel_cpu", lambda: intel)
     torch.manual_seed(0)
     m = lm.Transformer(lm.ModelConfig(vocab_size=640, n_layer=1, n_head=2, d_model=32, seq_len=16)).eval()
+    linears = [mod for mod in m.modules() if isinstance(mod, lm.Linear)]
+    assert len(linears) == 5  # qkv, o, gate_up, down, lm_head
     with torch.no_grad():
         for rows in (0, 1, 4):
             m.lay_out_for_decoding(rows)
-            assert (m.decode_weight is not None) == (rows > 0)
-            for shape in ((rows or 2, 1, 32), (1, 5, 32), (3, 5, 32)):
-                x = torch.randn(shape)
-                torch.testing.assert_close(m.output_layer(x), m.lm_head(x), rtol=1e-6, atol=1e-6)
-    assert (m.decode_weight.dim() == 2) == (intel and torch.backends.mkl.is_available())  # packed, else blocks
+            packed = rows > 1 and intel and torch.backends.mkl.is_available()
+            assert all((mod.packed is not None) == packed for mod in linears)
+            assert (m.decode_weight is not None) == (rows > 0 and not packed)
+            for batch, length in ((rows or 2, 1), (1, 5), (3, 5)):
+                x = torch.randn(batch, length, 32)
+                torch.testing.assert_close(m.output_layer(x), F.linear(x, m.lm_head.weight), rtol=1e-6, atol=1e-6)
+                for mod in linears:
+                    x = torch.randn(batch, length, mod.in_features)
+                    torch.testing.assert_close(mod(x), F.linear(x, mod.weight), rtol=1e-6, atol=1e-6)
     m.lay_out_for_decoding(0)
-    assert m.decode_weight is None
+    assert m.decode_weight is None and all(mod.packed is None for mod in linears)
 
 
 def test_a_float32_batch_decodes_each_sample_as_its_own_full_recomputation(model, monkeypatch):
-    """The float32 path of a batch, where the output layer is packed for the batch's rows (torch with MKL)."""
+    """The float32 path of a batch, where every product is packed for the batch's rows (torch with MKL)."""
     monkeypatch.setattr(lm, "intel_cpu", lambda: True)
     m, prompt, steps = copy.deepcopy(model).float(), [1, 9, 33], []
 
