@@ -236,6 +236,12 @@ def intel_cpu() -> bool:
     return "Intel" in platform.processor()  # Windows: "Intel64 Family 6 ..., GenuineIntel"
 
 
+def physical_memory() -> int:
+    with contextlib.suppress(AttributeError, ValueError, OSError):  # (Windows has no sysconf: 0)
+        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    return 0
+
+
 def beside_me(name: str = os.path.basename(__file__)) -> str:
     """This script, or a file beside it, as a command printed for the user names it: from the working folder if it is
     under it, else in full (so that `python path/to/standalone_transformer_lm.py demo` prints commands that run)."""
@@ -855,14 +861,15 @@ class Transformer(nn.Module):
     def lay_out_for_decoding(self, rows: int) -> None:
         """generate() lays the weights out for the rows it decodes at the start of a call, and drops them (rows 0) at
         the end: a copy made per call cannot miss a change of the weights between calls (a write through .data leaves
-        no trace on the tensor, nor does a fused AdamW step). On a CPU: for more rows than one on an Intel CPU, every
-        product packed (a copy of about 1.5x the weights; decode steps at batch 4 and 16 took 22-23 % less on 2 Xeon
-        cores; MKL's small products differ by vendor, and the packed ones were measured on Xeons only); else lm_head in
-        vocabulary blocks."""
-        w = self.lm_head.weight
+        no trace on the tensor, nor does a fused AdamW step). On a CPU, for more rows than one on an Intel CPU with room
+        for the copies, every product is packed (decode steps at batch 4 and 16 took 22-23 % less on 2 Xeon cores;
+        MKL's small products differ by vendor, and the packed ones were measured on Xeons only); else lm_head is laid
+        out in vocabulary blocks."""
+        w, weight_bytes = self.lm_head.weight, sum(p.numel() * p.element_size() for p in self.parameters())
         cpu = rows > 0 and w.device.type == "cpu"
         pack = (cpu and rows > 1 and w.dtype == torch.float32 and intel_cpu() and torch.backends.mkl.is_available()
-                and hasattr(torch.ops.mkl, "_mkl_linear"))
+                and hasattr(torch.ops.mkl, "_mkl_linear")  # the copies, as allocated, are up to 2.4x the weights:
+                and 7 * weight_bytes <= physical_memory())  # with the weights, at most half the machine's memory
         for m in self.modules():
             if isinstance(m, Linear):
                 m.packed = torch.ops.mkl._mkl_reorder_linear_weight(m.weight.detach(), rows) if pack else None

@@ -84,12 +84,14 @@ def test_each_new_token_after_the_first_costs_one_decode_step(model):
     assert positions == list(range(3, 12))  # the prefill gives the first token; the last needs no step after it
 
 
-@pytest.mark.parametrize("intel", [True, False])
-def test_products_laid_out_for_decoding_equal_the_plain_ones(monkeypatch, intel):
-    """What generate() lays out for 1 row and for 4 (every product packed by MKL on an Intel CPU whose torch has MKL,
-    else lm_head in blocks of the vocabulary), and lm_head's own layout cut in blocks, give the plain products, for
-    the rows they were laid out for and for others; and the call's end drops them."""
+@pytest.mark.parametrize("intel, memory", [(True, 1 << 40), (False, 1 << 40), (True, 1 << 20)])
+def test_products_laid_out_for_decoding_equal_the_plain_ones(monkeypatch, intel, memory):
+    """What generate() lays out for 1 row and for 4 (every product packed by MKL on an Intel CPU whose torch has MKL
+    and whose machine has room for the copies, else lm_head in blocks of the vocabulary), and lm_head's own layout cut
+    in blocks, give the plain products, for the rows they were laid out for and for others; the call's end drops
+    them."""
     monkeypatch.setattr(lm, "intel_cpu", lambda: intel)
+    monkeypatch.setattr(lm, "physical_memory", lambda: memory)  # 1 MiB: no room beside 0.28 MB of weights
     torch.manual_seed(0)
     m = lm.Transformer(lm.ModelConfig(vocab_size=640, n_layer=1, n_head=2, d_model=32, seq_len=16)).eval()
     linears = [mod for mod in m.modules() if isinstance(mod, lm.Linear)]
@@ -97,7 +99,7 @@ def test_products_laid_out_for_decoding_equal_the_plain_ones(monkeypatch, intel)
     with torch.no_grad():
         for rows in (0, 1, 4):
             m.lay_out_for_decoding(rows)
-            packed = rows > 1 and intel and torch.backends.mkl.is_available()
+            packed = rows > 1 and intel and memory > 1 << 20 and torch.backends.mkl.is_available()
             assert all((mod.packed is not None) == packed for mod in linears)
             assert (m.decode_weight is not None) == (rows > 0 and not packed)
             for batch, length in ((rows or 2, 1), (1, 5), (3, 5)):
@@ -113,14 +115,17 @@ def test_products_laid_out_for_decoding_equal_the_plain_ones(monkeypatch, intel)
 def test_a_float32_batch_decodes_each_sample_as_its_own_full_recomputation(model, monkeypatch):
     """The float32 path of a batch, where every product is packed for the batch's rows (torch with MKL)."""
     monkeypatch.setattr(lm, "intel_cpu", lambda: True)
+    monkeypatch.setattr(lm, "physical_memory", lambda: 1 << 40)
     m, prompt, steps = copy.deepcopy(model).float(), [1, 9, 33], []
 
     def step(idx, pos):
+        assert (m.layers[0].mlp.down_proj.packed is not None) == torch.backends.mkl.is_available()
         logits, _ = m(idx, pos=pos)
         steps.append(logits[:, -1])
         return logits, None
 
     rows = lm.generate(m, prompt, 12, temperature=1.0, seed=5, eos_id=None, decode_step=step, num_samples=3)
+    assert len(steps) == 11
     with torch.no_grad():
         for i, row in enumerate(rows):
             full = m(torch.tensor([prompt + row]))[0][0, len(prompt):-1]
