@@ -675,9 +675,9 @@ def apply_rope(x, cos, sin):  # x: (B, T, heads, head_dim); cos, sin: (T, 1, hea
 
 
 class Linear(nn.Linear):
-    """nn.Linear without bias, whose weight generate() may pack for the rows it decodes (Transformer.lay_out_for_decoding
-    says when): MKL's packed GEMM, laid out once for that many rows. 16 rows by the (32000, 256) output layer on 2 Intel
-    Xeon cores: 2.7 ms against 4.9 plain (97 and 55 GFLOP/s; large products reach 196). Other row counts: F.linear."""
+    """nn.Linear without bias, whose weight generate() may pack for the rows it decodes (lay_out_for_decoding says
+    when): MKL's packed GEMM, laid out once for that many rows. 16 rows by the (32000, 256) output layer on 2 Intel Xeon
+    cores: 2.7 ms against 4.9 plain (97 and 55 GFLOP/s; large products reach 196). Other row counts: F.linear."""
 
     def __init__(self, d_in: int, d_out: int):
         super().__init__(d_in, d_out, bias=False)
