@@ -1706,7 +1706,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--num_samples", type=int, default=1, help="samples of the prompt, decoded as a batch (up to "
                                                                f"{SAMPLES_PER_BATCH} at a time)")
     s.add_argument("--device", **device)
-    s.add_argument("--compile", default=0, help="compile the decode step (CUDA graphs on GPU)", **flag)
+    s.add_argument("--compile", default=0, help="compile the decode step, for GPUs (CUDA graphs); mostly slower on "
+                                                    "a CPU", **flag)
     s.set_defaults(func=cmd_generate)
 
     s = sub.add_parser("demo", help="the whole workflow on Python's own docs, in a few minutes on a CPU",
