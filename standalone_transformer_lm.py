@@ -861,15 +861,16 @@ class Transformer(nn.Module):
     def lay_out_for_decoding(self, rows: int) -> None:
         """generate() lays the weights out for the rows it decodes at the start of a call, and drops them (rows 0) at
         the end: a copy made per call cannot miss a change of the weights between calls (a write through .data leaves
-        no trace on the tensor, nor does a fused AdamW step). On a CPU, for more rows than one on an Intel CPU with room
-        for the copies, every product is packed (decode steps at batch 4 and 16 took 22-23 % less on 2 Xeon cores;
-        MKL's small products differ by vendor, and the packed ones were measured on Xeons only); else lm_head is laid
-        out in vocabulary blocks."""
+        no trace on the tensor, nor does a fused AdamW step). On a CPU, for more rows than one on an Intel CPU, every
+        product is packed where there is room for the copies and the weights take at most 1 GiB (138m in float32, not
+        350m): decode steps at batch 4 and 16 took 22-23 % less on 2 Xeon cores (MKL's small products differ by
+        vendor, and the packed ones were measured on Xeons only). Else lm_head is laid out in vocabulary blocks."""
         w, weight_bytes = self.lm_head.weight, sum(p.numel() * p.element_size() for p in self.parameters())
         cpu = rows > 0 and w.device.type == "cpu"
         pack = (cpu and rows > 1 and w.dtype == torch.float32 and intel_cpu() and torch.backends.mkl.is_available()
                 and hasattr(torch.ops.mkl, "_mkl_linear")  # the copies, as allocated, are up to 2.4x the weights:
-                and 7 * weight_bytes <= physical_memory())  # with the weights, at most half the machine's memory
+                and 7 * weight_bytes <= physical_memory()  # with the weights, at most half the machine's memory,
+                and weight_bytes <= 1 << 30)  # and 2.4 GiB (a container's limit may be far below the machine's)
         for m in self.modules():
             if isinstance(m, Linear):
                 m.packed = torch.ops.mkl._mkl_reorder_linear_weight(m.weight.detach(), rows) if pack else None
