@@ -1,0 +1,44 @@
+#!/usr/bin/env bash
+# Every GPU check in one command that ends within a time limit, for a GPU lent for a few minutes: the benchmark at the
+# 138m preset first (the issue's figures: MFU, ours / HF, decoding), then the training tests that hold on a GPU
+# (loss falls, a killed compiled run resumes bit-identical with --deterministic 1, bf16 <-> fp16). Everything it
+# measures lands in OUT_DIR: machine.txt, bench.log, the benchmark's JSON, tests.log.
+#
+#   bash bench/gpu_check.sh OUT_DIR [SECONDS]      # default 540: within a 10-minute slot, with time to copy back
+#
+# The benchmark gets about two thirds of the time (its --time_budget stops starting variants at two fifths, since
+# a variant started just before may compile for a minute or two more), the tests what is left. BENCH_ARGS replaces
+# "--size 138m" (e.g. "--size 350m --only trainer"). Exit status: the benchmark's, else the tests'.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+out=${1:?usage: bash bench/gpu_check.sh OUT_DIR [SECONDS]}
+limit=${2:-540}
+mkdir -p "$out"
+start=$SECONDS
+{
+  date -u
+  nvidia-smi || echo "no nvidia-smi"
+  python3 -c "import sys, torch, transformers; print('python', sys.version.split()[0], '| torch', torch.__version__,
+'| cuda', torch.version.cuda, '| transformers', transformers.__version__, '| gpu',
+torch.cuda.get_device_name() if torch.cuda.is_available() else None)"
+} >"$out/machine.txt" 2>&1
+tail -n 1 "$out/machine.txt"
+
+# shellcheck disable=SC2086  # BENCH_ARGS is a list of flags
+PYTHONUNBUFFERED=1 timeout --signal=TERM --kill-after=20 $((limit * 2 / 3)) \
+  python3 bench/benchmark.py ${BENCH_ARGS:---size 138m} --time_budget $((limit * 2 / 5)) --out "$out" 2>&1 \
+  | tee "$out/bench.log"
+bench=$?
+
+left=$((limit - (SECONDS - start) - 10))
+if [ "$left" -lt 60 ]; then
+  echo "no time left for the GPU tests ($left s)" | tee "$out/tests.log"
+  exit "$bench"
+fi
+CUBLAS_WORKSPACE_CONFIG=:4096:8 LM_TEST_DEVICE=cuda PYTHONUNBUFFERED=1 timeout --kill-after=10 "$left" \
+  python3 -m pytest -q -p no:cacheprovider tests/test_train.py \
+  -k "loss_falls or deterministic_run or switches_between" 2>&1 | tee "$out/tests.log"
+tests=$?
+echo "benchmark exit $bench, tests exit $tests, $((SECONDS - start)) s"
+[ "$bench" -ne 0 ] && exit "$bench"
+exit "$tests"
