@@ -1,15 +1,16 @@
 #!/usr/bin/env bash
 # Every GPU check in one command that ends within a time limit, for a GPU lent for a few minutes: the benchmark at the
 # 138m preset first (the issue's figures: MFU, ours / HF, decoding), then the training tests that hold on a GPU
-# (loss falls, a killed compiled run resumes bit-identical with --deterministic 1, bf16 <-> fp16). Everything it
-# measures lands in OUT_DIR: machine.txt, bench.log, the benchmark's JSON, tests.log.
+# (loss falls, a killed compiled run resumes bit-identical with --deterministic 1, bf16 <-> fp16), then a profile of
+# the compiled step in the time left. Everything lands in OUT_DIR: machine.txt, bench.log, the benchmark's JSON,
+# tests.log, profile-138m-compile1.txt.
 #
 #   bash bench/gpu_check.sh OUT_DIR [SECONDS]      # default 570: within a 10-minute slot, with time to copy back
 #
 # The benchmark's figures come first: it may take all but the last 2 minutes (it stops starting variants 4 minutes
-# before the end, since one started just then may compile for a minute or two more); the tests get the rest, at
-# least 2 minutes, more when the benchmark ends early. BENCH_ARGS replaces
-# "--size 138m" (e.g. "--size 350m --only trainer"). Exit status: the benchmark's, else the tests'.
+# before the end, since one started just then may compile for a minute or two more); the tests get the rest but
+# 70 s, at least 1 minute (more when the benchmark ends early), and the profile what is left after them.
+# BENCH_ARGS replaces "--size 138m" (e.g. "--size 350m --only trainer"). Exit status: the benchmark's, else the tests'.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 out=${1:?usage: bash bench/gpu_check.sh OUT_DIR [SECONDS]}
@@ -34,14 +35,20 @@ PYTHONUNBUFFERED=1 timeout --signal=TERM --kill-after=20 "$bench_limit" \
 bench=$?
 
 left=$((limit - (SECONDS - start) - 10))
-if [ "$left" -lt 60 ]; then
+if [ "$left" -lt 130 ]; then
   echo "no time left for the GPU tests ($left s)" | tee "$out/tests.log"
   exit "$bench"
 fi
-CUBLAS_WORKSPACE_CONFIG=:4096:8 LM_TEST_DEVICE=cuda PYTHONUNBUFFERED=1 timeout --kill-after=10 "$left" \
+CUBLAS_WORKSPACE_CONFIG=:4096:8 LM_TEST_DEVICE=cuda PYTHONUNBUFFERED=1 timeout --kill-after=10 $((left - 70)) \
   python3 -m pytest -q -p no:cacheprovider tests/test_train.py \
   -k "loss_falls or deterministic_run or switches_between" 2>&1 | tee "$out/tests.log"
 tests=$?
+
+# Where the compiled step's time goes, from the benchmark's warm compile cache: a table for the next lever
+left=$((limit - (SECONDS - start) - 5))
+if [ "$left" -ge 30 ]; then
+  PYTHONUNBUFFERED=1 timeout --kill-after=5 "$left" python3 bench/profile_step.py --out "$out" 2>&1 | tail -n 25
+fi
 echo "benchmark exit $bench, tests exit $tests, $((SECONDS - start)) s"
 [ "$bench" -ne 0 ] && exit "$bench"
 exit "$tests"

@@ -65,3 +65,18 @@ def test_a_stopped_benchmark_stops_the_training_run_it_started(tmp_path):
     time.sleep(0.5)  # the child was killed and reaped by the benchmark before it exited
     assert not os.path.exists(f"/proc/{children[0]}")
     assert list((tmp_path / "tmp").iterdir()) == []  # its data folder went with it
+
+
+def test_the_step_profile_accounts_for_the_step(tmp_path):
+    """bench/profile_step.py, run in the same call as the GPU benchmark, explains a step's time: its table's operators
+    add up to the profiled steps' wall time (on a CPU, where every operator runs in the step's own thread), and the
+    matrix products are found as such."""
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "bench", "profile_step.py"), "--size", "tiny",
+                           "--compile", "0", "--steps", "2", "--out", str(tmp_path)],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    text = (tmp_path / "profile-tiny-compile0.txt").read_text()
+    steps = [float(t) for t in text.split("profiled steps (ms, with the profiler on): ")[1].split("\n")[0].split(", ")]
+    total = float(text.split("CPU time per step: ")[1].split(" ms")[0])
+    assert len(steps) == 2 and 0.5 * sum(steps) / 2 < total <= sum(steps) / 2 * 1.05
+    assert "matrix products" in text and "  aten::mm\n" in text
