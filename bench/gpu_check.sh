@@ -10,8 +10,10 @@
 # The benchmark's figures come first: it may take all but the last 2 minutes (it stops starting variants 4 minutes
 # before the end, since one started just then may compile for a minute or two more); the tests get the rest but
 # 70 s, at least 1 minute (more when the benchmark ends early), and the profile what is left after them.
-# BENCH_ARGS replaces "--size 138m" (e.g. "--size 350m --only trainer"). Exit status: the benchmark's, else the tests'.
+# BENCH_ARGS replaces "--size 138m" (e.g. "--size 350m --only trainer"), PROFILE_ARGS adds to the profile's flags,
+# PYTHON names the interpreter (default python3). Exit status: the benchmark's, else the tests'.
 set -uo pipefail
+py=${PYTHON:-python3}
 cd "$(dirname "$0")/.."
 out=${1:?usage: bash bench/gpu_check.sh OUT_DIR [SECONDS]}
 limit=${2:-570}
@@ -22,15 +24,15 @@ bench_budget=$((limit > 240 ? limit - 240 : limit / 4))
 {
   date -u
   nvidia-smi || echo "no nvidia-smi"
-  python3 -c "import sys, torch, transformers; print('python', sys.version.split()[0], '| torch', torch.__version__,
+  "$py" -c "import sys, torch, transformers; print('python', sys.version.split()[0], '| torch', torch.__version__,
 '| cuda', torch.version.cuda, '| transformers', transformers.__version__, '| gpu',
 torch.cuda.get_device_name() if torch.cuda.is_available() else None)"
 } >"$out/machine.txt" 2>&1
 tail -n 1 "$out/machine.txt"
 
-# shellcheck disable=SC2086  # BENCH_ARGS is a list of flags
+# shellcheck disable=SC2086  # BENCH_ARGS and PROFILE_ARGS are lists of flags
 PYTHONUNBUFFERED=1 timeout --signal=TERM --kill-after=20 "$bench_limit" \
-  python3 bench/benchmark.py ${BENCH_ARGS:---size 138m} --time_budget "$bench_budget" --out "$out" 2>&1 \
+  "$py" bench/benchmark.py ${BENCH_ARGS:---size 138m} --time_budget "$bench_budget" --out "$out" 2>&1 \
   | tee "$out/bench.log"
 bench=$?
 
@@ -40,14 +42,16 @@ if [ "$left" -lt 130 ]; then
   exit "$bench"
 fi
 CUBLAS_WORKSPACE_CONFIG=:4096:8 LM_TEST_DEVICE=cuda PYTHONUNBUFFERED=1 timeout --kill-after=10 $((left - 70)) \
-  python3 -m pytest -q -p no:cacheprovider tests/test_train.py \
+  "$py" -m pytest -q -p no:cacheprovider tests/test_train.py \
   -k "loss_falls or deterministic_run or switches_between" 2>&1 | tee "$out/tests.log"
 tests=$?
 
 # Where the compiled step's time goes, from the benchmark's warm compile cache: a table for the next lever
 left=$((limit - (SECONDS - start) - 5))
 if [ "$left" -ge 30 ]; then
-  PYTHONUNBUFFERED=1 timeout --kill-after=5 "$left" python3 bench/profile_step.py --out "$out" 2>&1 | tail -n 25
+  # shellcheck disable=SC2086
+  PYTHONUNBUFFERED=1 timeout --kill-after=5 "$left" "$py" bench/profile_step.py ${PROFILE_ARGS:-} --out "$out" 2>&1 \
+    | tail -n 25
 fi
 echo "benchmark exit $bench, tests exit $tests, $((SECONDS - start)) s"
 [ "$bench" -ne 0 ] && exit "$bench"

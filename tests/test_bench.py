@@ -80,3 +80,22 @@ def test_the_step_profile_accounts_for_the_step(tmp_path):
     total = float(text.split("CPU time per step: ")[1].split(" ms")[0])
     assert len(steps) == 2 and 0.5 * sum(steps) / 2 < total <= sum(steps) / 2 * 1.05
     assert "matrix products" in text and "  aten::mm\n" in text
+
+
+def test_the_gpu_check_runs_every_part_and_keeps_its_files(tmp_path):
+    """bench/gpu_check.sh, the one command for a GPU lent for minutes, here on a CPU at the tiny size: the benchmark,
+    the GPU tests and the profile each run and leave their file, few enough to come back from a lent machine, and
+    the GPU tests' failure for want of a GPU is the script's exit status, not hidden."""
+    env = {**os.environ, "PYTHON": sys.executable, "BENCH_ARGS": "--size tiny --only train --rounds 1 --steps 1",
+           "PROFILE_ARGS": "--size tiny --steps 1"}
+    proc = subprocess.run(["bash", os.path.join(ROOT, "bench", "gpu_check.sh"), str(tmp_path), "300"],
+                          capture_output=True, text=True, timeout=600, env=env)
+    [result] = tmp_path.glob("*-tiny-*.json")
+    names = sorted(p.name for p in tmp_path.iterdir() if p != result)
+    assert names == ["bench.log", "machine.txt", "profile-tiny-compile0.txt", "tests.log"], names
+    assert json.loads(result.read_text())["failed"] == []
+    assert f"torch {__import__('torch').__version__}" in (tmp_path / "machine.txt").read_text()
+    tests = (tmp_path / "tests.log").read_text()
+    assert "3 failed" in tests and "cannot use a GPU" in tests, tests[-2000:]
+    assert proc.returncode == 1 and "benchmark exit 0, tests exit 1" in proc.stdout, proc.stdout[-2000:]
+    assert "aten::mm" in (tmp_path / "profile-tiny-compile0.txt").read_text()
