@@ -12,7 +12,6 @@ import argparse
 import contextlib
 import os
 import sys
-import time
 
 import torch
 from torch.autograd import DeviceType
