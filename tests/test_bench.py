@@ -86,7 +86,7 @@ def test_the_gpu_check_runs_every_part_and_keeps_its_files(tmp_path):
     """bench/gpu_check.sh, the one command for a GPU lent for minutes, here on a CPU at the tiny size: the benchmark,
     the GPU tests and the profile each run and leave their file, few enough to come back from a lent machine, and
     the GPU tests' failure for want of a GPU is the script's exit status, not hidden."""
-    env = {**os.environ, "PYTHON": sys.executable, "BENCH_ARGS": "--size tiny --only train --rounds 1 --steps 1",
+    env = {**os.environ, "PYTHON": sys.executable, "BENCH_ARGS": "--size tiny --only trainer --steps 1",
            "PROFILE_ARGS": "--size tiny --steps 1"}
     proc = subprocess.run(["bash", os.path.join(ROOT, "bench", "gpu_check.sh"), str(tmp_path), "300"],
                           capture_output=True, text=True, timeout=600, env=env)
