@@ -13,6 +13,7 @@ a copy of ours, so both compute the same function (the tables show the first los
 import argparse
 import contextlib
 import copy
+import functools
 import gc
 import hashlib
 import io
@@ -312,6 +313,21 @@ def hf_optimizer(model, like: torch.optim.Optimizer) -> torch.optim.Optimizer:
 # Training step: forward, loss, backward, clip, AdamW; ours vs HF, eager and compiled
 
 
+def train_step(model, raw, optimizer, ctx, x, y, hf: bool = False) -> torch.Tensor:
+    """One optimizer step as the trainer takes it (without its accumulation): forward and loss under ctx, backward,
+    clipping, AdamW. model: raw, or raw compiled."""
+    with ctx:
+        if hf:  # shift_labels: HF's loss on exactly our targets, all T positions, inside the compiled forward
+            loss = model(input_ids=x, labels=y, shift_labels=y, use_cache=False).loss
+        else:
+            loss = model(x, y)[1]
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(raw.parameters(), 1.0)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return loss
+
+
 def time_train(name: str, cpu_model, cfg: lm.ModelConfig, batch: int, compiled: bool, device: torch.device,
                ours_optimizer: torch.optim.Optimizer, args) -> dict:
     # As the trainer does: float32 weights, bf16 autocast on GPUs; plain float32 on CPU.
@@ -329,19 +345,7 @@ def time_train(name: str, cpu_model, cfg: lm.ModelConfig, batch: int, compiled: 
         else:
             optimizer = hf_optimizer(raw, ours_optimizer)
         model = torch.compile(raw) if compiled else raw
-
-        def step() -> torch.Tensor:
-            with ctx:
-                if name == "ours":
-                    loss = model(x, y)[1]
-                else:  # shift_labels: HF's loss on exactly our targets, all T positions, inside the compiled forward
-                    loss = model(input_ids=x, labels=y, shift_labels=y, use_cache=False).loss
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(raw.parameters(), 1.0)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            return loss
-
+        step = functools.partial(train_step, model, raw, optimizer, ctx, x, y, hf=name == "hf")
         t0 = time.perf_counter()
         loss0 = step().item()  # the first step compiles
         first_s = time.perf_counter() - t0

@@ -59,12 +59,7 @@ def main(argv=None) -> None:
     x, y = xy[:, :-1], xy[:, 1:]
 
     def step():
-        with ctx:
-            loss = model(x, y)[1]
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(raw.parameters(), 1.0)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        bench.train_step(model, raw, optimizer, ctx, x, y)
 
     for _ in range(3):
         step()
