@@ -13,6 +13,7 @@ a copy of ours, so both compute the same function (the tables show the first los
 import argparse
 import contextlib
 import copy
+import ctypes
 import functools
 import gc
 import hashlib
@@ -110,6 +111,35 @@ def timed(fn, device: torch.device):
     result = fn()
     sync(device)
     return result, time.perf_counter() - t0
+
+
+# glibc's handling of freed memory moves a CPU step by a fifth or more (bench/README): `train` and `generate` keep
+# freed memory (lm.settle_cpu), where a user's own loop around HF's model runs with glibc's defaults, which hand each
+# large freed tensor back to the kernel and fault a fresh one in, page by page, at the next step.
+M_TRIM_THRESHOLD, M_MMAP_THRESHOLD, M_MMAP_MAX = -1, -3, -4  # mallopt's parameters (malloc.h)
+
+
+def use_allocator(model: str, args, device: torch.device) -> None:
+    """Before each timed variant on a Linux CPU: glibc's settings for `model` under --allocator, and the memory freed
+    so far handed back to the kernel, so that each variant starts as a fresh process would (and its peak memory is
+    its own). as_run: ours keeps freed memory, as `train` and `generate` do; HF gets glibc's defaults as a process has
+    them after a few steps (blocks over the largest mmap threshold that glibc's own rule reaches, 32 MiB, are mapped
+    per allocation, such as the logits and their gradients; smaller ones are reused). glibc cannot always hand back
+    what ours' variant kept (2 processes in 14 in the test's case), and HF's next variant then reuses it: an error in
+    HF's favour only. kept: both keep it. default: glibc's settings are left as the process started."""
+    if device.type != "cpu" or not sys.platform.startswith("linux"):
+        return
+    keep = {"as_run": model == "ours", "kept": True, "default": None}[args.allocator]
+    with contextlib.suppress(OSError, AttributeError):  # (another libc: nothing to set)
+        libc = ctypes.CDLL(None)
+        if keep:
+            libc.mallopt(M_MMAP_MAX, 0)
+            libc.mallopt(M_TRIM_THRESHOLD, -1)
+        elif keep is False:
+            libc.mallopt(M_MMAP_MAX, 65536)
+            libc.mallopt(M_MMAP_THRESHOLD, 32 << 20)
+            libc.mallopt(M_TRIM_THRESHOLD, 64 << 20)
+        libc.malloc_trim(0)
 
 
 def free_memory(device: torch.device) -> None:
@@ -338,6 +368,7 @@ def time_train(name: str, cpu_model, cfg: lm.ModelConfig, batch: int, compiled: 
         x, y = xy[:, :-1], xy[:, 1:]
     else:
         x, y = xy[:, :-1].contiguous().to(device), xy[:, 1:].contiguous().to(device)  # HF's loss needs .view()
+    use_allocator(name, args, device)
     with PeakMemory(device) as mem:  # weights, gradients, AdamW state and activations
         raw = copy.deepcopy(cpu_model).to(device)
         if name == "ours":
@@ -424,9 +455,10 @@ def step_floor_pieces(cfg: lm.ModelConfig, batch: int, device: torch.device) -> 
     """The step's products, each timed on its own (milliseconds, times the layers that have it): for every weight
     matrix (out, in) and N = batch x seq_len tokens, the forward (N, in) @ (in, out) and the backward's (N, out) @
     (out, in) and (out, N) @ (N, in), each in the faster of its two layouts (the product or its transpose: on a
-    2-core Xeon they differed by up to 20 %); and each layer's causal attention (SDPA), forward and backward. Any
-    implementation of this model computes them (in bf16 on GPU, as under autocast); norms, activations, the loss and
-    the optimizer come on top. bench_train times them in every round and keeps each one's fastest, as it keeps each
+    2-core Xeon they differed by up to 20 %), into a result made beforehand (the arithmetic alone: a fresh 262 MB
+    result is faulted in page by page on a CPU, which an implementation can avoid); and each layer's causal attention
+    (SDPA), forward and backward. Any implementation of this model computes them (in bf16 on GPU, as under autocast);
+    norms, activations, the loss and the optimizer come on top. bench_train times them in every round and keeps each one's fastest, as it keeps each
     step's: their sum is a floor no step can go under, and HF's time over it bounds the ratio ours / HF that any
     implementation could reach."""
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
@@ -438,11 +470,14 @@ def step_floor_pieces(cfg: lm.ModelConfig, batch: int, device: torch.device) -> 
     n, pieces = batch * cfg.seq_len, {}
     for name, ((out_f, in_f), count) in mats.items():
         x, w, g = (torch.randn(*shape, device=device, dtype=dtype) for shape in ((n, in_f), (out_f, in_f), (n, out_f)))
-        products = {"forward": (lambda: x @ w.t(), lambda: w @ x.t()),  # (N, out) or its transpose
-                    "grad input": (lambda: g @ w, lambda: w.t() @ g.t()),  # (N, in)
-                    "grad weight": (lambda: g.t() @ x, lambda: x.t() @ g)}  # (out, in)
+        products = {"forward": ((x, w.t()), (w, x.t())),  # (N, out) or its transpose
+                    "grad input": ((g, w), (w.t(), g.t())),  # (N, in)
+                    "grad weight": ((g.t(), x), (x.t(), g))}  # (out, in)
         for what, layouts in products.items():
-            pieces[f"{name} {what}"] = count * min(timed_min(fn, device, reps=2) for fn in layouts) * 1e3
+            fns = [functools.partial(torch.mm, a, b, out=torch.empty(len(a), b.size(1), device=device, dtype=dtype))
+                   for a, b in layouts]
+            pieces[f"{name} {what}"] = count * min(timed_min(fn, device, reps=2) for fn in fns) * 1e3
+            del fns
         del x, w, g, products
     q = torch.randn(batch, cfg.n_head, cfg.seq_len, cfg.head_dim, device=device, dtype=dtype, requires_grad=True)
     k, v = (torch.randn(batch, cfg.n_kv_head, cfg.seq_len, cfg.head_dim, device=device, dtype=dtype,
@@ -466,7 +501,7 @@ def bench_train(args, device: torch.device, budget: Budget, size: str, fields: d
     ours_optimizer = lm.make_optimizer(models["ours"], LR, WEIGHT_DECAY, device)  # settings for HF's to copy
     if first:  # the run's first variant pays one-time costs (libraries' setup, allocator growth): a throwaway
         fitting_train("ours", size, models["ours"], cfg, batch, False, device, ours_optimizer,
-                      argparse.Namespace(warmup=1, steps=1), budget)
+                      argparse.Namespace(**{**vars(args), "warmup": 1, "steps": 1}), budget)
     floors, floor_failed = {}, False  # batch -> {product: its fastest ms}, timed in every round as the steps are
     for compiled in (False, True):
         best = {}
@@ -620,6 +655,7 @@ def time_generate(ours, hf, step, prompt: list[int], batch: int, size: str, devi
             for block in ours.layers:
                 block.self_attn.cache = None
         try:
+            use_allocator(key[0], args, device)
             skips = torch._dynamo.utils.counters["inductor"]["cudagraph_skips"]
             with PeakMemory(device) as mem:  # KV cache and activations, beyond the weights
                 t0 = time.perf_counter()
@@ -635,6 +671,7 @@ def time_generate(ours, hf, step, prompt: list[int], batch: int, size: str, devi
     times = {key: [] for key in variants}
     for _ in range(args.gen_reps):  # interleaved: other load on the machine slows every variant alike
         for key, fn in variants.items():
+            use_allocator(key[0], args, device)
             times[key].append(timed(fn, device)[1])
     rows, ref = [], next(iter(tokens.values()), [])  # ours eager's tokens, when it ran
     for (name, compiled), toks in tokens.items():
@@ -733,6 +770,10 @@ def main(argv=None) -> None:
     p.add_argument("--steps", type=int, default=10, help="timed training steps (default 10)")
     p.add_argument("--rounds", type=int, help="alternating timing rounds of ours and HF's training step, the "
                                               "fastest kept (default: 2 on CPU, 1 on GPU)")
+    p.add_argument("--allocator", default="as_run", choices=["as_run", "kept", "default"],
+                   help="CPU: glibc's handling of freed memory in the train and generate parts. as_run: ours keeps it "
+                        "as `train` and `generate` do, HF's runs with glibc's defaults as a user's own loop does; "
+                        "kept: both keep it; default: glibc's settings as the process started (default as_run)")
     p.add_argument("--deterministic", action="store_true", help="also run the trainer with --deterministic 1")
     p.add_argument("--gen_reps", type=int, help="timed generate calls, the fastest kept (default 5; 3 for presets: "
                                                 "a GPU varies little, and HF's eager decoding takes seconds a call)")
@@ -789,6 +830,7 @@ def main(argv=None) -> None:
     os.makedirs(args.out, exist_ok=True)
     slug = re.sub(r"[^a-z0-9]+", "-", env["device"].lower()).strip("-")
     vocab = f"-vocab{args.vocab_size}" if args.vocab_size else ""
+    vocab += f"-{args.allocator}" if device.type == "cpu" and args.allocator != "as_run" else ""
     path = os.path.join(args.out, f"{slug}-{'-'.join(sizes)}{vocab}-{time.strftime('%Y%m%d-%H%M%S')}.json")
     t_start = time.time()
 

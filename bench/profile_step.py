@@ -50,6 +50,7 @@ def main(argv=None) -> None:
     cfg = lm.ModelConfig(**fields)
     if cuda:
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True  # as the trainer sets
+    lm.settle_cpu(device)  # as the trainer: on a CPU, freed memory kept, not faulted in again at every step
     torch.manual_seed(0)
     raw = lm.Transformer(cfg).to(device)
     optimizer = lm.make_optimizer(raw, bench.LR, bench.WEIGHT_DECAY, device)
