@@ -130,12 +130,11 @@ def use_allocator(model: str, args, device: torch.device) -> None:
     if device.type != "cpu" or not sys.platform.startswith("linux"):
         return
     keep = {"as_run": model == "ours", "kept": True, "default": None}[args.allocator]
+    if keep:
+        lm.settle_cpu(device)  # the script's own setting
     with contextlib.suppress(OSError, AttributeError):  # (another libc: nothing to set)
         libc = ctypes.CDLL(None)
-        if keep:
-            libc.mallopt(M_MMAP_MAX, 0)
-            libc.mallopt(M_TRIM_THRESHOLD, -1)
-        elif keep is False:
+        if keep is False:
             libc.mallopt(M_MMAP_MAX, 65536)
             libc.mallopt(M_MMAP_THRESHOLD, 32 << 20)
             libc.mallopt(M_TRIM_THRESHOLD, 64 << 20)
