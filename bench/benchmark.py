@@ -457,9 +457,9 @@ def step_floor_pieces(cfg: lm.ModelConfig, batch: int, device: torch.device) -> 
     2-core Xeon they differed by up to 20 %), into a result made beforehand (the arithmetic alone: a fresh 262 MB
     result is faulted in page by page on a CPU, which an implementation can avoid); and each layer's causal attention
     (SDPA), forward and backward. Any implementation of this model computes them (in bf16 on GPU, as under autocast);
-    norms, activations, the loss and the optimizer come on top. bench_train times them in every round and keeps each one's fastest, as it keeps each
-    step's: their sum is a floor no step can go under, and HF's time over it bounds the ratio ours / HF that any
-    implementation could reach."""
+    norms, activations, the loss and the optimizer come on top. bench_train times them in every round and keeps each
+    one's fastest, as it keeps each step's: their sum is a floor no step can go under, and HF's time over it bounds
+    the ratio ours / HF that any implementation could reach."""
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     qkv = (cfg.n_head + 2 * cfg.n_kv_head) * cfg.head_dim
     mats = {"qkv_proj": (qkv, cfg.d_model), "o_proj": (cfg.d_model, cfg.n_head * cfg.head_dim),
