@@ -385,10 +385,18 @@ def time_train(name: str, cpu_model, cfg: lm.ModelConfig, batch: int, compiled: 
         for _ in range(args.steps):  # synced every step, as the trainer is by its per-step .item()
             loss, seconds = timed(step, device)
             times.append(seconds)
+        # The same steps queued back to back, one sync at the end: what the GPU idles per step while the host waits
+        # for it and then launches the next step's first kernels. A trainer that read its loss only at log
+        # intervals would save that much (on a CPU the host does the work: nothing to save).
+        queued = args.queued_steps if args.queued_steps is not None else args.steps * (device.type == "cuda")
+        _, queued_s = timed(lambda: [step() for _ in range(queued)], device) if queued else (None, None)
     dt = min(times)  # other work on the machine can only slow a step down: the fastest is the cleanest figure
-    return {"model": name, "compile": int(compiled), "batch": batch, "ms_step": dt * 1e3,
-            "tok_s": batch * cfg.seq_len / dt, "peak_MiB": mem.mib, "first_step_s": first_s, "loss0": loss0,
-            "loss_last": loss.item(), "step_ms_all": [round(t * 1e3, 1) for t in times]}
+    row = {"model": name, "compile": int(compiled), "batch": batch, "ms_step": dt * 1e3,
+           "tok_s": batch * cfg.seq_len / dt, "peak_MiB": mem.mib, "first_step_s": first_s, "loss0": loss0,
+           "loss_last": loss.item(), "step_ms_all": [round(t * 1e3, 1) for t in times]}
+    if queued:  # the synced steps' mean over the queued ones' (means: the queued steps have no fastest)
+        row["sync_cost"] = sum(times) / len(times) / (queued_s / queued) - 1
+    return row
 
 
 class Budget:
@@ -767,6 +775,8 @@ def main(argv=None) -> None:
     p.add_argument("--cache_dir", default=CACHE_DIR, help="where the synthetic corpus is kept between runs")
     p.add_argument("--warmup", type=int, default=3, help="untimed training steps, the first compiles (default 3)")
     p.add_argument("--steps", type=int, default=10, help="timed training steps (default 10)")
+    p.add_argument("--queued_steps", type=int, help="training steps also timed back to back without a sync between "
+                   "them, for the per-step sync's cost (default: --steps on a GPU, none on a CPU)")
     p.add_argument("--rounds", type=int, help="alternating timing rounds of ours and HF's training step, the "
                                               "fastest kept (default: 2 on CPU, 1 on GPU)")
     p.add_argument("--allocator", default="as_run", choices=["as_run", "kept", "default"],

@@ -17,7 +17,7 @@ def test_benchmark_runs_every_gpu_part_and_compares_like_with_like(tmp_path):
     (the same first loss, eager and compiled, and the same greedy tokens), so its timings compare like with like."""
     proc = subprocess.run([sys.executable, BENCH, "--size", "tiny", "--steps", "2", "--warmup", "1", "--rounds", "1",
                            "--gen_reps", "1", "--new_tokens", "8", "--deterministic", "--time_budget", "0",
-                           "--vocab_size", "300", "--out", str(tmp_path)],
+                           "--queued_steps", "2", "--vocab_size", "300", "--out", str(tmp_path)],
                           capture_output=True, text=True, timeout=1200)  # 20 minutes: compiles from a cold cache
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     [path] = tmp_path.glob("*-tiny-vocab300-*.json")
@@ -31,6 +31,7 @@ def test_benchmark_runs_every_gpu_part_and_compares_like_with_like(tmp_path):
     assert abs(train[("ours", 0)]["loss0"] - math.log(300)) < 0.1  # the vocabulary asked for, not tiny's 512
     assert all(abs(r["loss0"] - train[("ours", 0)]["loss0"]) < 1e-5 for r in train.values())
     assert all(abs(r["loss_last"] - train[("ours", 0)]["loss_last"]) < 1e-3 for r in train.values())  # 3 AdamW steps
+    assert all(-1 < r["sync_cost"] < 10 for r in train.values())  # the same steps queued without syncs, timed too
     floor = train[("hf", 0)]["floor_pieces_ms"]  # 3 products of each of 5 matrices, and attention; 1 floor per batch
     assert len(floor) == 16 and min(floor.values()) > 0
     assert all(abs(r["floor_ms"] - sum(floor.values())) < 0.1 for r in train.values())  # (the parts are rounded)
