@@ -21,7 +21,7 @@ import sys
 import torch
 
 from standalone_transformer_lm import (HelpFormatter, ModelConfig, Parser, Transformer, UserError, file_sha256,
-                                      load_tensors, load_tokenizer, require_file)
+                                      load_tensors, load_tokenizer, model_with_weights, require_file)
 
 try:  # the trainer runs without these (the guide's first install is torch, sentencepiece, tqdm and numpy)
     from safetensors.torch import save_file
@@ -63,9 +63,9 @@ def load_our_model(path: str) -> tuple[Transformer, str | None]:
     else:
         raise UserError(f"{path!r} holds neither a training checkpoint nor a state_dict. HINT: pass ckpt_last.pt, "
                         f"ckpt_best.pt or pytorch_model.bin written by `train`")
-    model = Transformer(ModelConfig.from_dict(cfg))
+    cfg = ModelConfig.from_dict(cfg)
     try:
-        model.load_state_dict(state, strict=True)
+        model = model_with_weights(cfg, state)
     except RuntimeError as e:
         raise UserError(f"the weights in {path!r} do not match its model config: {str(e).splitlines()[0]}") from None
     return model.eval(), sha
@@ -196,8 +196,7 @@ def max_logit_diff(folder: str, model: Transformer, ids: torch.Tensor) -> float:
     with open(os.path.join(folder, "config.json"), encoding="utf-8") as f:
         saved = DTYPES.get(json.load(f).get("dtype"), torch.float32)
     hf = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
-    ref = Transformer(model.cfg).eval()
-    ref.load_state_dict({k: v.to(saved).float() for k, v in model.state_dict().items()}, strict=True)
+    ref = model_with_weights(model.cfg, {k: v.to(saved).float() for k, v in model.state_dict().items()}).eval()
     theirs, ours = hf(ids).logits, ref(ids)[0]
     if theirs.shape != ours.shape:
         raise VerificationError(f"{folder!r} gives logits of shape {tuple(theirs.shape)}, our checkpoint "
