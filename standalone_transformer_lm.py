@@ -683,6 +683,9 @@ class Linear(nn.Linear):
         super().__init__(d_in, d_out, bias=False)
         self.packed, self.packed_rows = None, 0
 
+    def reset_parameters(self):  # nn.Linear's own draw, which init_weights() replaced: 4.3 of 11.5 s at 700m on 2 cores
+        pass
+
     def forward(self, x):
         if torch.compiler.is_compiling() or self.packed is None:  # (a compiled step plans its own products)
             return F.linear(x, self.weight)
@@ -786,7 +789,7 @@ class Transformer(nn.Module):
     def __init__(self, cfg: ModelConfig, dropout: float = 0.0):
         super().__init__()
         self.cfg = cfg
-        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.d_model, _weight=torch.empty(cfg.vocab_size, cfg.d_model))
         self.dropout = nn.Dropout(dropout) if dropout else nn.Identity()
         self.layers = nn.ModuleList(Block(cfg, dropout) for _ in range(cfg.n_layer))
         self.norm = RMSNorm(cfg.d_model, cfg.norm_eps)
@@ -802,6 +805,7 @@ class Transformer(nn.Module):
     def init_weights(self):
         # GPT-2 / LLaMA-style: N(0, 0.02) everywhere, the two projections that write into the residual stream scaled
         # down by sqrt(2 * n_layer) so the stream's variance does not grow with depth; norms start at one (RMSNorm).
+        # Drawn here only: Linear and the embedding (given an empty weight) skip their modules' own draws.
         std = 0.02
         nn.init.normal_(self.embed_tokens.weight, std=std)
         if not self.cfg.tie_embeddings:
