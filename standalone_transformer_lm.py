@@ -925,15 +925,16 @@ def cpu_state_dict(module: nn.Module) -> dict:
     return {k: copies.setdefault(v.data_ptr(), v.detach().cpu()) for k, v in module.state_dict().items()}
 
 
-def model_with_weights(cfg: ModelConfig, state: dict, dropout: float = 0.0) -> Transformer:
+def model_with_weights(cfg: ModelConfig, state: dict, dropout: float = 0.0, device="cpu") -> Transformer:
     """A model holding saved weights, built without first drawing random ones to overwrite (at 700m, 14 s of a 15 s
-    load on 2 CPU cores). A tied matrix stays one parameter; the RoPE tables are computed, as they are not saved."""
+    load on 2 CPU cores), in the device's memory from the start (on a GPU, no copy of the weights in host memory per
+    process). A tied matrix stays one parameter; the RoPE tables are computed, as they are not saved."""
     with torch.device("meta"):
         model = Transformer(cfg, dropout)
-    model.to_empty(device="cpu")  # new parameter objects, so a tie is made again
+    model.to_empty(device=device)  # new parameter objects, so a tie is made again
     if cfg.tie_embeddings:
         model.lm_head.weight = model.embed_tokens.weight
-    model.rope_cos, model.rope_sin = rope_tables(cfg)
+    model.rope_cos, model.rope_sin = (t.to(device) for t in rope_tables(cfg))
     model.load_state_dict(state, strict=True)
     return model
 
@@ -1231,7 +1232,7 @@ def train(tc: TrainConfig, args, device: torch.device, rank: int, world: int, he
         # Not warn_only: with it, flash and memory-efficient attention keep their backward with atomics (and warn)
         torch.use_deterministic_algorithms(True)
     torch.manual_seed(tc.seed)  # same initial weights on every rank and every device
-    raw_model = model_with_weights(cfg, ckpt["model"], tc.dropout) if ckpt else Transformer(cfg, tc.dropout)
+    raw_model = model_with_weights(cfg, ckpt["model"], tc.dropout, device) if ckpt else Transformer(cfg, tc.dropout)
     raw_model.to(device)
     torch.manual_seed(tc.seed + rank)  # then each rank draws its own dropout masks, as it reads its own rows
     optimizer = make_optimizer(raw_model, tc.lr, tc.weight_decay, device)
@@ -1434,7 +1435,8 @@ def for_sampling(model: Transformer, device: torch.device, dtype: torch.dtype) -
 
 def model_from_checkpoint(path: str, device: torch.device, dtype: torch.dtype) -> Transformer:
     ckpt = load_checkpoint(path)
-    return for_sampling(model_with_weights(ModelConfig.from_dict(ckpt["model_config"]), ckpt["model"]), device, dtype)
+    model = model_with_weights(ModelConfig.from_dict(ckpt["model_config"]), ckpt["model"], device=device)
+    return for_sampling(model, device, dtype)
 
 
 def sample_next(logits: torch.Tensor, seen: torch.Tensor, temperature: float, top_k: int, top_p: float,

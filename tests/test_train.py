@@ -230,8 +230,8 @@ def test_a_new_model_draws_each_weight_once(tie):
 @pytest.mark.parametrize("tie", [0, 1])
 def test_a_model_built_from_saved_weights_is_the_saved_model_without_drawing_new_ones(tie):
     """Resume, generate and convert build the model straight from the saved weights (no random initialisation to
-    overwrite: 14 of 15 s at 700m on 2 cores): the same logits, a tied matrix still one parameter, the RoPE tables
-    (not saved) computed, and no random numbers drawn."""
+    overwrite: 14 of 15 s at 700m on 2 cores), on the device that runs it: the same logits, a tied matrix still one
+    parameter, the RoPE tables (not saved) computed, and no random numbers drawn."""
     cfg = lm.ModelConfig(**lm.PRESETS["tiny"], vocab_size=320, tie_embeddings=tie)
     saved = lm.Transformer(cfg).eval()
     rng = torch.get_rng_state()
@@ -242,6 +242,12 @@ def test_a_model_built_from_saved_weights_is_the_saved_model_without_drawing_new
     x = torch.randint(0, cfg.vocab_size, (2, cfg.seq_len))
     with torch.no_grad():
         assert torch.equal(model(x)[0], saved(x)[0])
+    with warnings.catch_warnings():  # ("copying into a meta parameter is a no-op")
+        warnings.simplefilter("ignore")
+        elsewhere = lm.model_with_weights(cfg, lm.cpu_state_dict(saved), device="meta")
+    tensors = itertools.chain(elsewhere.parameters(), elsewhere.buffers())
+    assert {t.device.type for t in tensors} == {"meta"}  # the RoPE tables too
+    assert (elsewhere.lm_head.weight is elsewhere.embed_tokens.weight) == bool(tie)
 
 
 def test_compiled_deterministic_run_resumes_bit_identically_and_exports_clean_files(docs_data, tmp_path):
