@@ -1345,7 +1345,7 @@ def train(tc: TrainConfig, args, device: torch.device, rank: int, world: int, he
     bar = tqdm(total=tc.max_steps, initial=step, desc="train", unit="step", mininterval=1.0,
                disable=rank != 0 or not sys.stderr.isatty())  # no bar in log files
     x, y = train_data.get(step, rows(0), device)
-    t_log, steps_since_log = time.time(), 0
+    t_log, steps_since_log, first_step = time.time(), 0, step
     try:
         while step < tc.max_steps:
             lr = lr_at(step, tc.lr, min_lr, tc.warmup_steps, tc.max_steps)
@@ -1413,6 +1413,8 @@ def train(tc: TrainConfig, args, device: torch.device, rank: int, world: int, he
                 t_save = time.time()
                 save(["ckpt_last.pt", "ckpt_best.pt"] if new_best else ["ckpt_last.pt"])
                 t_log += time.time() - t_save  # the log's ms/step and MFU time training steps, not saves (nor evals)
+            if step == first_step + 1:  # nor this process's first step, which compiles and warms up (unless logged)
+                t_log, steps_since_log = time.time(), 0
             if stop_votes:
                 print0(f"stopped by signal at step {step:,}; {tc.out_dir}/ckpt_last.pt saved. Run the same command "
                        f"to resume.")

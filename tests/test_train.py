@@ -117,16 +117,28 @@ def test_an_overflowing_fp16_step_logs_a_grad_norm_that_strict_json_reads(docs_d
     assert [r["step"] for r in rows] == [5] and rows[0]["grad_norm"] is None
 
 
-def test_logged_step_times_leave_out_checkpoint_saves(docs_data, tmp_path, monkeypatch):
-    clock, save = [0.0], lm.save_checkpoint  # a save that takes 100 s by the clock train() reads, which otherwise
-    calls = itertools.count()  # moves 1 us a call: a step's real duration, however slow the machine, does not count
+@pytest.mark.parametrize("resumed", [0, 1])
+def test_logged_step_times_leave_out_checkpoint_saves_and_the_first_step(docs_data, tmp_path, monkeypatch, resumed):
+    """ms/step, tokens/s and MFU time training steps: not the saves, nor a process's first step, which compiles (a
+    minute or more on a GPU), in a new run and in a resumed one alike."""
+    if resumed:
+        lm.main(["train", *train_args(tmp_path / "run", docs_data, max_steps=5, log_interval=5, save_interval=5)])
+    # By the clock train() reads, a step takes 1 us a call to it (the machine's real speed does not count), a save
+    # 100 s, and the first step 100 s more
+    clock, calls, first = [0.0], itertools.count(), [100.0]
+    save, clip = lm.save_checkpoint, torch.nn.utils.clip_grad_norm_
     monkeypatch.setattr(time, "time", lambda: clock[0] + next(calls) * 1e-6)
     monkeypatch.setattr(lm, "save_checkpoint", lambda *a: (save(*a), clock.__setitem__(0, clock[0] + 100.0)))
+
+    def slow_first(*a):
+        clock[0] += first.pop() if first else 0.0
+        return clip(*a)
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", slow_first)
     lm.main(["train", *train_args(tmp_path / "run", docs_data, max_steps=20, log_interval=5, save_interval=5,
                                   eval_interval=10)])
     rows = metrics(tmp_path / "run")
-    assert [r["step"] for r in rows] == [5, 10, 15, 20] and clock[0] == 400  # a save at every logged step
-    assert max(r["ms_per_step"] for r in rows) < 1000, rows  # a save counted would add 20,000 ms to its window
+    assert [r["step"] for r in rows] == [5, 10, 15, 20] and clock[0] == 100 + 100 * (4 - resumed)  # a save a log
+    assert max(r["ms_per_step"] for r in rows[resumed:]) < 1000, rows  # either counted: 20,000 ms more
 
 
 @pytest.mark.parametrize("bad_step", [1, 3])
