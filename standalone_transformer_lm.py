@@ -1369,12 +1369,14 @@ def train(tc: TrainConfig, args, device: torch.device, rank: int, world: int, he
                 stop.requested = True
                 print(f"rank {rank}: torchrun is gone; saving at the end of this step", file=sys.stderr, flush=True)
             # One small all-reduce and one host sync per step: every rank then agrees on stopping (signal or a
-            # non-finite loss) before the optimizer step. The grad norm is the same on every rank after DDP.
-            flags = torch.stack([loss_sum.float(), grad_norm.float(), torch.tensor(float(stop.requested),
-                                                                               device=device)])
+            # non-finite loss) before the optimizer step. The grad norm is the same on every rank after DDP. (No
+            # tensor made from host values here: a blocking copy to a GPU waits for its queue, a sync of its own.)
+            flags = torch.stack([loss_sum.float(), grad_norm.float(), torch.full((), float(stop.requested),
+                                                                             device=device)])
             if ddp:
                 dist.all_reduce(flags)
-            loss_val, norm_val, stop_votes = (flags / torch.tensor([world, world, 1.0], device=device)).tolist()
+            loss_sum_all, norm_sum, stop_votes = flags.tolist()
+            loss_val, norm_val = loss_sum_all / world, norm_sum / world
             if not math.isfinite(loss_val) or (not scaler.is_enabled() and not math.isfinite(norm_val)):
                 kept = (f"{last_path} is as it was. HINT: resume" if os.path.exists(last_path)
                         else "nothing was saved yet. HINT: start again")
