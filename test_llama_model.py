@@ -31,7 +31,8 @@ def run(args) -> None:
     device = "cuda" if torch.cuda.is_available() else "cpu"
     try:
         tok = AutoTokenizer.from_pretrained(args.folder)
-        model = AutoModelForCausalLM.from_pretrained(args.folder).to(device).eval()  # in the dtype it was saved in
+        # in the dtype it was saved in; no kernels from the Hub (transformers 5.25's default), so it runs offline
+        model = AutoModelForCausalLM.from_pretrained(args.folder, use_kernels=False).to(device).eval()
     except Exception as e:  # a missing or torn file: transformers and safetensors raise many kinds
         raise UserError(f"{args.folder!r} does not load with transformers ({type(e).__name__}: "
                         f"{(str(e).strip().splitlines() or [''])[0][:200]}). HINT: convert it again") from None

@@ -315,6 +315,24 @@ def test_test_llama_model_generates_and_compares(converted, tmp_path):
     assert r.returncode == 1 and r.stderr.splitlines()[-1].startswith("error:"), r.stderr
 
 
+def test_the_check_and_test_llama_model_need_no_kernels_from_the_hub(converted, tmp_path, monkeypatch):
+    """From version 5.25, transformers' from_pretrained swaps in kernels fetched from the Hub unless told not to: a GPU
+    node without network, or without the `kernels` package, must not stop `--verify` or test_llama_model.py. Here
+    from_pretrained acts as 5.25 does where those kernels cannot be had."""
+    import test_llama_model as T
+    load = AutoModelForCausalLM.from_pretrained.__func__
+
+    def like_5_25_without_kernels(cls, *args, use_kernels=None, **kwargs):
+        if use_kernels is not False:
+            raise ValueError("Kernels are not available. Please install a compatible version")
+        return load(cls, *args, use_kernels=use_kernels, **kwargs)
+    monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", classmethod(like_5_25_without_kernels))
+    run_dir, _ = converted
+    out = convert(run_dir, tmp_path / "hf", "--verify")
+    r = run_main(str(out), "--ckpt", str(run_dir / "ckpt_last.pt"), "--max_new_tokens", "4", main=T.main)
+    assert r.returncode == 0 and "greedy : The sun is" in r.stdout and "largest logit difference" in r.stdout, r.stderr
+
+
 @pytest.mark.parametrize("script, missing, args", [
     ("convert_to_llama.py", "safetensors", ["--ckpt", "run/ckpt_last.pt", "--out", "hf_new"]),
     ("convert_to_llama.py", "tokenizers", ["--ckpt", "run/ckpt_last.pt", "--out", "hf_new"]),
