@@ -195,9 +195,12 @@ def max_logit_diff(folder: str, model: Transformer, ids: torch.Tensor) -> float:
     from transformers import AutoModelForCausalLM
     with open(os.path.join(folder, "config.json"), encoding="utf-8") as f:
         saved = DTYPES.get(json.load(f).get("dtype"), torch.float32)
-    # Plain transformers code: from version 5.25 it would otherwise swap in kernels fetched from the Hub, which needs
-    # the network (many GPU nodes have none) and checks their code, not the folder's
-    hf = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, use_kernels=False).eval()
+    try:  # plain transformers code: from version 5.25 it would otherwise swap in kernels fetched from the Hub, which
+        # needs the network (many GPU nodes have none) and checks their code, not the folder's
+        hf = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, use_kernels=False).eval()
+    except Exception as e:  # transformers and safetensors raise many kinds
+        raise VerificationError(f"transformers cannot load {folder!r} ({type(e).__name__}: "
+                                f"{(str(e).strip().splitlines() or [''])[0][:200]})") from None
     ref = model_with_weights(model.cfg, {k: v.to(saved).float() for k, v in model.state_dict().items()}).eval()
     theirs, ours = hf(ids).logits, ref(ids)[0]
     if theirs.shape != ours.shape:

@@ -318,7 +318,7 @@ def test_test_llama_model_generates_and_compares(converted, tmp_path):
 def test_the_check_and_test_llama_model_need_no_kernels_from_the_hub(converted, tmp_path, monkeypatch):
     """From version 5.25, transformers' from_pretrained swaps in kernels fetched from the Hub unless told not to: a GPU
     node without network, or without the `kernels` package, must not stop `--verify` or test_llama_model.py. Here
-    from_pretrained acts as 5.25 does where those kernels cannot be had."""
+    from_pretrained acts as 5.25 does where those kernels cannot be had, then as a transformers that loads nothing."""
     import test_llama_model as T
     load = AutoModelForCausalLM.from_pretrained.__func__
 
@@ -331,6 +331,11 @@ def test_the_check_and_test_llama_model_need_no_kernels_from_the_hub(converted, 
     out = convert(run_dir, tmp_path / "hf", "--verify")
     r = run_main(str(out), "--ckpt", str(run_dir / "ckpt_last.pt"), "--max_new_tokens", "4", main=T.main)
     assert r.returncode == 0 and "greedy : The sun is" in r.stdout and "largest logit difference" in r.stdout, r.stderr
+    # and where transformers cannot load a folder at all, --verify says so in one line and writes nothing
+    monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", classmethod(lambda cls, *a, **k: 1 / 0))
+    r = run_main("--ckpt", str(run_dir / "ckpt_last.pt"), "--out", str(tmp_path / "hf2"), "--verify", main=C.main)
+    assert r.returncode == 1 and "Traceback" not in r.stderr and not (tmp_path / "hf2").exists(), r.stderr
+    assert r.stderr.strip().endswith("(ZeroDivisionError: division by zero)") and "cannot load" in r.stderr
 
 
 @pytest.mark.parametrize("script, missing, args", [
