@@ -1488,6 +1488,8 @@ def generate(model: Transformer, prompt: list[int], max_new_tokens: int, tempera
     generator = torch.Generator(device).manual_seed(seed) if seed is not None else None
     seen = torch.zeros(num_samples, cfg.vocab_size, dtype=torch.bool, device=device)
     seen[:, prompt] = True
+    step_pos = torch.zeros(1, dtype=torch.long, device=device)  # filled on the device: a tensor made from a host value
+    # each step would be a blocking copy to a GPU, a sync of its own beside the one that reads the new tokens
     model.lay_out_for_decoding(num_samples)
     try:
         logits = model(torch.tensor([prompt], device=device), pos=torch.arange(len(prompt), device=device))[0]
@@ -1509,7 +1511,7 @@ def generate(model: Transformer, prompt: list[int], max_new_tokens: int, tempera
             if on_token:
                 on_token(out[0])
             if t + 1 < len(prompt) + max_new_tokens:  # not for the last token: nothing samples from its logits
-                logits = decode_step(next_id, pos=torch.tensor([t], device=device))[0]
+                logits = decode_step(next_id, pos=step_pos.fill_(t))[0]
     finally:
         model.lay_out_for_decoding(0)  # its memory back
     return out
