@@ -859,7 +859,8 @@ class Transformer(nn.Module):
 
     def vocab_blocks(self) -> torch.Tensor | None:
         """lm_head's weight viewed as (blocks, d_model, vocab_size / blocks); None when the vocabulary has no 4."""
-        blocks = math.gcd(self.cfg.vocab_size, 32)
+        # gcd(vocab_size, 32) as its lowest set bit: torch 2.15 cannot compile math.gcd on Python 3.15 (math.integer)
+        blocks = min(self.cfg.vocab_size & -self.cfg.vocab_size, 32)
         return self.lm_head.weight.view(blocks, -1, self.cfg.d_model).transpose(1, 2) if blocks >= 4 else None
 
     def lay_out_for_decoding(self, rows: int) -> None:
@@ -1766,7 +1767,8 @@ def main(argv=None) -> None:
     except OSError as e:  # the machine's, not ours: permissions, a full disk, a vanished mount
         print(f"error: {e}. HINT: check the path, its permissions and the free space", file=sys.stderr)
         sys.exit(2)
-    except torch._dynamo.exc.BackendCompilerFailed as e:  # no C++ compiler (CPU), a GPU that Triton does not support
+    except (torch._dynamo.exc.BackendCompilerFailed, torch._dynamo.exc.Unsupported) as e:  # no C++ compiler (CPU),
+        # a GPU that Triton does not support, code that this torch cannot compile whole (generate's decode step)
         reason = next((line for line in str(e).splitlines() if line.strip() and not line.endswith("raised:")), "")
         print(f"error: torch.compile failed: {reason}. HINT: run with --compile 0 (the same model, slower)",
               file=sys.stderr)

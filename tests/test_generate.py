@@ -245,6 +245,20 @@ def test_a_failing_compile_is_one_error_line_with_the_fix(trained, docs_data, tm
     assert proc.stderr.startswith("compiling the decode step: the first new token waits for it\n")  # said before
 
 
+def test_a_decode_step_the_compiler_cannot_take_whole_is_one_error_line(trained, monkeypatch):
+    # as torch 2.15 on Python 3.15 met math.gcd in the output layer: dynamo refuses a break in a fullgraph compile
+    output_layer = lm.Transformer.output_layer
+
+    def with_a_break(self, x):
+        if torch.compiler.is_compiling():
+            torch._dynamo.graph_break()
+        return output_layer(self, x)
+    monkeypatch.setattr(lm.Transformer, "output_layer", with_a_break)
+    proc = run_main("generate", "--ckpt", trained / "ckpt_last.pt", "--prompt", "The", "--num_samples", 2,
+                    "--max_new_tokens", 3, "--compile", 1)
+    assert_user_error(proc, "torch.compile failed", "--compile 0")
+
+
 def test_output_closed_early_is_one_line_not_a_disk_error(trained):
     # `generate ... | head -c 20`: the reader goes away, here before the first token is written
     proc = subprocess.Popen([sys.executable, SCRIPT, "generate", "--ckpt", trained / "ckpt_last.pt", "--prompt", "The",
