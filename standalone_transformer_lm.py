@@ -660,9 +660,12 @@ class RMSNorm(nn.Module):
 
 
 def rope_tables(cfg: ModelConfig) -> tuple[torch.Tensor, torch.Tensor]:
-    # numpy, in float64, each table rounded once to float32: torch's CPU pow and cos gave other last bits in their first
-    # call of some processes (1 in 6 to 1 in 40), so two runs of one command trained apart. Angles as HF's products.
-    inv_freq = (1.0 / cfg.rope_theta ** (np.arange(0, cfg.head_dim, 2) / cfg.head_dim)).astype(np.float32)
+    # numpy, each value rounded once to float32 from float64: torch's CPU pow and cos gave other last bits in their
+    # first call of some processes (1 in 6 to 1 in 40), so two runs of one command trained apart. Rounded where HF
+    # LLaMA's float32 arithmetic rounds (exponent, power, reciprocal, angle), so that its angles are ours: frequencies
+    # rounded once were a last bit off in 10 of 32 at head_dim 64, and HF's logits drifted from ours with the position.
+    exponent = (np.arange(0, cfg.head_dim, 2, dtype=np.float32) / np.float32(cfg.head_dim)).astype(np.float64)
+    inv_freq = np.float32(1) / (np.float64(np.float32(cfg.rope_theta)) ** exponent).astype(np.float32)
     freqs = np.outer(np.arange(cfg.seq_len, dtype=np.float32), inv_freq)  # (T, head_dim/2) float32
     emb = np.concatenate((freqs, freqs), axis=-1).astype(np.float64)  # (T, head_dim): pairs i, i + head_dim/2
     return torch.from_numpy(np.cos(emb).astype(np.float32)), torch.from_numpy(np.sin(emb).astype(np.float32))

@@ -29,6 +29,7 @@ ARCHS = {
     "gqa-tied": dict(n_kv_head=2, tie_embeddings=1, rope_theta=500000.0, norm_eps=1e-6),  # int, as `train` may store it
     "head_dim-not-d_model/n_head": dict(head_dim=32),
     "n_head-not-dividing-d_model": dict(n_head=6, n_kv_head=3, head_dim=16),  # written as Mistral, see hf_config
+    "long-context": dict(seq_len=4096, head_dim=64, n_head=1),  # the RoPE angles of the last positions too
 }
 
 
@@ -98,6 +99,10 @@ def test_transformers_model_matches_ours(tmp_path, spm_path, sp, arch):
     ids = torch.randint(0, VOCAB, (3, c.seq_len), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         assert (ours(ids)[0] - hf(ids).logits).abs().max().item() < 1e-4
+        # HF's RoPE angles are ours: its cos and sin (torch's float32 ones) differ only in their last bit
+        cos, sin = hf.model.rotary_emb(ids[:, :, None].float(), torch.arange(c.seq_len)[None])
+        assert torch.allclose(cos[0], ours.rope_cos, rtol=0, atol=2e-7) and torch.allclose(sin[0], ours.rope_sin,
+                                                                                          rtol=0, atol=2e-7)
 
     prompt = [sp.bos_id()] + sp.encode("The sun is")
     mine = S.generate(ours, prompt, 30, eos_id=sp.eos_id())[0]  # stops before eos

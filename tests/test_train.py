@@ -312,9 +312,13 @@ def test_lr_schedule_and_which_parameters_decay():
 
 def test_rope_tables_are_cos_and_sin_rounded_once_from_float64():
     """The same command must build the same tables in every process: torch's pow and cos on a CPU gave other last bits
-    in their first call of some processes, and two otherwise identical runs then trained apart."""
+    in their first call of some processes, and two otherwise identical runs then trained apart. The angles are HF
+    LLaMA's float32 ones: its exponent, power, reciprocal and angle each rounded to float32 (tests/test_convert.py
+    compares with its tables)."""
     cfg = lm.ModelConfig(**lm.PRESETS["tiny"], vocab_size=300)
-    inv_freq = torch.tensor([1.0 / cfg.rope_theta ** (i / cfg.head_dim) for i in range(0, cfg.head_dim, 2)])
+    f32 = np.float32
+    inv_freq = torch.tensor([f32(1) / f32(cfg.rope_theta ** float(f32(i) / f32(cfg.head_dim)))
+                             for i in range(0, cfg.head_dim, 2)])
     angles = torch.outer(torch.arange(cfg.seq_len, dtype=torch.float32), inv_freq).repeat(1, 2).double().tolist()
     cos, sin = lm.rope_tables(cfg)
     assert torch.equal(cos, torch.tensor([[math.cos(a) for a in row] for row in angles], dtype=torch.float32))
