@@ -150,6 +150,10 @@ def atomic_write(path: str, write_fn, link_from: str | None = None) -> None:
             folder = os.open(os.path.dirname(tmp), os.O_RDONLY)
             os.fsync(folder)
             os.close(folder)
+    except RuntimeError as e:  # torch.save's archive writer reports a failed write (a full disk) as an error of its own
+        if isinstance(e.__context__, OSError):
+            raise OSError(e.__context__.errno, e.__context__.strerror, path) from None
+        raise
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)

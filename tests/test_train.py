@@ -1,6 +1,8 @@
 import argparse
 import contextlib
 import dataclasses
+import errno
+import io
 import itertools
 import json
 import math
@@ -617,6 +619,32 @@ def test_out_of_gpu_memory_is_one_line_with_the_fix_and_keeps_the_checkpoint(doc
     assert err[0].startswith("error: out of GPU memory at --batch_size 4 (Tried to allocate 2.00 GiB)"), err
     assert "halve --batch_size and double --grad_accum_steps" in err[0]
     assert (tmp_path / "run" / "ckpt_last.pt").read_bytes() == before
+
+
+def test_a_full_disk_while_saving_is_one_error_line_and_keeps_the_checkpoint(docs_data, tmp_path, monkeypatch):
+    run_main("train", *train_args(tmp_path / "run", docs_data, max_steps=2), check=True)
+    before = (tmp_path / "run" / "ckpt_last.pt").read_bytes()
+
+    class FullDisk(io.RawIOBase):  # takes 4 kB, then fails as a full disk does
+        def __init__(self, f):
+            self.f, self.left = f, 4096
+
+        def writable(self):
+            return True
+
+        def write(self, b):
+            if len(b) > self.left:
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+            self.left -= len(b)
+            return self.f.write(b)
+
+    save = torch.save
+    monkeypatch.setattr(torch, "save", lambda obj, f: save(obj, FullDisk(f)))
+    proc = run_main("train", *train_args(tmp_path / "run", docs_data, max_steps=4))
+    assert_user_error(proc, "No space left on device", "ckpt_last.pt", "HINT: check the path, its permissions and the "
+                                                                        "free space")
+    assert (tmp_path / "run" / "ckpt_last.pt").read_bytes() == before
+    assert not [p for p in os.listdir(tmp_path / "run") if ".tmp" in p]
 
 
 def test_a_gpu_that_torch_cannot_use_is_an_error_not_a_run_on_the_cpu(tmp_path, monkeypatch, capsys):
