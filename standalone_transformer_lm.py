@@ -976,7 +976,7 @@ def load_checkpoint(path: str, hint: str = "pass the ckpt_last.pt or ckpt_best.p
     return ckpt
 
 
-def save_checkpoint(out_dir: str, names: list[str], ckpt: dict, tokenizer_path: str) -> None:
+def save_checkpoint(out_dir: str, names: list[str], ckpt: dict, tokenizer: bytes) -> None:
     """Rank 0 only: ckpt_*.pt files, then the export (pytorch_model.bin, config.json, tokenizer.model). A new best
     checkpoint is the last one: ckpt_best.pt becomes a hard link to ckpt_last.pt's bytes, which a later save of
     ckpt_last.pt (a new file renamed over it) leaves as they are."""
@@ -987,9 +987,7 @@ def save_checkpoint(out_dir: str, names: list[str], ckpt: dict, tokenizer_path: 
     atomic_write(os.path.join(out_dir, "pytorch_model.bin"), lambda f: torch.save(ckpt["model"], f))
     atomic_write_json(os.path.join(out_dir, "config.json"),
                       {"format": CKPT_FORMAT, "step": ckpt["step"], **ckpt["model_config"]})
-    with open(tokenizer_path, "rb") as src:
-        proto = src.read()
-    atomic_write(os.path.join(out_dir, "tokenizer.model"), lambda f: f.write(proto))
+    atomic_write(os.path.join(out_dir, "tokenizer.model"), lambda f: f.write(tokenizer))
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -1124,7 +1122,9 @@ def out_dir_lock(out_dir: str):
         yield
 
 
-def read_meta(data_dir: str) -> dict:
+def read_meta(data_dir: str) -> tuple[dict, bytes]:
+    """meta.json, and the tokenizer it describes: read once, as each save copies it (a prep run since the start may
+    have put another in --data_dir)."""
     path = os.path.join(data_dir, "meta.json")
     hint = f"run `python {beside_me()} prep --text_path corpus.txt --out_dir {data_dir}` first"
     if not os.path.isdir(data_dir):
@@ -1139,7 +1139,9 @@ def read_meta(data_dir: str) -> dict:
     except ValueError as e:  # torn, edited or foreign
         raise UserError(f"{path!r} is not a meta.json that prep wrote ({e}). HINT: {hint}") from None
     # prep renames its files one by one: a kill between two renames leaves a mix of two runs
-    same = file_sha256(os.path.join(data_dir, "tokenizer.model")) == meta["tokenizer_sha256"]
+    with open(os.path.join(data_dir, "tokenizer.model"), "rb") as f:
+        tokenizer = f.read()
+    same = hashlib.sha256(tokenizer).hexdigest() == meta["tokenizer_sha256"]
     itemsize = np.dtype(meta["dtype"]).itemsize
     for split in ("train", "val"):
         tokens = meta.get(split, {}).get("tokens")
@@ -1147,7 +1149,7 @@ def read_meta(data_dir: str) -> dict:
     if not same:
         raise UserError(f"the files in {data_dir!r} are not the ones its meta.json describes (was prep interrupted?)."
                         f" HINT: {hint}")
-    return meta
+    return meta, tokenizer
 
 
 def resolve_model_config(args, vocab_size: int, saved: dict | None) -> ModelConfig:
@@ -1211,7 +1213,7 @@ def train(tc: TrainConfig, args, device: torch.device, rank: int, world: int, he
         ("dropout", 0 <= tc.dropout < 1, "in [0, 1)"), ("lr", tc.lr > 0, "above 0")] + [
         (name, getattr(tc, name) is None or getattr(tc, name) >= 0, "0 or more")
         for name in ("warmup_steps", "min_lr", "weight_decay", "grad_clip", "seed")])
-    meta = read_meta(tc.data_dir)
+    meta, tokenizer = read_meta(tc.data_dir)
     last_path = os.path.join(tc.out_dir, "ckpt_last.pt")
     if not os.path.exists(last_path):  # a new run: a bad model shape is refused before --out_dir is made
         seq_len = resolve_model_config(args, meta["vocab_size"], None).seq_len
@@ -1321,7 +1323,7 @@ def train(tc: TrainConfig, args, device: torch.device, rank: int, world: int, he
                     "scaler": scaler.state_dict(), "step": step, "best_val_loss": best_val,
                     "train_config": dataclasses.asdict(tc), "data": train_data.state_dict(), "rng": states,
                     "tokenizer_sha256": meta["tokenizer_sha256"]}
-            save_checkpoint(tc.out_dir, names, ckpt, os.path.join(tc.data_dir, "tokenizer.model"))
+            save_checkpoint(tc.out_dir, names, ckpt, tokenizer)
         if ddp:
             dist.barrier()
 
@@ -1445,10 +1447,11 @@ def for_sampling(model: Transformer, device: torch.device, dtype: torch.dtype) -
     return model
 
 
-def model_from_checkpoint(path: str, device: torch.device, dtype: torch.dtype) -> Transformer:
+def model_from_checkpoint(path: str, device: torch.device, dtype: torch.dtype) -> tuple[Transformer, str]:
+    """The model, and the sha256 of the tokenizer it was trained with (None when unknown)."""
     ckpt = load_checkpoint(path)
     model = model_with_weights(ModelConfig.from_dict(ckpt["model_config"]), ckpt["model"], device=device)
-    return for_sampling(model, device, dtype)
+    return for_sampling(model, device, dtype), ckpt.get("tokenizer_sha256")
 
 
 def sample_next(logits: torch.Tensor, seen: torch.Tensor, temperature: float, top_k: int, top_p: float,
@@ -1595,12 +1598,15 @@ def cmd_generate(args) -> list[str]:
                        ("repetition_penalty", args.repetition_penalty > 0, "above 0 (1 = off)")])
     device = resolve_device(args.device)
     settle_cpu(device)
-    model = model_from_checkpoint(args.ckpt, device, resolve_dtype("auto", device))
+    model, trained_sha = model_from_checkpoint(args.ckpt, device, resolve_dtype("auto", device))
     spm_path = args.spm or os.path.join(os.path.dirname(os.path.abspath(args.ckpt)), "tokenizer.model")
     sp = load_tokenizer(spm_path)
     if sp.vocab_size() != model.cfg.vocab_size:
         raise UserError(f"tokenizer {spm_path!r} has {sp.vocab_size()} tokens but the model has "
                         f"{model.cfg.vocab_size}. HINT: pass the tokenizer.model the model was trained with (--spm)")
+    if trained_sha and file_sha256(spm_path) != trained_sha:  # same size, other pieces: the text would come out as nonsense
+        raise UserError(f"tokenizer {spm_path!r} is not the one {args.ckpt!r} was trained with (sha256 differs). "
+                        f"HINT: pass the tokenizer.model of the data folder it was trained on (--spm)")
     prompt = [BOS_ID] + sp.encode(args.prompt)
     if len(prompt) >= model.cfg.seq_len:
         raise UserError(f"the prompt is {len(prompt)} tokens, the model's context is {model.cfg.seq_len}. HINT: "

@@ -294,6 +294,11 @@ def test_cli_generate_refuses_bad_input(trained, docs_corpus, tmp_path):
     lm.prep(str(docs_corpus), str(tmp_path / "other"), vocab_size=500, num_workers=1, progress=False)
     assert_user_error(run_main("generate", "--ckpt", ckpt, "--spm", tmp_path / "other" / "tokenizer.model"),
                       "has 500 tokens but the model has 1000")
+    lm.prep(str(docs_corpus), str(tmp_path / "same_size"), vocab_size=1000, sample_lines=500, num_workers=1,
+            progress=False)  # another sample of lines: other pieces, the same count
+    other = tmp_path / "same_size" / "tokenizer.model"
+    assert lm.file_sha256(str(other)) != lm.file_sha256(str(trained / "tokenizer.model"))
+    assert_user_error(run_main("generate", "--ckpt", ckpt, "--spm", other), "is not the one", "was trained with")
     assert_user_error(run_main("generate", "--ckpt", ckpt, "--prompt", "word " * 200),
                       "context is 64", "shorten the prompt")
     assert_user_error(run_main("generate", "--ckpt", tmp_path / "missing.pt"), "does not exist")

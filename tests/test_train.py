@@ -169,7 +169,7 @@ def test_grad_clip_is_applied_and_a_non_finite_grad_norm_stops_a_float32_run(doc
 def test_val_loss_is_measured_without_dropout_and_only_a_lower_one_is_a_new_best(docs_data, tmp_path):
     run = tmp_path / "run"
     lm.main(["train", *train_args(run, docs_data, max_steps=10, eval_interval=10, save_interval=10, dropout=0.5)])
-    model = lm.model_from_checkpoint(str(run / "ckpt_last.pt"), torch.device("cpu"), torch.float32)
+    model, _ = lm.model_from_checkpoint(str(run / "ckpt_last.pt"), torch.device("cpu"), torch.float32)
     val = lm.Batches(str(docs_data / "val.bin"), np.uint16, model.cfg.seq_len, 1337 + 1, global_batch=4)
     x, y = val.get(0, range(16), torch.device("cpu"))  # --eval_iters 2 x global batch 4 x 2: the windows evaluated
     with torch.no_grad():
@@ -736,7 +736,7 @@ def test_a_new_best_checkpoint_is_linked_not_written_twice(tmp_path, monkeypatch
     def save(names, step):
         ckpt = {"format": lm.CKPT_FORMAT, "version": lm.CKPT_VERSION, "step": step, "model_config": cfg,
                 "model": {"w": torch.full((4,), float(step))}}
-        lm.save_checkpoint(str(tmp_path), names, ckpt, str(tmp_path / "tokenizer.model"))
+        lm.save_checkpoint(str(tmp_path), names, ckpt, (tmp_path / "tokenizer.model").read_bytes())
 
     last, best = tmp_path / "ckpt_last.pt", tmp_path / "ckpt_best.pt"
     save(["ckpt_last.pt", "ckpt_best.pt"], 1)
@@ -778,6 +778,20 @@ def test_resume_refuses_another_architecture_or_tokenizer(docs_corpus, docs_data
     assert run_main("train", *train_args(tmp_path / "run8", docs_data, max_steps=10, n_head=8),
                     check=True).returncode == 0
     assert lm.load_checkpoint(str(last))["step"] == 10
+
+
+def test_each_save_copies_the_tokenizer_the_run_started_with(docs_data, tmp_path, monkeypatch):
+    data = tmp_path / "data"
+    shutil.copytree(docs_data, data)
+    read_meta = lm.read_meta
+
+    def prep_again_after_the_start(data_dir):  # as if `prep` wrote another tokenizer into --data_dir meanwhile
+        meta = read_meta(data_dir)
+        (data / "tokenizer.model").write_bytes(b"another tokenizer")
+        return meta
+    monkeypatch.setattr(lm, "read_meta", prep_again_after_the_start)
+    run_main("train", *train_args(tmp_path / "run", data, max_steps=2), check=True)
+    assert (tmp_path / "run" / "tokenizer.model").read_bytes() == (docs_data / "tokenizer.model").read_bytes()
 
 
 def test_the_schedule_line_counts_epochs_and_a_run_shorter_than_its_warmup_says_so(docs_data, tmp_path):
