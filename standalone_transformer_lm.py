@@ -466,8 +466,9 @@ def tokenizer_sample(text_path: str, size: int, sample_lines: int, seed: int, de
                disable=not (progress and sys.stderr.isatty()), mininterval=1.0)
     for block in read_blocks(text_path, 0, size):
         for line in drop_duplicates(clean_lines(block, normalize_ws, Counter()), seen, Counter()):
-            if is_long(line):
-                line = line.encode()[:SP_MAX_LINE_BYTES].decode(errors="ignore").rsplit(" ", 1)[0]
+            if is_long(line):  # its head, ended at a space if there is one near the cut (Chinese text has none)
+                head = line.encode()[:SP_MAX_LINE_BYTES].decode(errors="ignore")
+                line = head[:cut] if (cut := head.rfind(" ")) > len(head) // 2 else head
             n_seen += 1
             if len(sample) < sample_lines:
                 sample.append(line)

@@ -158,6 +158,16 @@ def test_every_file_is_on_disk_before_its_rename_and_the_folder_after(docs_corpu
     assert events[-1] == ("fsync", os.stat(tmp_path / "d").st_ino)  # the folder, so the renames survive a power cut
 
 
+def test_the_tokenizer_samples_the_head_of_a_long_line_with_or_without_spaces(tmp_path):
+    words, han = " ".join(f"word{i}" for i in range(2000)), "".join(chr(0x4E00 + i) for i in range(2000))
+    corpus = tmp_path / "long.txt"  # a line over SentencePiece's 4,192 bytes: Latin, Chinese, Chinese after a title
+    corpus.write_text(f"{words}\n{han}\nChapter 1 {han}\n", encoding="utf-8")
+    sample = lm.tokenizer_sample(str(corpus), corpus.stat().st_size, 10, 0, False, False, False)
+    assert [len(line.encode()) for line in sample] == [4185, 4191, 4192]  # of at most 4,192
+    assert sample[0].endswith(" word536") and words.startswith(sample[0] + " ")  # cut at a space
+    assert sample[1] == han[:1397] and sample[2] == "Chapter 1 " + han[:1394]  # at a character
+
+
 def test_a_line_too_long_to_encode_is_refused_before_any_work(tmp_path, monkeypatch):
     monkeypatch.setattr(lm, "BLOCK_BYTES", 4096)  # as 256 kB blocks meet a line of more than 64 MB, scaled down
     monkeypatch.setattr(lm, "MAX_LINE_BYTES", 10_000)
