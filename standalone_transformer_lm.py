@@ -81,9 +81,9 @@ class ModelConfig:
         self.tie_embeddings = bool(self.tie_embeddings)  # flags arrive as 0/1; the saved config says true/false
         sizes = {k: getattr(self, k) for k in ("vocab_size", "n_layer", "n_head", "d_model", "n_kv_head", "head_dim",
                                                 "ffn_mult", "ffn_multiple_of", "seq_len", "rope_theta", "norm_eps")}
-        bad = [f"{k} {v}" for k, v in sizes.items() if v is not None and not v > 0]
+        bad = [f"{k} {v}" for k, v in sizes.items() if v is not None and not 0 < v < math.inf]
         if bad:
-            raise UserError(f"model sizes must be positive, got {', '.join(bad)}")
+            raise UserError(f"model sizes must be positive and finite, got {', '.join(bad)}")
         if self.n_kv_head is None:
             self.n_kv_head = self.n_head
         if self.head_dim is None:
@@ -95,6 +95,9 @@ class ModelConfig:
             raise UserError(f"n_head {self.n_head} is not a multiple of n_kv_head {self.n_kv_head}")
         if self.head_dim % 2:
             raise UserError(f"head_dim {self.head_dim} must be even for RoPE")
+        if self.ffn_hidden < 1:
+            raise UserError(f"ffn_mult {self.ffn_mult} leaves the SwiGLU of d_model {self.d_model} no width. HINT: "
+                            f"LLaMA's is 4 (see --help)")
 
     @property
     def ffn_hidden(self) -> int:  # LLaMA: 2/3 of ffn_mult * d_model (SwiGLU has three matrices), rounded up
@@ -1211,7 +1214,8 @@ def train(tc: TrainConfig, args, device: torch.device, rank: int, world: int, he
     counts = ("batch_size", "grad_accum_steps", "max_steps", "log_interval", "eval_interval", "eval_iters",
               "save_interval")
     check_flags(tc, [(name, getattr(tc, name) >= 1, "at least 1") for name in counts] + [
-        ("dropout", 0 <= tc.dropout < 1, "in [0, 1)"), ("lr", tc.lr > 0, "above 0")] + [
+        ("dropout", 0 <= tc.dropout < 1, "in [0, 1)"), ("lr", tc.lr > 0, "above 0"), ("seed", tc.seed < 1 << 63,
+        "below 2**63"), ("min_lr", tc.min_lr is None or tc.min_lr <= tc.lr, f"at most --lr ({tc.lr:g})")] + [
         (name, getattr(tc, name) is None or getattr(tc, name) >= 0, "0 or more")
         for name in ("warmup_steps", "min_lr", "weight_decay", "grad_clip", "seed")])
     meta, tokenizer = read_meta(tc.data_dir)
@@ -1577,10 +1581,12 @@ def cmd_train(args) -> dict:
         if op := re.search(r"(\S+) does not have a deterministic implementation", str(e)):
             raise UserError(f"--deterministic 1: {op[1]} has no deterministic kernel on {device.type} here. HINT: "
                             f"train with --deterministic 0 (reruns then differ in the last bits)") from None
-        if not (isinstance(e, torch.cuda.OutOfMemoryError) or "CUDA out of memory" in str(e)):
+        cpu = "DefaultCPUAllocator: can't allocate memory" in str(e)  # (mostly the kernel's OOM killer ends it first)
+        if not (isinstance(e, torch.cuda.OutOfMemoryError) or "CUDA out of memory" in str(e) or cpu):
             raise
-        detail = re.search(r"Tried to allocate [\d.]+ \w+", str(e))
-        raise UserError(f"out of GPU memory at --batch_size {tc.batch_size}{f' ({detail[0]})' if detail else ''}; "
+        detail = re.search(r"[Tt]ried to allocate [\d.]+ \w+", str(e))
+        raise UserError(f"out of {'CPU' if cpu else 'GPU'} memory at --batch_size {tc.batch_size}"
+                        f"{f' ({detail[0]})' if detail else ''}; "
                         f"the checkpoints saved so far are intact. HINT: halve --batch_size and double "
                         f"--grad_accum_steps (the same tokens per step), or train a smaller model") from None
     finally:
@@ -1605,7 +1611,7 @@ def cmd_generate(args) -> list[str]:
     if sp.vocab_size() != model.cfg.vocab_size:
         raise UserError(f"tokenizer {spm_path!r} has {sp.vocab_size()} tokens but the model has "
                         f"{model.cfg.vocab_size}. HINT: pass the tokenizer.model the model was trained with (--spm)")
-    if trained_sha and file_sha256(spm_path) != trained_sha:  # same size, other pieces: the text would come out as nonsense
+    if trained_sha and file_sha256(spm_path) != trained_sha:  # same size, other pieces: the text would be nonsense
         raise UserError(f"tokenizer {spm_path!r} is not the one {args.ckpt!r} was trained with (sha256 differs). "
                         f"HINT: pass the tokenizer.model of the data folder it was trained on (--spm)")
     prompt = [BOS_ID] + sp.encode(args.prompt)

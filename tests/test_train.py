@@ -603,20 +603,28 @@ def test_divergence_stops_with_error_and_keeps_the_last_good_checkpoint(docs_dat
     assert all(torch.isfinite(t).all() for t in ckpt["model"].values())
 
 
-@pytest.mark.parametrize("error", [torch.cuda.OutOfMemoryError, RuntimeError])  # RuntimeError: a compile's wrapper
-def test_out_of_gpu_memory_is_one_line_with_the_fix_and_keeps_the_checkpoint(docs_data, tmp_path, monkeypatch, capsys,
-                                                                              error):
+GPU_OOM = "CUDA out of memory. Tried to allocate 2.00 GiB. GPU 0 has a total capacity of 23.6 GiB"
+CPU_OOM = ("[enforce fail at alloc_cpu.cpp:121] data. DefaultCPUAllocator: can't allocate memory: you tried to "
+           "allocate 2147483648 bytes. Error code 12 (Cannot allocate memory)")
+
+
+@pytest.mark.parametrize("error, message, device", [(torch.cuda.OutOfMemoryError, GPU_OOM, "GPU"),
+                                                    (RuntimeError, GPU_OOM, "GPU"),  # RuntimeError: compile's wrapper
+                                                    (RuntimeError, CPU_OOM, "CPU")])
+def test_out_of_memory_is_one_line_with_the_fix_and_keeps_the_checkpoint(docs_data, tmp_path, monkeypatch, capsys,
+                                                                          error, message, device):
     run_main("train", *train_args(tmp_path / "run", docs_data, max_steps=4, save_interval=2), check=True)
     before = (tmp_path / "run" / "ckpt_last.pt").read_bytes()
 
     def oom(*args, **kwargs):
-        raise error("CUDA out of memory. Tried to allocate 2.00 GiB. GPU 0 has a total capacity of 23.6 GiB")
+        raise error(message)
     monkeypatch.setattr(lm.Transformer, "forward", oom)
     with pytest.raises(SystemExit) as e:
         lm.main(["train", *train_args(tmp_path / "run", docs_data, max_steps=8)])
     err = capsys.readouterr().err.strip().splitlines()
     assert e.value.code == 2 and len(err) == 1, err
-    assert err[0].startswith("error: out of GPU memory at --batch_size 4 (Tried to allocate 2.00 GiB)"), err
+    allocation = "Tried to allocate 2.00 GiB" if device == "GPU" else "tried to allocate 2147483648 bytes"
+    assert err[0].startswith(f"error: out of {device} memory at --batch_size 4 ({allocation})"), err
     assert "halve --batch_size and double --grad_accum_steps" in err[0]
     assert (tmp_path / "run" / "ckpt_last.pt").read_bytes() == before
 
@@ -849,8 +857,12 @@ def test_bad_train_input(docs_data, tmp_path):
     assert not (tmp_path / "r").exists()  # a typo in --data_dir leaves no empty --out_dir behind
     assert_user_error(run_main("train", *train_args(tmp_path / "r2", docs_data, seq_len=100000)),
                       "not one sequence", "--val_fraction")
-    for flag, value, needle in (("n_head", 0, "must be positive, got n_head 0"), ("n_kv_head", 0, "n_kv_head 0"),
-                                ("ffn_mult", -1, "ffn_mult -1"), ("dropout", 1.5, "--dropout must be in [0, 1)"),
+    for flag, value, needle in (("n_head", 0, "must be positive and finite, got n_head 0"),
+                                ("n_kv_head", 0, "n_kv_head 0"), ("ffn_mult", -1, "ffn_mult -1"),
+                                ("ffn_mult", "inf", "ffn_mult inf"), ("ffn_mult", 0.001, "leaves the SwiGLU"),
+                                ("min_lr", 1, "--min_lr must be at most --lr (0.003), got 1.0"),
+                                ("seed", 1 << 63, "--seed must be below 2**63"),
+                                ("dropout", 1.5, "--dropout must be in [0, 1)"),
                                 ("lr", -1e-3, "--lr must be above 0"), ("grad_clip", -1, "--grad_clip must be 0"),
                                 ("seed", -1, "--seed must be 0 or more, got -1"),
                                 ("batch_size", "x", "invalid int value")):
