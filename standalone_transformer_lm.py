@@ -1614,6 +1614,11 @@ def cmd_generate(args) -> list[str]:
     if trained_sha and file_sha256(spm_path) != trained_sha:  # same size, other pieces: the text would be nonsense
         raise UserError(f"tokenizer {spm_path!r} is not the one {args.ckpt!r} was trained with (sha256 differs). "
                         f"HINT: pass the tokenizer.model of the data folder it was trained on (--spm)")
+    try:
+        args.prompt.encode()
+    except UnicodeEncodeError:  # Python keeps bytes that are not UTF-8 as lone surrogates, which SentencePiece refuses
+        raise UserError("--prompt is not UTF-8 (from a Latin-1 terminal or file?). HINT: set the terminal to UTF-8, "
+                        "or convert the text with iconv") from None
     prompt = [BOS_ID] + sp.encode(args.prompt)
     if len(prompt) >= model.cfg.seq_len:
         raise UserError(f"the prompt is {len(prompt)} tokens, the model's context is {model.cfg.seq_len}. HINT: "
@@ -1771,6 +1776,9 @@ def main(argv=None) -> None:
     if extra:  # said by the subcommand's parser, whose --help lists its flags
         parser.commands[args.command].error(f"unrecognized arguments: {' '.join(extra)}")
     signal.signal(signal.SIGTERM, signal.default_int_handler)  # like Ctrl-C: temporary files go (train: it saves)
+    for stream in (sys.stdout, sys.stderr):  # what the output's encoding lacks (cp1252 on Windows) prints as "?"
+        with contextlib.suppress(AttributeError):
+            stream.reconfigure(errors="replace")
     try:
         args.func(args)
     except UserError as e:

@@ -232,6 +232,15 @@ def test_one_sample_streams_exactly_the_text_it_returns(trained, capsys):
     assert capsys.readouterr().out == text + "\n" and text.startswith("The try statement") and len(text) > 40
 
 
+def test_output_the_terminal_cannot_encode_and_a_prompt_that_is_not_utf8(trained):
+    ckpt = trained / "ckpt_last.pt"  # as on Windows, where a redirected stdout writes cp1252
+    proc = run_cli("generate", "--ckpt", ckpt, "--prompt", "漢字 The", "--max_new_tokens", 5, "--seed", 0,
+                   env={"PYTHONIOENCODING": "cp1252"})
+    assert proc.stdout.startswith("?? The") and "Traceback" not in proc.stderr
+    assert_user_error(run_main("generate", "--ckpt", ckpt, "--prompt", "caf\udce9"),  # b"caf\xe9" in argv
+                      "--prompt is not UTF-8", "iconv")
+
+
 def test_a_failing_compile_is_one_error_line_with_the_fix(trained, docs_data, tmp_path):
     # no working C++ compiler, as in a slim container: inductor cannot build its CPU kernels
     env = {"CXX": "/nonexistent", "TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "cache")}  # no cached kernels either
