@@ -54,20 +54,29 @@ def load_our_model(path: str) -> tuple[Transformer, str | None]:
     elif isinstance(obj, dict) and obj and all(isinstance(v, torch.Tensor) for v in obj.values()):  # export
         cfg_path = os.path.join(os.path.dirname(os.path.abspath(path)), "config.json")
         require_file(cfg_path, "model config", "keep the config.json that `train` wrote beside pytorch_model.bin")
-        with open(cfg_path, encoding="utf-8") as f:
-            cfg = json.load(f)
-        fields = {f.name for f in dataclasses.fields(ModelConfig)}
-        cfg, state = {k: v for k, v in cfg.items() if k in fields}, obj  # the export adds "format" and "step"
+        try:
+            with open(cfg_path, encoding="utf-8") as f:
+                cfg = json.load(f)
+            fields = {f.name for f in dataclasses.fields(ModelConfig)}
+            cfg, state = {k: v for k, v in cfg.items() if k in fields}, obj  # the export adds "format" and "step"
+        except (ValueError, AttributeError) as e:  # not JSON, not UTF-8, not an object
+            raise UserError(f"{cfg_path!r} is not the config.json that `train` wrote ({e}). HINT: keep the one it "
+                            f"wrote beside pytorch_model.bin, or convert ckpt_last.pt") from None
         beside = os.path.join(os.path.dirname(os.path.abspath(path)), "tokenizer.model")  # train copies it there
         sha = file_sha256(beside) if os.path.isfile(beside) else None
     else:
         raise UserError(f"{path!r} holds neither a training checkpoint nor a state_dict. HINT: pass ckpt_last.pt, "
                         f"ckpt_best.pt or pytorch_model.bin written by `train`")
-    cfg = ModelConfig.from_dict(cfg)
     try:
+        cfg = ModelConfig.from_dict(cfg)
+        if cfg.tie_embeddings and not torch.equal(state["embed_tokens.weight"], state["lm_head.weight"]):
+            raise RuntimeError("the config ties lm_head to the embedding, the weights hold two matrices")
         model = model_with_weights(cfg, state)
-    except RuntimeError as e:
-        raise UserError(f"the weights in {path!r} do not match its model config: {str(e).splitlines()[0]}") from None
+    except (RuntimeError, TypeError, KeyError) as e:  # a size of the wrong type, a shape or a name that is not there
+        first = next((line.strip() for line in str(e).splitlines() if line.strip() and not line.endswith(":")), "")
+        raise UserError(f"the weights in {path!r} and its model config do not fit together ({type(e).__name__}: "
+                        f"{first}). HINT: convert ckpt_last.pt, or keep the config.json `train` wrote beside the "
+                        f"weights") from None
     return model.eval(), sha
 
 
@@ -262,7 +271,7 @@ def convert(ckpt: str, spm_path: str, out: str, dtype: str = "float32", force: b
     check_tokenizer(lambda t: tok.encode(t, add_special_tokens=False).ids, tok.decode, sp)
 
     # Build the folder beside --out and rename it into place, so --out is never left half written.
-    out = os.path.abspath(out)
+    out = os.path.realpath(out)  # a link to a folder: the folder is replaced, the link kept
     tmp, old = f"{out}.tmp{os.getpid()}", f"{out}.old{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     try:

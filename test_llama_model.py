@@ -13,21 +13,25 @@ import sys
 import torch
 
 from convert_to_llama import DEFAULT_OUT, VerificationError, load_our_model, max_logit_diff, need_transformers
-from standalone_transformer_lm import HelpFormatter, Parser, UserError, require_file
+from standalone_transformer_lm import HelpFormatter, Parser, UserError, check_flags, require_file
 
 
 def run(args) -> None:
     if not os.path.isfile(os.path.join(args.folder, "config.json")):
         raise UserError(f"{args.folder!r} is not a converted model folder (no config.json). HINT: run "
                         f"`python convert_to_llama.py --ckpt CKPT --out {args.folder}` first, or pass the folder")
-    if args.max_new_tokens < 1:
-        raise UserError(f"--max_new_tokens is {args.max_new_tokens}. HINT: ask for at least 1")
-    if args.ckpt:
+    check_flags(args, [("max_new_tokens", args.max_new_tokens >= 1, "at least 1"),
+                       ("temperature", args.temperature >= 0, "0 (greedy only) or more"),
+                       ("top_k", args.top_k >= 1, "at least 1"), ("seed", 0 <= args.seed < 1 << 63, "in [0, 2**63)")])
+    ours = None
+    if args.ckpt:  # loaded first: a checkpoint that does not load stops the run before any generating
         require_file(args.ckpt, "checkpoint", "pass the ckpt_last.pt the folder was converted from")
+        ours = load_our_model(args.ckpt)[0]
     need_transformers()
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
     hf_logging.disable_progress_bar()  # a local folder loads in seconds; the bar would only bury the output
+    hf_logging.set_verbosity_error()  # a prompt too long for the context is our error line, not also its warning
     device = "cuda" if torch.cuda.is_available() else "cpu"
     try:
         tok = AutoTokenizer.from_pretrained(args.folder)
@@ -36,6 +40,14 @@ def run(args) -> None:
     except Exception as e:  # a missing or torn file: transformers and safetensors raise many kinds
         raise UserError(f"{args.folder!r} does not load with transformers ({type(e).__name__}: "
                         f"{(str(e).strip().splitlines() or [''])[0][:200]}). HINT: convert it again") from None
+    if ours is not None:
+        c, h = ours.cfg, model.config
+        if (c.vocab_size, c.n_layer, c.d_model, c.seq_len) != (h.vocab_size, h.num_hidden_layers, h.hidden_size,
+                                                               h.max_position_embeddings):
+            raise UserError(f"{args.folder!r} was not converted from {args.ckpt!r}: vocabulary, layers, d_model and "
+                            f"context differ ({h.vocab_size}, {h.num_hidden_layers}, {h.hidden_size}, "
+                            f"{h.max_position_embeddings} against {c.vocab_size}, {c.n_layer}, {c.d_model}, "
+                            f"{c.seq_len}). HINT: pass the checkpoint it was converted from")
     inputs = tok(args.prompt, return_tensors="pt").to(device)
     n_prompt, context = inputs["input_ids"].shape[1], model.config.max_position_embeddings
     if n_prompt >= context:
@@ -51,7 +63,7 @@ def run(args) -> None:
         print(f"sampled: {tok.decode(sampled[0], skip_special_tokens=True)}")
     if args.ckpt:
         ids = greedy[:, :context].cpu()
-        diff = max_logit_diff(args.folder, load_our_model(args.ckpt)[0], ids)
+        diff = max_logit_diff(args.folder, ours, ids)
         print(f"largest logit difference vs {args.ckpt} on {ids.shape[1]} tokens: {diff:.2e} (tolerance {args.tol:g})")
         if not diff <= args.tol:
             raise VerificationError(f"logits differ by up to {diff:.3g}, above --tol {args.tol:g}: the folder does "

@@ -18,7 +18,7 @@ import convert_to_llama as C  # noqa: E402  (conftest.py puts the repository roo
 import standalone_transformer_lm as S  # noqa: E402
 from safetensors.torch import load_file, save_file  # noqa: E402
 from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: E402
-from conftest import run_main  # noqa: E402
+from conftest import assert_user_error, run_main  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -241,10 +241,17 @@ def test_non_empty_out_needs_force_and_failed_verify_keeps_old_folder(converted,
     assert not (out / "keep.txt").exists() and (out / "model.safetensors").exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["hf"]  # no temporary folders left behind
 
+    (tmp_path / "link").symlink_to(out)  # --out a link to a folder: the folder is replaced, the link stays
+    (out / "keep.txt").write_text("old")
+    convert(run_dir, tmp_path / "link", "--force")
+    assert (tmp_path / "link").is_symlink() and (tmp_path / "link" / "model.safetensors").exists()
+    assert not (out / "keep.txt").exists() and sorted(p.name for p in tmp_path.iterdir()) == ["hf", "link"]
+
 
 @pytest.mark.parametrize("mistake", ["missing", "directory", "truncated", "text", "bin-without-config",
                                      "vocab-mismatch", "out-is-file", "bad-flag-value", "other-tokenizer",
-                                     "out-holds-the-run", "float16-overflow"])
+                                     "out-holds-the-run", "float16-overflow", "config-not-json", "config-types",
+                                     "config-other-shape", "config-ties-two-matrices"])
 def test_user_mistakes_give_one_error_line(converted, tmp_path, spm_path, capsys, mistake):
     run_dir, _ = converted
     ckpt, out, extra = run_dir / "ckpt_last.pt", tmp_path / "hf", []
@@ -259,6 +266,13 @@ def test_user_mistakes_give_one_error_line(converted, tmp_path, spm_path, capsys
     elif mistake == "bin-without-config":
         ckpt = tmp_path / "pytorch_model.bin"
         shutil.copy(run_dir / "pytorch_model.bin", ckpt)
+    elif mistake.startswith("config-"):  # the export with a config.json beside it that is broken or edited
+        ckpt = tmp_path / "pytorch_model.bin"
+        shutil.copy(run_dir / "pytorch_model.bin", ckpt)
+        config = json.loads((run_dir / "config.json").read_text())
+        edit = {"config-types": {"n_layer": "2"}, "config-other-shape": {"d_model": 96},
+                "config-ties-two-matrices": {"tie_embeddings": True}}.get(mistake, {})
+        (tmp_path / "config.json").write_text("{" if mistake == "config-not-json" else json.dumps({**config, **edit}))
     elif mistake == "vocab-mismatch":
         ckpt = make_run(tmp_path / "run", spm_path, vocab_size=VOCAB + 8) / "ckpt_last.pt"
     elif mistake == "out-is-file":
@@ -285,13 +299,16 @@ def test_user_mistakes_give_one_error_line(converted, tmp_path, spm_path, capsys
               "text": "not a torch.save archive", "bin-without-config": "config.json' does not exist",
               "vocab-mismatch": "has 2000 pieces but the model's vocabulary is 2008", "out-is-file": "is a file",
               "bad-flag-value": "--tol: invalid float value", "other-tokenizer": "is not the one",
-              "out-holds-the-run": "which replacing it would delete", "float16-overflow": "not finite in float16"}
+              "out-holds-the-run": "which replacing it would delete", "float16-overflow": "not finite in float16",
+              "config-not-json": "is not the config.json that `train` wrote",
+              "config-types": "do not fit together (TypeError", "config-other-shape": "size mismatch for",
+              "config-ties-two-matrices": "the config ties lm_head to the embedding"}
     assert needle[mistake] in err, err
     assert mistake in ("out-is-file", "out-holds-the-run") or not out.exists()
     assert mistake != "out-holds-the-run" or ckpt.exists()
 
 
-def test_test_llama_model_generates_and_compares(converted, tmp_path):
+def test_test_llama_model_generates_and_compares(converted, tmp_path, spm_path):
     import test_llama_model as T
     run_dir, out = converted
     r = run_cli("test_llama_model.py", str(out), "--ckpt", str(run_dir / "ckpt_last.pt"), "--max_new_tokens", "8",
@@ -309,6 +326,16 @@ def test_test_llama_model_generates_and_compares(converted, tmp_path):
     r = run_main(str(torn), main=T.main)
     assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
     assert r.stderr.splitlines()[-1].startswith("error:") and "does not load with transformers" in r.stderr
+
+    other = make_run(tmp_path / "other", spm_path, vocab_size=VOCAB + 8, seq_len=32)  # not the folder's checkpoint
+    r = run_main(str(out), "--ckpt", str(other / "ckpt_last.pt"), main=T.main)
+    assert_user_error(r, "was not converted from", "2000, 2, 64, 64 against 2008, 2, 64, 32")
+    assert_user_error(run_main(str(out), "--top_k", "-3", main=T.main), "--top_k must be at least 1, got -3")
+    assert_user_error(run_main(str(out), "--temperature", "nan", main=T.main), "--temperature must be 0")
+    assert_user_error(run_main(str(out), "--seed", str(1 << 64), main=T.main), "--seed must be in [0, 2**63)")
+    r = run_main(str(out), "--prompt", "word " * 100, main=T.main)  # one line, no transformers warning before it
+    assert_user_error(r, "the model's context is 64")
+    assert len(r.stderr.strip().splitlines()) == 1, r.stderr
 
     broken = tmp_path / "broken"  # the comparison must notice a wrong weight: swap q and k of layer 0
     shutil.copytree(out, broken)
