@@ -1135,21 +1135,21 @@ def read_meta(data_dir: str) -> tuple[dict, bytes]:
         raise UserError(f"--data_dir {data_dir!r} does not exist or is not a folder. HINT: {hint}")
     for name in ("meta.json", "train.bin", "val.bin", "tokenizer.model"):
         require_file(os.path.join(data_dir, name), "data file", hint)
+    with open(os.path.join(data_dir, "tokenizer.model"), "rb") as f:
+        tokenizer = f.read()
     try:
         with open(path) as f:
             meta = json.load(f)
-        if not {"vocab_size", "dtype", "tokenizer_sha256"} <= set(meta):
-            raise ValueError("keys missing")
-    except ValueError as e:  # torn, edited or foreign
+        if not {"vocab_size", "dtype", "tokenizer_sha256"} <= set(meta) or type(meta["vocab_size"]) is not int:
+            raise ValueError("keys missing or of the wrong type")
+        # prep renames its files one by one: a kill between two renames leaves a mix of two runs
+        same = hashlib.sha256(tokenizer).hexdigest() == meta["tokenizer_sha256"]
+        itemsize = np.dtype(meta["dtype"]).itemsize
+        for split in ("train", "val"):
+            tokens = meta.get(split, {}).get("tokens")
+            same &= tokens is None or os.path.getsize(os.path.join(data_dir, f"{split}.bin")) == tokens * itemsize
+    except (ValueError, TypeError, AttributeError) as e:  # torn, edited or foreign
         raise UserError(f"{path!r} is not a meta.json that prep wrote ({e}). HINT: {hint}") from None
-    # prep renames its files one by one: a kill between two renames leaves a mix of two runs
-    with open(os.path.join(data_dir, "tokenizer.model"), "rb") as f:
-        tokenizer = f.read()
-    same = hashlib.sha256(tokenizer).hexdigest() == meta["tokenizer_sha256"]
-    itemsize = np.dtype(meta["dtype"]).itemsize
-    for split in ("train", "val"):
-        tokens = meta.get(split, {}).get("tokens")
-        same &= tokens is None or os.path.getsize(os.path.join(data_dir, f"{split}.bin")) == tokens * itemsize
     if not same:
         raise UserError(f"the files in {data_dir!r} are not the ones its meta.json describes (was prep interrupted?)."
                         f" HINT: {hint}")
@@ -1646,6 +1646,8 @@ def cmd_generate(args) -> list[str]:
 
 def cmd_demo(args) -> None:
     import pydoc_data.topics
+    check_flags(args, [("max_steps", args.max_steps >= 1, "at least 1"),  # before anything is written
+                       ("vocab_size", MIN_VOCAB <= args.vocab_size <= MAX_VOCAB, f"{MIN_VOCAB} to {MAX_VOCAB}")])
     out = args.out_dir
     make_dir(out, "--out_dir")
     data_dir, run_dir = os.path.join(out, "data"), os.path.join(out, "run")

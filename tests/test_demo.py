@@ -25,6 +25,10 @@ def test_demo_runs_then_runs_again_and_refuses_another_vocabulary(tmp_path):
     proc = run_main(*args[:-4], "--vocab_size", 600)
     assert_user_error(proc, "500-token vocabulary", "--vocab_size 500")
     assert (tmp_path / "demo" / "data" / "tokenizer.model").read_bytes() == tokenizer
+    for flag, value, needle in (("--max_steps", 0, "--max_steps must be at least 1, got 0"),
+                                ("--vocab_size", 100, "--vocab_size must be 300 to")):
+        assert_user_error(run_main("demo", "--out_dir", tmp_path / "new", flag, value), needle)
+        assert not (tmp_path / "new").exists()  # refused before anything is written
 
 
 def test_a_signal_stops_the_demo_after_its_save_not_just_its_training(tmp_path):

@@ -877,9 +877,12 @@ def test_bad_train_input(docs_data, tmp_path):
     (tmp_path / "data").mkdir()
     for name in ("train.bin", "val.bin", "tokenizer.model"):
         (tmp_path / "data" / name).write_bytes((docs_data / name).read_bytes())
-    (tmp_path / "data" / "meta.json").write_text('{"vocab_size": 1000')
-    assert_user_error(run_main("train", *train_args(tmp_path / "r", tmp_path / "data")),
-                      "is not a meta.json that prep wrote")
+    meta = json.loads((docs_data / "meta.json").read_text())
+    for edited in ('{"vocab_size": 1000', "null", json.dumps({**meta, "vocab_size": "1000"}),
+                   json.dumps({**meta, "dtype": "bogus"}), json.dumps({**meta, "train": None})):  # torn or edited
+        (tmp_path / "data" / "meta.json").write_text(edited)
+        assert_user_error(run_main("train", *train_args(tmp_path / "r", tmp_path / "data")),
+                          "is not a meta.json that prep wrote")
     (tmp_path / "data" / "meta.json").write_bytes((docs_data / "meta.json").read_bytes())
     (tmp_path / "data" / "val.bin").write_bytes((docs_data / "val.bin").read_bytes()[:-2])  # a prep killed mid-way
     assert_user_error(run_main("train", *train_args(tmp_path / "r", tmp_path / "data")),
