@@ -1214,8 +1214,9 @@ def train(tc: TrainConfig, args, device: torch.device, rank: int, world: int, he
     counts = ("batch_size", "grad_accum_steps", "max_steps", "log_interval", "eval_interval", "eval_iters",
               "save_interval")
     check_flags(tc, [(name, getattr(tc, name) >= 1, "at least 1") for name in counts] + [
-        ("dropout", 0 <= tc.dropout < 1, "in [0, 1)"), ("lr", tc.lr > 0, "above 0"), ("seed", tc.seed < 1 << 63,
-        "below 2**63"), ("min_lr", tc.min_lr is None or tc.min_lr <= tc.lr, f"at most --lr ({tc.lr:g})")] + [
+        ("dropout", 0 <= tc.dropout < 1, "in [0, 1)"), ("lr", tc.lr > 0, "above 0"),
+        ("min_lr", tc.min_lr is None or tc.min_lr <= tc.lr, f"at most --lr ({tc.lr:g})"),
+        ("seed", tc.seed < 1 << 63, "below 2**63")] + [
         (name, getattr(tc, name) is None or getattr(tc, name) >= 0, "0 or more")
         for name in ("warmup_steps", "min_lr", "weight_decay", "grad_clip", "seed")])
     meta, tokenizer = read_meta(tc.data_dir)
@@ -1452,7 +1453,7 @@ def for_sampling(model: Transformer, device: torch.device, dtype: torch.dtype) -
     return model
 
 
-def model_from_checkpoint(path: str, device: torch.device, dtype: torch.dtype) -> tuple[Transformer, str]:
+def model_from_checkpoint(path: str, device: torch.device, dtype: torch.dtype) -> tuple[Transformer, str | None]:
     """The model, and the sha256 of the tokenizer it was trained with (None when unknown)."""
     ckpt = load_checkpoint(path)
     model = model_with_weights(ModelConfig.from_dict(ckpt["model_config"]), ckpt["model"], device=device)
