@@ -1603,7 +1603,8 @@ def cmd_generate(args) -> list[str]:
                        ("max_new_tokens", args.max_new_tokens >= 0, "0 or more"),
                        ("temperature", args.temperature >= 0, "0 (greedy) or more"),
                        ("top_k", args.top_k >= 0, "0 (off) or more"), ("top_p", 0 < args.top_p <= 1, "in (0, 1]"),
-                       ("repetition_penalty", args.repetition_penalty > 0, "above 0 (1 = off)")])
+                       ("repetition_penalty", args.repetition_penalty > 0, "above 0 (1 = off)"),
+                       ("seed", args.seed is None or abs(args.seed) < 1 << 63, "below 2**63 in size")])
     device = resolve_device(args.device)
     settle_cpu(device)
     model, trained_sha = model_from_checkpoint(args.ckpt, device, resolve_dtype("auto", device))
@@ -1755,7 +1756,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--top_k", type=int, default=200, help="0 = off")
     s.add_argument("--top_p", type=float, default=1.0, help="nucleus: the fewest tokens whose probability reaches p")
     s.add_argument("--repetition_penalty", type=float, default=1.0, help="penalises seen tokens (CTRL); 1 = off")
-    s.add_argument("--seed", type=int, default=None, help="same seed, same text")
+    s.add_argument("--seed", type=int, default=None, help="same seed and flags, same text (default: new each run)")
     s.add_argument("--num_samples", type=int, default=1, help="samples of the prompt, decoded as a batch (up to "
                                                                f"{SAMPLES_PER_BATCH} at a time)")
     s.add_argument("--device", **device)

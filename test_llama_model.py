@@ -77,7 +77,7 @@ def main(argv=None) -> None:
     p.add_argument("--prompt", default="The sun is", help="text to continue")
     p.add_argument("--max_new_tokens", type=int, default=50, help="tokens to generate at most")
     p.add_argument("--temperature", type=float, default=0.8, help="0 = greedy only")
-    p.add_argument("--top_k", type=int, default=50, help="sample from the k most likely tokens")
+    p.add_argument("--top_k", type=int, default=200, help="sample from the k most likely tokens (as our generate)")
     p.add_argument("--seed", type=int, default=1337, help="same seed, same text")
     p.add_argument("--ckpt", help="our checkpoint the folder came from: compare logits on the same tokens")
     p.add_argument("--tol", type=float, default=1e-3, help="largest logit difference accepted with --ckpt")

@@ -320,6 +320,7 @@ def test_cli_generate_refuses_bad_input(trained, docs_corpus, tmp_path):
     assert_user_error(run_main("generate", "--ckpt", ckpt, "--top_k", -1), "--top_k must be 0 (off)")
     assert_user_error(run_main("generate", "--ckpt", ckpt, "--repetition_penalty", 0),
                       "--repetition_penalty must be above 0")
+    assert_user_error(run_main("generate", "--ckpt", ckpt, "--seed", 1 << 64), "--seed must be below 2**63 in size")
 
 
 def test_compiled_decode_step_matches_eager(model):
