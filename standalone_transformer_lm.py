@@ -981,17 +981,19 @@ def load_checkpoint(path: str, hint: str = "pass the ckpt_last.pt or ckpt_best.p
 
 
 def save_checkpoint(out_dir: str, names: list[str], ckpt: dict, tokenizer: bytes) -> None:
-    """Rank 0 only: ckpt_*.pt files, then the export (pytorch_model.bin, config.json, tokenizer.model). A new best
-    checkpoint is the last one: ckpt_best.pt becomes a hard link to ckpt_last.pt's bytes, which a later save of
-    ckpt_last.pt (a new file renamed over it) leaves as they are."""
-    first = os.path.join(out_dir, names[0])
-    atomic_write(first, lambda f: torch.save(ckpt, f))
-    for name in names[1:]:
-        atomic_write(os.path.join(out_dir, name), lambda f: torch.save(ckpt, f), link_from=first)
+    """Rank 0 only: the export (pytorch_model.bin, config.json, tokenizer.model), then the checkpoint files in the
+    order named, each after the first a hard link to its bytes. ckpt_last.pt comes last: a kill anywhere before its
+    rename leaves the previous save, and the resumed run redoes the steps and this whole save (a kill after it would
+    leave a stale export, or a new best never written, that the resume takes as done). A new best is ckpt_best.pt,
+    then ckpt_last.pt linked to it; a later save of ckpt_last.pt, a new file renamed over it, leaves those bytes be."""
     atomic_write(os.path.join(out_dir, "pytorch_model.bin"), lambda f: torch.save(ckpt["model"], f))
     atomic_write_json(os.path.join(out_dir, "config.json"),
                       {"format": CKPT_FORMAT, "step": ckpt["step"], **ckpt["model_config"]})
     atomic_write(os.path.join(out_dir, "tokenizer.model"), lambda f: f.write(tokenizer))
+    first = os.path.join(out_dir, names[0])
+    for name in names:
+        path = os.path.join(out_dir, name)
+        atomic_write(path, lambda f: torch.save(ckpt, f), link_from=None if path == first else first)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -1429,7 +1431,7 @@ def train(tc: TrainConfig, args, device: torch.device, rank: int, world: int, he
                 best_val = last_log["val_loss"]
             if new_best or step % tc.save_interval == 0 or step == tc.max_steps or stop_votes:
                 t_save = time.time()
-                save(["ckpt_last.pt", "ckpt_best.pt"] if new_best else ["ckpt_last.pt"])
+                save(["ckpt_best.pt", "ckpt_last.pt"] if new_best else ["ckpt_last.pt"])
                 t_log += time.time() - t_save  # the log's ms/step and MFU time training steps, not saves (nor evals)
             if step == first_step + 1:  # nor this process's first step, which compiles and warms up (unless logged)
                 t_log, steps_since_log = time.time(), 0

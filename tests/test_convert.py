@@ -61,7 +61,7 @@ def make_run(run_dir: Path, spm_path: Path, **overrides) -> Path:
     ckpt = {"format": S.CKPT_FORMAT, "version": S.CKPT_VERSION, "model_config": dataclasses.asdict(cfg),
             "model": S.cpu_state_dict(model), "step": 7, "tokenizer_sha256": C.file_sha256(str(spm_path))}
     run_dir.mkdir(parents=True)
-    S.save_checkpoint(str(run_dir), ["ckpt_last.pt", "ckpt_best.pt"], ckpt, spm_path.read_bytes())
+    S.save_checkpoint(str(run_dir), ["ckpt_best.pt", "ckpt_last.pt"], ckpt, spm_path.read_bytes())
     return run_dir
 
 

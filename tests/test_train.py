@@ -15,6 +15,7 @@ import subprocess
 import sys
 import time
 import warnings
+from collections import Counter
 
 import numpy as np
 import pytest
@@ -70,12 +71,12 @@ def kill_then_resume_equals_uninterrupted(docs_data, tmp_path, kill_at, **common
     config = tmp_path / "killed" / "config.json"
     deadline = time.time() + 300
     while proc.poll() is None and time.time() < deadline:
-        if config.exists() and json.loads(config.read_text())["step"] >= kill_at:
+        if config.exists() and json.loads(config.read_text())["step"] > kill_at:  # the save after kill_at's began
             proc.send_signal(signal.SIGKILL)
             break
         time.sleep(0.01)
     assert proc.wait() == -signal.SIGKILL, "the run ended before it could be killed"
-    saved = load(tmp_path / "killed" / "ckpt_last.pt")["step"]  # config.json is written after it: maybe not yet
+    saved = load(tmp_path / "killed" / "ckpt_last.pt")["step"]  # written last in a save: kill_at's save or the next
     assert kill_at <= saved < common["max_steps"]
     out = run_main("train", *train_args(tmp_path / "killed", docs_data, **common), check=True).stdout
     assert f"resuming {tmp_path / 'killed'}/ckpt_last.pt at step {saved}" in out
@@ -649,8 +650,8 @@ def test_a_full_disk_while_saving_is_one_error_line_and_keeps_the_checkpoint(doc
     save = torch.save
     monkeypatch.setattr(torch, "save", lambda obj, f: save(obj, FullDisk(f)))
     proc = run_main("train", *train_args(tmp_path / "run", docs_data, max_steps=4))
-    assert_user_error(proc, "No space left on device", "ckpt_last.pt", "HINT: check the path, its permissions and the "
-                                                                        "free space")
+    assert_user_error(proc, "No space left on device", "pytorch_model.bin", "HINT: check the path, its permissions and "
+                                                                             "the free space")
     assert (tmp_path / "run" / "ckpt_last.pt").read_bytes() == before
     assert not [p for p in os.listdir(tmp_path / "run") if ".tmp" in p]
 
@@ -747,7 +748,7 @@ def test_a_new_best_checkpoint_is_linked_not_written_twice(tmp_path, monkeypatch
         lm.save_checkpoint(str(tmp_path), names, ckpt, (tmp_path / "tokenizer.model").read_bytes())
 
     last, best = tmp_path / "ckpt_last.pt", tmp_path / "ckpt_best.pt"
-    save(["ckpt_last.pt", "ckpt_best.pt"], 1)
+    save(["ckpt_best.pt", "ckpt_last.pt"], 1)
     assert os.path.samefile(last, best) and lm.load_checkpoint(str(best))["step"] == 1
     save(["ckpt_last.pt"], 2)  # a later save replaces ckpt_last.pt's name, not the bytes ckpt_best.pt holds
     assert lm.load_checkpoint(str(last))["step"] == 2 and lm.load_checkpoint(str(best))["step"] == 1
@@ -755,10 +756,34 @@ def test_a_new_best_checkpoint_is_linked_not_written_twice(tmp_path, monkeypatch
     def no_links(src, dst):
         raise PermissionError(1, "Operation not permitted")  # a filesystem without hard links
     monkeypatch.setattr(os, "link", no_links)
-    save(["ckpt_last.pt", "ckpt_best.pt"], 3)
+    save(["ckpt_best.pt", "ckpt_last.pt"], 3)
     assert not os.path.samefile(last, best) and lm.load_checkpoint(str(best))["step"] == 3
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt_best.pt", "ckpt_last.pt", "config.json",
                                                          "pytorch_model.bin", "tokenizer.model"]  # no temp files
+
+
+@pytest.mark.parametrize("cut_at", ["pytorch_model.bin", "ckpt_best.pt"])
+def test_a_final_save_cut_short_is_redone_by_the_resume(docs_data, tmp_path, monkeypatch, cut_at):
+    """A kill at the final save, before ckpt_last.pt commits it: the resume trains the last steps again and writes the
+    whole save, not "nothing to train" beside an export or a best checkpoint from the save before."""
+    args = train_args(tmp_path / "run", docs_data, max_steps=20, eval_interval=10, save_interval=10)
+    write, writes = lm.atomic_write, Counter()
+
+    def killed_at_the_second_write(path, *a, **k):
+        writes[os.path.basename(path)] += 1
+        if os.path.basename(path) == cut_at and writes[cut_at] == 2:  # the save at step 20
+            raise KeyboardInterrupt
+        return write(path, *a, **k)
+    monkeypatch.setattr(lm, "atomic_write", killed_at_the_second_write)
+    assert run_main("train", *args).returncode == 130
+    monkeypatch.undo()
+    run_main("train", *args, check=True)
+    run = tmp_path / "run"
+    last, best = load(run / "ckpt_last.pt"), load(run / "ckpt_best.pt")
+    assert last["step"] == json.loads((run / "config.json").read_text())["step"] == 20
+    assert all(torch.equal(v, last["model"][k]) for k, v in load(run / "pytorch_model.bin").items())
+    val = {row["step"]: row["val_loss"] for row in metrics(run) if "val_loss" in row}
+    assert best["best_val_loss"] == min(val.values()) == val[best["step"]]
 
 
 def test_resume_refuses_another_architecture_or_tokenizer(docs_corpus, docs_data, tmp_path):
