@@ -1782,9 +1782,8 @@ def main(argv=None) -> None:
     if extra:  # said by the subcommand's parser, whose --help lists its flags
         parser.commands[args.command].error(f"unrecognized arguments: {' '.join(extra)}")
     signal.signal(signal.SIGTERM, signal.default_int_handler)  # like Ctrl-C: temporary files go (train: it saves)
-    for stream in (sys.stdout, sys.stderr):  # what the output's encoding lacks (cp1252 on Windows) prints as "?"
-        with contextlib.suppress(AttributeError):
-            stream.reconfigure(errors="replace")
+    with contextlib.suppress(AttributeError):  # what stdout's encoding lacks (cp1252 on Windows) prints as "?"
+        sys.stdout.reconfigure(errors="replace")  # (stderr escapes it already)
     try:
         args.func(args)
     except UserError as e:
