@@ -373,10 +373,12 @@ def train_tokenizer(lines: list[str], vocab_size: int) -> bytes:
             fix = f"pass --vocab_size {most} or less, or use more text" if most >= MIN_VOCAB else "use more text"
             raise UserError(f"the corpus is too small for --vocab_size {vocab_size}: its tokenizer sample supports "
                             f"at most {most}. HINT: {fix}") from None
-        m = re.search(r"(\d+) vs (\d+)", str(e))  # more distinct characters to cover than the vocabulary holds
+        m = re.search(r"(\d+) vs (\d+)", str(e))  # the characters to cover, plus 4 special and 256 byte pieces
         if m and "required_chars" in str(e):
-            raise UserError(f"--vocab_size {vocab_size} cannot hold the corpus's {m.group(2)} distinct characters "
-                            f"(99.95 % of it). HINT: pass --vocab_size {int(m.group(2)) + 300} or more") from None
+            need = int(m.group(2))
+            raise UserError(f"--vocab_size {vocab_size} cannot hold the {need - 260} distinct characters that make "
+                            f"99.95 % of the corpus, beside 260 special and byte tokens. HINT: pass --vocab_size "
+                            f"{need} or more") from None
         raise UserError(f"SentencePiece could not train a tokenizer: {e}") from None
     return model.getvalue()
 
@@ -500,7 +502,7 @@ def encode_corpus(text_path: str, splits: dict, spm_path: str, dtype, num_worker
             with open(path, "wb") as out:
                 for block in chain(read_blocks(text_path, start, end), [None]):
                     if block is not None:
-                        lines = drop_duplicates(clean_lines(block, normalize_ws, stats), seen, stats)
+                        lines = drop_duplicates(clean_lines(block, normalize_ws, stats), seen, counts[split])
                         stats["long lines (> 4192 bytes, encoded, sampled in part)"] += sum(map(is_long, lines))
                         pending.append((pool.submit(encode_samples, "\n".join(lines)), len(lines), len(block)))
                     while pending and (block is None or len(pending) > 2 * num_workers):
@@ -576,6 +578,14 @@ def prep(text_path: str, out_dir: str, vocab_size: int = 32000, val_fraction: fl
                                tmp["tokenizer.model"], token_dtype(vocab_size), num_workers, dedup,
                                normalize_whitespace, stats, progress)
         for split in ("train", "val"):
+            repeats = counts[split].pop("duplicate lines skipped", 0)  # per split: all of a val tail can be repeats
+            if dedup:
+                stats["duplicate lines skipped"] += repeats
+            if counts[split]["samples"] == 0 and repeats:
+                raise UserError(f"the {split} split of {text_path!r} is empty: --dedup 1 dropped each of its lines as "
+                                f"a repeat of an earlier one (is the corpus repeated end to end?). HINT: dedup it "
+                                f"first (`awk '!seen[$0]++' {text_path} > corpus.dedup.txt`) and prep that without "
+                                f"--dedup")
             if counts[split]["samples"] == 0:
                 raise UserError(f"the {split} split of {text_path!r} is empty ({size} bytes, --val_fraction "
                                 f"{val_fraction}). HINT: use a corpus with more lines, or change --val_fraction")
@@ -1603,9 +1613,10 @@ SAMPLES_PER_BATCH = 16  # --num_samples decode together in batches of at most th
 def cmd_generate(args) -> list[str]:
     check_flags(args, [("num_samples", args.num_samples >= 1, "at least 1"),
                        ("max_new_tokens", args.max_new_tokens >= 0, "0 or more"),
-                       ("temperature", args.temperature >= 0, "0 (greedy) or more"),
+                       ("temperature", args.temperature == 0 or 1e-6 <= args.temperature < math.inf,
+                        "0 (greedy), or finite and at least 1e-6"),  # logits / 1e-40 overflow to inf: no sample
                        ("top_k", args.top_k >= 0, "0 (off) or more"), ("top_p", 0 < args.top_p <= 1, "in (0, 1]"),
-                       ("repetition_penalty", args.repetition_penalty > 0, "above 0 (1 = off)"),
+                       ("repetition_penalty", 1e-6 <= args.repetition_penalty <= 1e6, "from 1e-6 to 1e6 (1 = off)"),
                        ("seed", args.seed is None or abs(args.seed) < 1 << 63, "below 2**63 in size")])
     device = resolve_device(args.device)
     settle_cpu(device)
@@ -1641,7 +1652,9 @@ def cmd_generate(args) -> list[str]:
     rows = math.ceil(args.num_samples / math.ceil(args.num_samples / SAMPLES_PER_BATCH))  # 20: two batches of 10
     texts = []
     for first in range(0, args.num_samples, rows):
-        seed = None if args.seed is None else args.seed + first
+        seed = args.seed  # the first batch's; a later one's from (seed, batch), so `--seed 10` repeats no sample of
+        if seed is not None and first:  # `--seed 0`, as seed + first would (a seed sweep of duplicate samples)
+            seed = random.Random(f"{args.seed} {first}").getrandbits(63)
         for ids in sample(seed=seed, num_samples=rows)[:args.num_samples - first]:
             texts.append(sp.decode(prompt + ids))
             print(f"--- sample {len(texts)}\n{texts[-1]}", flush=True)

@@ -7,6 +7,7 @@ With --ckpt it also runs our own model from that checkpoint on the same tokens (
 prints the largest logit difference and exits with status 1 above --tol.
 """
 
+import math
 import os
 import sys
 
@@ -21,7 +22,8 @@ def run(args) -> None:
         raise UserError(f"{args.folder!r} is not a converted model folder (no config.json). HINT: run "
                         f"`python convert_to_llama.py --ckpt CKPT --out {args.folder}` first, or pass the folder")
     check_flags(args, [("max_new_tokens", args.max_new_tokens >= 1, "at least 1"),
-                       ("temperature", args.temperature >= 0, "0 (greedy only) or more"),
+                       ("temperature", args.temperature == 0 or 1e-6 <= args.temperature < math.inf,
+                        "0 (greedy only), or finite and at least 1e-6"),
                        ("top_k", args.top_k >= 1, "at least 1"), ("seed", 0 <= args.seed < 1 << 63, "in [0, 2**63)")])
     ours = None
     if args.ckpt:  # loaded first: a checkpoint that does not load stops the run before any generating

@@ -331,7 +331,9 @@ def test_test_llama_model_generates_and_compares(converted, tmp_path, spm_path):
     r = run_main(str(out), "--ckpt", str(other / "ckpt_last.pt"), main=T.main)
     assert_user_error(r, "was not converted from", "2000, 2, 64, 64 against 2008, 2, 64, 32")
     assert_user_error(run_main(str(out), "--top_k", "-3", main=T.main), "--top_k must be at least 1, got -3")
-    assert_user_error(run_main(str(out), "--temperature", "nan", main=T.main), "--temperature must be 0")
+    for temperature in ("nan", "1e-40"):  # HF's sampling divides by it too: inf logits, and nothing to sample
+        assert_user_error(run_main(str(out), "--temperature", temperature, main=T.main),
+                          "--temperature must be 0 (greedy only), or finite and at least 1e-6")
     assert_user_error(run_main(str(out), "--seed", str(1 << 64), main=T.main), "--seed must be in [0, 2**63)")
     r = run_main(str(out), "--prompt", "word " * 100, main=T.main)  # one line, no transformers warning before it
     assert_user_error(r, "the model's context is 64")

@@ -315,11 +315,14 @@ def test_cli_generate_refuses_bad_input(trained, docs_corpus, tmp_path):
                       "--num_samples must be at least 1, got 0")
     assert_user_error(run_main("generate", "--ckpt", ckpt, "--max_new_tokens", -5),
                       "--max_new_tokens must be 0 or more, got -5")
-    assert_user_error(run_main("generate", "--ckpt", ckpt, "--temperature", -1), "--temperature must be 0 (greedy)")
+    for temperature in (-1, 1e-40, "inf", "nan"):  # 1e-40: the logits / temperature overflow, and nothing samples
+        assert_user_error(run_main("generate", "--ckpt", ckpt, "--temperature", temperature),
+                          "--temperature must be 0 (greedy), or finite and at least 1e-6")
     assert_user_error(run_main("generate", "--ckpt", ckpt, "--top_p", 0), "--top_p must be in (0, 1]")
     assert_user_error(run_main("generate", "--ckpt", ckpt, "--top_k", -1), "--top_k must be 0 (off)")
-    assert_user_error(run_main("generate", "--ckpt", ckpt, "--repetition_penalty", 0),
-                      "--repetition_penalty must be above 0")
+    for penalty in (0, 1e-39, 1e7):
+        assert_user_error(run_main("generate", "--ckpt", ckpt, "--repetition_penalty", penalty),
+                          "--repetition_penalty must be from 1e-6 to 1e6")
     assert_user_error(run_main("generate", "--ckpt", ckpt, "--seed", 1 << 64), "--seed must be below 2**63 in size")
 
 
@@ -332,8 +335,9 @@ def test_compiled_decode_step_matches_eager(model):
 
 
 def test_cli_samples_decode_in_equal_batches(trained, monkeypatch):
-    """--num_samples 20 runs two batches of 10, not 16 + 4: one KV cache shape, hence one compiled graph. Each batch
-    is seeded by its first sample's index, so the second batch is what `--num_samples 10 --seed 13` prints."""
+    """--num_samples 20 runs two batches of 10, not 16 + 4: one KV cache shape, hence one compiled graph. The first
+    batch is what `--num_samples 10` prints; a later batch's seed is drawn from (seed, batch), so no other --seed
+    repeats its samples (seed + 10 would have: a sweep over seeds 3, 13, ... would have counted samples twice)."""
     sizes, real = [], lm.generate
     monkeypatch.setattr(lm, "generate", lambda *a, num_samples=1, **kw: sizes.append(num_samples) or
                         real(*a, num_samples=num_samples, **kw))
@@ -341,8 +345,10 @@ def test_cli_samples_decode_in_equal_batches(trained, monkeypatch):
             "--temperature", "1.0", "--seed", "3"]
     texts = lm.cmd_generate(lm.build_parser().parse_args([*args, "--num_samples", "20"]))
     assert sizes == [10, 10] and len(texts) == 20
-    second = lm.cmd_generate(lm.build_parser().parse_args([*args[:-1], "13", "--num_samples", "10"]))
-    assert texts[10:] == second
+    assert lm.cmd_generate(lm.build_parser().parse_args([*args, "--num_samples", "10"])) == texts[:10]
+    assert lm.cmd_generate(lm.build_parser().parse_args([*args, "--num_samples", "20"])) == texts
+    other = lm.cmd_generate(lm.build_parser().parse_args([*args[:-1], "13", "--num_samples", "20"]))
+    assert not set(texts) & set(other) and len(set(texts)) == 20  # 8 sampled tokens: no two texts alike by chance
     sizes.clear()
     assert len(lm.cmd_generate(lm.build_parser().parse_args([*args, "--num_samples", "17"]))) == 17
     assert sizes == [9, 9]  # the last batch padded with one sample, dropped

@@ -3,6 +3,7 @@ import hashlib
 import json
 import os
 import random
+import re
 import shutil
 import subprocess
 import sys
@@ -181,6 +182,19 @@ def test_a_line_too_long_to_encode_is_refused_before_any_work(tmp_path, monkeypa
     assert lm.prep(str(corpus), str(tmp_path / "d"), vocab_size=700, progress=False)["train"]["samples"] > 500
 
 
+def test_too_small_a_vocabulary_for_the_characters_is_refused_with_a_size_that_works(tmp_path):
+    chars = [chr(0x4E00 + i) for i in range(600)]  # 600 distinct CJK characters, about evenly used
+    corpus = tmp_path / "cjk.txt"
+    corpus.write_text("\n".join("".join(chars[(i * 7 + j) % 600] for j in range(40)) for i in range(600)) + "\n",
+                      encoding="utf-8")
+    proc = run_main("prep", "--text_path", corpus, "--out_dir", tmp_path / "d", "--vocab_size", 500)
+    # (SentencePiece counts the space it puts before each line as one more character)
+    assert_user_error(proc, "cannot hold the 601 distinct characters", "beside 260 special and byte tokens")
+    need = int(re.search(r"--vocab_size (\d+) or more", proc.stderr)[1])
+    assert need == 861
+    assert lm.prep(str(corpus), str(tmp_path / "d"), vocab_size=need, progress=False)["vocab_size"] == need
+
+
 def test_token_dtype_never_wraps():
     assert lm.token_dtype(65536) == np.uint16 and lm.token_dtype(65537) == np.uint32
 
@@ -200,6 +214,7 @@ def test_token_dtype_never_wraps():
     ("cr_only", "\\r alone"),
     ("fifo", "not a regular file"),
     ("too_many_characters", "distinct characters"),
+    ("repeated", "--dedup 1 dropped each of its lines as a repeat"),  # `cat a.txt a.txt`: no val_fraction helps
 ])
 def test_bad_input_is_refused_and_good_outputs_survive(case, needle, docs_data, tmp_path):
     out = tmp_path / "data"
@@ -228,10 +243,14 @@ def test_bad_input_is_refused_and_good_outputs_survive(case, needle, docs_data, 
         chars = [chr(0x4E00 + i) for i in range(2000)]
         text_path.write_text("\n".join("".join(chars[(i * 7 + j) % 2000] for j in range(40)) for i in range(2000)),
                              encoding="utf-8")
+    elif case == "repeated":
+        text_path.write_text(("\n".join(docs_lines()[:300]) + "\n") * 2, encoding="utf-8")
     elif case != "missing":
         text_path.write_text("\n".join(docs_lines()[:300]) + "\n", encoding="utf-8")
         vocab = {"vocab_too_big": 50000, "vocab_negative": -5, "vocab_absurd": 10**9}[case]
-    proc = run_main("prep", "--text_path", text_path, "--out_dir", out, "--vocab_size", vocab, "--num_workers", 1)
+    dedup = ["--dedup", 1, "--val_fraction", 0.4] if case == "repeated" else []
+    proc = run_main("prep", "--text_path", text_path, "--out_dir", out, "--vocab_size", vocab, "--num_workers", 1,
+                    *dedup)
     assert_user_error(proc, needle)
     assert digest(out) == before
     assert sorted(os.listdir(out)) == ["meta.json", "tokenizer.model", "train.bin", "val.bin"]  # no temp files left
