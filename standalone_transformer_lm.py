@@ -1636,8 +1636,8 @@ def cmd_generate(args) -> list[str]:
                         "or convert the text with iconv") from None
     prompt = [BOS_ID] + sp.encode(args.prompt)
     if len(prompt) >= model.cfg.seq_len:
-        raise UserError(f"the prompt is {len(prompt)} tokens, the model's context is {model.cfg.seq_len}. HINT: "
-                        f"shorten the prompt")
+        raise UserError(f"the prompt is {len(prompt)} tokens (bos included), the model's context is "
+                        f"{model.cfg.seq_len}. HINT: shorten the prompt")
     decode_step = None
     if args.compile:  # one graph for every decode step (CUDA graphs on GPU); the prefill runs eagerly
         print("compiling the decode step: the first new token waits for it", file=sys.stderr, flush=True)
