@@ -1,6 +1,7 @@
 # convert_to_llama.py and test_llama_model.py: the converted folder must behave as our model and tokenizer do.
 import dataclasses
 import json
+import math
 import os
 import pickle
 import random
@@ -133,6 +134,8 @@ def test_autotokenizer_ids_equal_sentencepiece(converted, sp, tmp_path):
     # what generate(**tok(text)) accepts; transformers 4.x's generic class also returns token_type_ids unless told
     config = json.loads((out / "tokenizer_config.json").read_text(encoding="utf-8"))
     assert config["model_input_names"] == list(tok("x")) == ["input_ids", "attention_mask"]
+    # transformers reads the post-processor; other readers of the folder (llama.cpp's converter) read these flags
+    assert (config["add_bos_token"], config["add_eos_token"]) == (True, False)
     batch = tok(["The sun is", "a"], padding=True)["input_ids"]  # left padding with pad, for batched generation
     short = [sp.bos_id()] + sp.encode("a")
     assert batch[1] == [sp.pad_id()] * (len(batch[0]) - len(short)) + short
@@ -220,7 +223,7 @@ def test_malicious_pickle_is_refused_without_running(tmp_path, spm_path, writer)
     assert not marker.exists() and not (tmp_path / "hf").exists()
 
 
-def test_non_empty_out_needs_force_and_failed_verify_keeps_old_folder(converted, tmp_path, capsys):
+def test_non_empty_out_needs_force_and_failed_verify_keeps_old_folder(converted, tmp_path, capsys, monkeypatch):
     run_dir, _ = converted
     out = tmp_path / "hf"
     out.mkdir()
@@ -236,6 +239,11 @@ def test_non_empty_out_needs_force_and_failed_verify_keeps_old_folder(converted,
     assert e.value.code == 1 and capsys.readouterr().err.startswith("error:")
     assert (out / "keep.txt").exists() and sorted(p.name for p in tmp_path.iterdir()) == ["hf"]
 
+    with monkeypatch.context() as m:  # NaN logits are no match either
+        m.setattr(C, "max_logit_diff", lambda *a: math.nan)
+        with pytest.raises(SystemExit) as e:
+            convert(run_dir, out, "--force", "--verify")
+        assert e.value.code == 1 and capsys.readouterr().err.startswith("error:") and (out / "keep.txt").exists()
     convert(run_dir, out, "--force", "--verify")
     assert "verified:" in capsys.readouterr().out
     assert not (out / "keep.txt").exists() and (out / "model.safetensors").exists()
@@ -251,7 +259,7 @@ def test_non_empty_out_needs_force_and_failed_verify_keeps_old_folder(converted,
 @pytest.mark.parametrize("mistake", ["missing", "directory", "truncated", "text", "bin-without-config",
                                      "vocab-mismatch", "out-is-file", "bad-flag-value", "other-tokenizer",
                                      "out-holds-the-run", "float16-overflow", "config-not-json", "config-types",
-                                     "config-other-shape", "config-ties-two-matrices"])
+                                     "config-other-shape", "config-ties-two-matrices", "bin-other-tokenizer"])
 def test_user_mistakes_give_one_error_line(converted, tmp_path, spm_path, capsys, mistake):
     run_dir, _ = converted
     ckpt, out, extra = run_dir / "ckpt_last.pt", tmp_path / "hf", []
@@ -279,10 +287,14 @@ def test_user_mistakes_give_one_error_line(converted, tmp_path, spm_path, capsys
         out.write_text("")
     elif mistake == "bad-flag-value":
         extra = ["--tol", "small"]
-    elif mistake == "other-tokenizer":  # as many pieces, other text: what a later prep leaves in ./data
+    elif mistake.endswith("other-tokenizer"):  # as many pieces, other text: what a later prep leaves in ./data
         lines = [line.upper() for line in spm_path.with_name("lines.txt").read_text(encoding="utf-8").splitlines()]
         (tmp_path / "other.model").write_bytes(S.train_tokenizer(lines, VOCAB))
         extra = ["--spm", str(tmp_path / "other.model")]
+        if mistake == "bin-other-tokenizer":  # the export, checked against the tokenizer.model that train put beside it
+            for name in ("pytorch_model.bin", "config.json", "tokenizer.model"):
+                shutil.copy(run_dir / name, tmp_path / name)
+            ckpt = tmp_path / "pytorch_model.bin"
     elif mistake == "out-holds-the-run":  # --force would replace the folder and the checkpoint with it
         ckpt, out, extra = make_run(tmp_path / "run", spm_path) / "ckpt_last.pt", tmp_path, ["--force"]
     elif mistake == "float16-overflow":
@@ -299,6 +311,7 @@ def test_user_mistakes_give_one_error_line(converted, tmp_path, spm_path, capsys
               "text": "not a torch.save archive", "bin-without-config": "config.json' does not exist",
               "vocab-mismatch": "has 2000 pieces but the model's vocabulary is 2008", "out-is-file": "is a file",
               "bad-flag-value": "--tol: invalid float value", "other-tokenizer": "is not the one",
+              "bin-other-tokenizer": "is not the one",
               "out-holds-the-run": "which replacing it would delete", "float16-overflow": "not finite in float16",
               "config-not-json": "is not the config.json that `train` wrote",
               "config-types": "do not fit together (TypeError", "config-other-shape": "size mismatch for",
@@ -308,7 +321,7 @@ def test_user_mistakes_give_one_error_line(converted, tmp_path, spm_path, capsys
     assert mistake != "out-holds-the-run" or ckpt.exists()
 
 
-def test_test_llama_model_generates_and_compares(converted, tmp_path, spm_path):
+def test_test_llama_model_generates_and_compares(converted, tmp_path, spm_path, monkeypatch):
     import test_llama_model as T
     run_dir, out = converted
     r = run_cli("test_llama_model.py", str(out), "--ckpt", str(run_dir / "ckpt_last.pt"), "--max_new_tokens", "8",
@@ -318,6 +331,10 @@ def test_test_llama_model_generates_and_compares(converted, tmp_path, spm_path):
     assert "largest logit difference" in r.stdout
     r = run_main(str(out), "--temperature", "0", "--max_new_tokens", "4", main=T.main)  # then in this process
     assert r.returncode == 0 and "greedy : The sun is" in r.stdout and "sampled" not in r.stdout, r.stderr
+    with monkeypatch.context() as m:  # NaN logits are no match
+        m.setattr(T, "max_logit_diff", lambda *a: math.nan)
+        r = run_main(str(out), "--ckpt", str(run_dir / "ckpt_last.pt"), "--max_new_tokens", "2", main=T.main)
+        assert r.returncode == 1 and r.stderr.startswith("error:") and "logits differ" in r.stderr, r.stderr
 
     torn = tmp_path / "torn"  # a copy cut short: one error line, no traceback
     shutil.copytree(out, torn)

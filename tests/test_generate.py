@@ -207,6 +207,10 @@ def test_repetition_penalty_in_the_decode_loop_sees_every_token_so_far(model):
     assert len(set(prompt + plain)) < len(prompt + plain)  # this model repeats itself when greedy
     ids = prompt + lm.generate(model, prompt, 30, temperature=0, repetition_penalty=1e6, eos_id=None)[0]
     assert len(set(ids)) == len(ids)  # a huge penalty: no token of the prompt or of the output comes twice
+    k = next(i for i, t in enumerate(plain) if t in prompt + plain[:i])  # greedy's first repeat of its context,
+    context = prompt + plain[:k]  # as a prompt of its own: the penalty must count the prompt's tokens as seen
+    assert lm.generate(model, context, 1, temperature=0, eos_id=None)[0] == [plain[k]]
+    assert lm.generate(model, context, 1, temperature=0, repetition_penalty=1e6, eos_id=None)[0][0] not in context
 
 
 @pytest.fixture(scope="module")
@@ -223,6 +227,17 @@ def test_cli_generate_is_reproducible_and_finds_its_tokenizer(trained):
     assert first == second and first.count("The try statement") == 2
     other_seed = run_main(*args[:7], "--seed", 4, "--num_samples", 2, "--top_p", 0.9, check=True).stdout
     assert other_seed != first
+
+
+def test_the_stream_holds_back_half_a_character(capsys):
+    class Pieces:  # a tokenizer whose ids 10, 11 and 12 are the three bytes of "€"
+        def decode(self, ids):
+            return bytes(b"\xe2\x82\xac"[i - 10] if i >= 10 else 97 + i for i in ids).decode(errors="replace")
+    stream = lm.TextStream(Pieces(), [0])
+    for n in range(1, 4):
+        stream([1, 10, 11, 12][:n + 1])
+        assert "\ufffd" not in capsys.readouterr().out  # nothing of "€" until its last byte has come
+    assert stream([1, 10, 11, 12, 2], final=True) == "ab€c" and capsys.readouterr().out == "c\n"
 
 
 def test_one_sample_streams_exactly_the_text_it_returns(trained, capsys):

@@ -171,16 +171,25 @@ def test_val_loss_is_measured_without_dropout_and_only_a_lower_one_is_a_new_best
     run = tmp_path / "run"
     lm.main(["train", *train_args(run, docs_data, max_steps=10, eval_interval=10, save_interval=10, dropout=0.5)])
     model, _ = lm.model_from_checkpoint(str(run / "ckpt_last.pt"), torch.device("cpu"), torch.float32)
-    val = lm.Batches(str(docs_data / "val.bin"), np.uint16, model.cfg.seq_len, 1337 + 1, global_batch=4)
-    x, y = val.get(0, range(16), torch.device("cpu"))  # --eval_iters 2 x global batch 4 x 2: the windows evaluated
-    with torch.no_grad():
-        assert metrics(run)[-1]["val_loss"] == pytest.approx(model(x, y)[1].item(), abs=1e-4)
+
+    def val_loss(seed, windows):  # the mean over the first windows of val.bin in its seeded order, 4 at a time
+        val = lm.Batches(str(docs_data / "val.bin"), np.uint16, model.cfg.seq_len, seed, global_batch=4)
+        with torch.no_grad():
+            return sum(model(*val.get(0, range(i, i + 4), torch.device("cpu")))[1].item() * 4
+                       for i in range(0, windows, 4)) / windows
+    # --eval_iters 2 x global batch (4 x 2): 16 windows, in the order of seed + 1; the log rounds to 5 decimals
+    logged = metrics(run)[-1]["val_loss"]
+    assert logged == pytest.approx(val_loss(1337 + 1, 16), abs=1e-5)
+    assert abs(logged - val_loss(1337 + 1, 8)) > 2e-5 and abs(logged - val_loss(1337, 16)) > 2e-5  # it can tell
     ckpt = load(run / "ckpt_last.pt")
     ckpt["best_val_loss"] = 0.0  # a best no eval can beat; a new file renamed over it, so ckpt_best.pt keeps its bytes
     torch.save(ckpt, run / "edited.pt")
     os.replace(run / "edited.pt", run / "ckpt_last.pt")
-    lm.main(["train", *train_args(run, docs_data, max_steps=20, eval_interval=5, save_interval=5, dropout=0.5)])
-    assert load(run / "ckpt_best.pt")["step"] == 10 and load(run / "ckpt_last.pt")["step"] == 20
+    lm.main(["train", *train_args(run, docs_data, max_steps=17, eval_interval=5, save_interval=5, dropout=0.5)])
+    assert load(run / "ckpt_best.pt")["step"] == 10 and load(run / "ckpt_last.pt")["step"] == 17
+    # the last step is evaluated and saved, exported too, though neither interval divides it and it is no new best
+    assert "val_loss" in metrics(run)[-1] and metrics(run)[-1]["step"] == 17
+    assert json.loads((run / "config.json").read_text())["step"] == 17
 
 
 def test_ctrl_c_asks_for_a_save_and_again_3_s_later_stops_at_once():
@@ -313,6 +322,41 @@ def test_lr_schedule_and_which_parameters_decay():
     assert {p.ndim for p in no_decay["params"]} == {1}
 
 
+def test_every_parameter_group_follows_the_schedule_and_a_resume_takes_the_commands_weight_decay(docs_data,
+                                                                                                  tmp_path):
+    run = tmp_path / "run"
+    lm.main(["train", *train_args(run, docs_data, max_steps=2, warmup_steps=5, eval_interval=2, save_interval=2)])
+    groups = load(run / "ckpt_last.pt")["optimizer"]["param_groups"]
+    assert [g["lr"] for g in groups] == [lm.lr_at(1, 3e-3, 3e-4, 5, 2)] * 2  # the norm gains' group too
+    assert metrics(run)[-1]["lr"] == pytest.approx(groups[0]["lr"])
+    lm.main(["train", *train_args(run, docs_data, max_steps=4, warmup_steps=5, weight_decay=0)])
+    assert [g["weight_decay"] for g in load(run / "ckpt_last.pt")["optimizer"]["param_groups"]] == [0.0, 0.0]
+    lm.main(["train", *train_args(run, docs_data, max_steps=6, warmup_steps=5)])
+    assert [g["weight_decay"] for g in load(run / "ckpt_last.pt")["optimizer"]["param_groups"]] == [0.1, 0.0]
+
+
+def test_float16_clips_and_logs_the_unscaled_gradient(docs_data, tmp_path):
+    rows = {}
+    for dtype in ("float32", "float16"):  # the scaler multiplies the loss by 65,536: clipping must see through it
+        lm.main(["train", *train_args(tmp_path / dtype, docs_data, max_steps=3, grad_accum_steps=1, log_interval=1,
+                                      eval_interval=3, save_interval=3, grad_clip=0.5, dtype=dtype)])
+        rows[dtype] = metrics(tmp_path / dtype)
+    assert [r["grad_norm"] for r in rows["float16"]] == pytest.approx([r["grad_norm"] for r in rows["float32"]],
+                                                                      rel=0.01)
+    assert [r["loss"] for r in rows["float16"]] == pytest.approx([r["loss"] for r in rows["float32"]], abs=2e-3)
+
+
+def test_preset_shapes_and_the_initial_weights_scale():
+    widths = {name: lm.ModelConfig(**cfg).ffn_hidden for name, cfg in lm.PRESETS.items()}
+    assert widths == {"tiny": 192, "138m": 2048, "350m": 2816, "700m": 3584}  # 2/3 of 4 x d_model, rounded up
+    torch.manual_seed(0)
+    model = lm.Transformer(lm.ModelConfig(n_layer=8, n_head=4, d_model=256, vocab_size=2000))
+    for name, p in model.named_parameters():  # N(0, 0.02); what writes into the residual stream / sqrt(2 n_layer)
+        if p.ndim == 2:
+            std = 0.02 / 4 if name.endswith(("o_proj.weight", "down_proj.weight")) else 0.02
+            assert p.std().item() == pytest.approx(std, rel=0.05), name
+
+
 def test_rope_tables_are_cos_and_sin_rounded_once_from_float64():
     """The same command must build the same tables in every process: torch's pow and cos on a CPU gave other last bits
     in their first call of some processes, and two otherwise identical runs then trained apart. The angles are HF
@@ -388,6 +432,12 @@ def test_an_epoch_reads_every_window_once_in_a_seeded_order(tmp_path):
         shift = min(order)  # the epoch's seeded shift of the window grid
         assert sorted(order) == list(range(shift, shift + 16 * 39, 16)) and order != sorted(order)
     assert starts[0] != starts[1]
+    batches = lm.Batches(str(path), np.uint16, 16, 0, global_batch=4)
+    epochs = [[int(batches.window(e * 39 + i)[0]) for i in range(39)] for e in range(5)]
+    shifts = [min(order) for order in epochs]
+    for order, shift in zip(epochs, shifts):
+        assert sorted(order) == list(range(shift, shift + 16 * 39, 16))
+    assert len({tuple(o) for o in epochs}) == 5 and len(set(shifts)) > 1  # each epoch its own order and grid shift
 
 
 @pytest.mark.parametrize("tokens", [17, 21, 31, 32, 33, 55])
@@ -492,6 +542,8 @@ def test_two_gloo_ranks_match_one_process_with_accumulation(docs_data, tmp_path,
     assert losses[0] == pytest.approx(losses[1], abs=1e-4)
     val = [[r["val_loss"] for r in metrics(tmp_path / run) if "val_loss" in r] for run in ("one", "two")]
     assert len(val[0]) == 2 and val[0] == pytest.approx(val[1], abs=1e-4)  # the same windows, however many ranks
+    rng = load(tmp_path / "two" / "ckpt_last.pt")["rng"]
+    assert len(rng) == 2 and not torch.equal(rng[0]["torch"], rng[1]["torch"])  # each rank its own dropout masks
 
 
 def test_a_rank_added_on_resume_draws_its_own_dropout_masks(docs_data, tmp_path):
@@ -524,7 +576,7 @@ def test_a_live_run_keeps_a_second_out_and_repeated_sigterm_saves_and_exits_clea
     try:
         wait_for_metrics(tmp_path / "run")
         # The same command again (here as `srun` would start a copy) while the first trains: refused, nothing touched
-        second = run_main(*cmd[2:], env={"SLURM_STEP_NUM_TASKS": "2"})
+        second = run_main(*cmd[2:], "--max_steps", "2", env={"SLURM_STEP_NUM_TASKS": "2"})  # (unlocked: it ends)
         assert_user_error(second, f"another training run (pid {proc.pid} on", "srun started 2 copies", "--out_dir")
         assert live.exists() and proc.poll() is None
         # A scheduler signals every process and torchrun forwards the signal again; some repeat it until the end. A
@@ -890,7 +942,9 @@ def test_bad_train_input(docs_data, tmp_path):
                                 ("dropout", 1.5, "--dropout must be in [0, 1)"),
                                 ("lr", -1e-3, "--lr must be above 0"), ("grad_clip", -1, "--grad_clip must be 0"),
                                 ("seed", -1, "--seed must be 0 or more, got -1"),
-                                ("batch_size", "x", "invalid int value")):
+                                ("batch_size", "x", "invalid int value"),
+                                ("n_kv_head", 3, "n_head 4 is not a multiple of n_kv_head 3"),
+                                ("head_dim", 15, "head_dim 15 must be even")):
         assert_user_error(run_main("train", *train_args(tmp_path / "r2", docs_data, **{flag: value})),
                           needle)
     assert not (tmp_path / "r2").exists()  # nor does a bad model shape, a split too short for it or a training flag
