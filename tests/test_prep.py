@@ -96,7 +96,13 @@ def test_stats_count_what_was_repaired(tricky):
 
 
 def test_deterministic_whatever_the_number_of_workers(docs_corpus, tmp_path, monkeypatch):
+    (tmp_path / "a").mkdir()
+    gone = subprocess.Popen([sys.executable, "-c", ""])
+    gone.wait()
+    stale = tmp_path / "a" / f".train.bin.tmp{gone.pid}"  # left by a prep killed while it encoded
+    stale.write_text("x" * 1000)
     run_cli("prep", "--text_path", docs_corpus, "--out_dir", tmp_path / "a", "--vocab_size", 600, "--num_workers", 1)
+    assert not stale.exists()
     monkeypatch.setattr(lm, "BLOCK_BYTES", 1 << 14)  # 30 blocks in flight two per worker, finishing out of order
     run_main("prep", "--text_path", docs_corpus, "--out_dir", tmp_path / "b", "--vocab_size", 600, "--num_workers", 2,
              check=True)  # in this process: the same files as a process of the script writes
@@ -203,6 +209,13 @@ def test_the_tokenizer_sample_of_a_corpus_larger_than_it_is_seeded(docs_corpus, 
     assert tokenizer("a", 1) == tokenizer("b", 1) != tokenizer("c", 2)
 
 
+def test_the_val_split_starts_at_the_first_line_at_or_after_the_cut(tmp_path):
+    path = tmp_path / "c.txt"
+    path.write_bytes(b"aaa\nbbb\ncc\n")  # 11 bytes
+    cuts = {0.6: 4, 0.64: 3, 0.3: 7, 0.2: 8, 0.1: 9}  # --val_fraction: the byte it cuts at
+    assert [lm.split_offset(str(path), 11, f) for f in cuts] == [4, 4, 8, 8, 11]
+
+
 def test_token_dtype_never_wraps():
     assert lm.token_dtype(65536) == np.uint16 and lm.token_dtype(65537) == np.uint32
 
@@ -266,6 +279,7 @@ def test_bad_input_is_refused_and_good_outputs_survive(case, needle, docs_data, 
 
 def test_byte_order_marks_at_line_starts_are_dropped(tmp_path):
     lines = docs_lines()[:300]
+    lines[7] += " \ufeff"  # inside a line it is text (a zero-width no-break space): kept
     text = "".join(("\ufeff" if i % 50 == 0 else "") + line + "\n" for i, line in enumerate(lines))  # `cat *.txt`
     (tmp_path / "bom.txt").write_text(text, encoding="utf-8")
     meta = lm.prep(str(tmp_path / "bom.txt"), str(tmp_path / "d"), vocab_size=400, val_fraction=0.1, num_workers=1,
