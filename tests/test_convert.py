@@ -406,3 +406,41 @@ def test_a_missing_conversion_package_is_one_error_line(converted, script, missi
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and missing in lines[0] and "HINT: pip install -r requirements.txt" in lines[0], lines
     assert not (run_dir.parent / "hf_new").exists()  # refused before anything is written
+
+
+def test_config_fields_that_other_readers_use_and_a_readable_tagged_weights_file(tmp_path, spm_path):
+    from safetensors import safe_open
+    run = make_run(tmp_path / "run", spm_path, n_kv_head=2, rope_theta=500000.0, seq_len=128)
+    out = convert(run, tmp_path / "hf")
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["rope_theta"] == cfg["rope_parameters"]["rope_theta"] == 500000.0  # transformers 4.x and llama.cpp
+    assert json.loads((out / "tokenizer_config.json").read_text())["model_max_length"] == 128
+    umask = os.umask(0o022)
+    os.umask(umask)
+    assert os.stat(out / "model.safetensors").st_mode & 0o777 == 0o666 & ~umask  # not owner-only in a shared folder
+    with safe_open(out / "model.safetensors", "pt") as f:
+        assert f.metadata() == {"format": "pt"}  # transformers 4.x refuses a file without it
+
+
+def test_out_as_the_working_folder_is_refused_even_with_force(converted, tmp_path, monkeypatch, capsys):
+    run_dir, _ = converted
+    work = tmp_path / "work"
+    work.mkdir()
+    (work / "notes.txt").write_text("precious")
+    monkeypatch.chdir(work)
+    with pytest.raises(SystemExit) as e:
+        C.main(["--ckpt", str(run_dir / "ckpt_last.pt"), "--out", ".", "--force"])
+    assert e.value.code == 2 and "which replacing it would delete" in capsys.readouterr().err
+    assert (work / "notes.txt").read_text() == "precious"
+
+
+def test_verify_compares_positions_enough_to_see_a_swap_of_q_and_k(converted, sp, tmp_path):
+    run_dir, out = converted
+    broken = tmp_path / "broken"
+    shutil.copytree(out, broken)
+    w = load_file(broken / "model.safetensors")
+    q, k = "model.layers.0.self_attn.q_proj.weight", "model.layers.0.self_attn.k_proj.weight"
+    w[q], w[k] = w[k].clone(), w[q].clone()  # invisible at one position: one key, attention weight 1
+    save_file(w, broken / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(C.VerificationError):
+        C.verify(str(broken), C.load_our_model(str(run_dir / "ckpt_last.pt"))[0], sp, 1e-3)

@@ -367,3 +367,18 @@ def test_cli_samples_decode_in_equal_batches(trained, monkeypatch):
     sizes.clear()
     assert len(lm.cmd_generate(lm.build_parser().parse_args([*args, "--num_samples", "17"]))) == 17
     assert sizes == [9, 9]  # the last batch padded with one sample, dropped
+
+
+def test_sampling_keeps_float32_angles_a_prefill_returns_its_last_position_and_generate_drops_its_layout():
+    cfg = lm.ModelConfig(**lm.PRESETS["tiny"], vocab_size=320)
+    m = lm.for_sampling(lm.Transformer(cfg), torch.device("cpu"), torch.bfloat16)
+    cos, sin = lm.rope_tables(cfg)  # bf16 angles would lose positions
+    assert m.rope_cos.dtype == torch.float32 and torch.equal(m.rope_cos, cos) and torch.equal(m.rope_sin, sin)
+    m = lm.Transformer(cfg).eval()
+    for block in m.layers:
+        block.self_attn.cache = lm.KVCache(1, cfg, torch.float32, "cpu")
+    with torch.no_grad():  # lm_head over the prompt's last position only: the one that samples
+        assert m(torch.tensor([[1, 5, 6, 7]]), pos=torch.arange(4))[0].shape == (1, 1, 320)
+    lm.generate(m, [1, 5], 3, eos_id=None, num_samples=2)
+    # the copies laid out for decoding go with the call: memory back, and none left stale for a later change of weights
+    assert m.decode_weight is None and all(mod.packed is None for mod in m.modules() if isinstance(mod, lm.Linear))

@@ -5,8 +5,10 @@ import os
 import random
 import re
 import shutil
+import signal
 import subprocess
 import sys
+from collections import Counter
 
 import numpy as np
 import pytest
@@ -352,3 +354,53 @@ def test_peak_memory_does_not_grow_with_corpus_size(tmp_path):
     size_mb = os.path.getsize(tmp_path / "large.txt") / 1e6
     # 0.7-2.1 MB apart when measured; holding a split's text (+24 MB) or its tokens (+15 MB) would show
     assert rss_large - rss_small < 6, (rss_small, rss_large, size_mb)
+
+
+def test_the_word_cache_stays_bounded_and_encodes_as_sentencepiece_does(docs_data, monkeypatch):
+    monkeypatch.setattr(lm, "CACHED_WORDS", 50)
+    monkeypatch.setattr(lm, "encoder", {})
+    handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    lm.start_encoder(str(docs_data / "tokenizer.model"), np.uint16)  # as in a worker, whose signal handlers it sets
+    for s, h in handlers.items():
+        signal.signal(s, h)
+    sp = lm.encoder["sp"]
+    for i in range(10):
+        text = " ".join(f"w{i}x{j}" for j in range(100)) + " " + "y" * 100
+        assert np.frombuffer(lm.encode_samples(text), np.uint16).tolist() == [1] + sp.encode(text) + [2]
+        # cleared when full, and a word of more than 64 characters (a long line can be one) never kept
+        assert len(lm.encoder["words"]) <= 50 + 102 and "\u2581" + "y" * 100 not in lm.encoder["words"]
+
+
+def test_blocks_in_flight_stay_bounded(docs_corpus, tmp_path, monkeypatch):
+    most = []
+
+    class Counting(lm.deque):  # the queue of blocks sent to the workers and not yet written
+        def append(self, x):
+            super().append(x)
+            most.append(len(self))
+    monkeypatch.setattr(lm, "deque", Counting)
+    monkeypatch.setattr(lm, "BLOCK_BYTES", 1 << 14)  # about 30 blocks
+    lm.prep(str(docs_corpus), str(tmp_path / "d"), vocab_size=400, num_workers=1, progress=False)
+    assert len(most) > 20 and max(most) <= 2 * 1 + 1
+
+
+def test_a_few_bad_bytes_are_repaired_and_counted_a_literal_replacement_character_is_text(tmp_path):
+    path = tmp_path / "c.txt"
+    path.write_bytes((b"plain text line\n" * 4000 + b"bad \xff here\n") * 16)  # 16 bad bytes in 1 MB: repaired
+    lm.check_encoding(str(path))
+    stats = Counter()
+    assert lm.clean_lines("\ufffd ok \n".encode() + b"\xff\n", False, stats) == ["\ufffd ok ", "\ufffd"]
+    assert stats["invalid UTF-8 sequences replaced"] == 1
+
+
+def test_sigterm_stops_prep_like_ctrl_c_and_removes_what_it_made(docs_corpus, tmp_path):
+    big = tmp_path / "big.txt"
+    big.write_text(docs_corpus.read_text() * 6)
+    proc = subprocess.Popen([sys.executable, ROOT + "/standalone_transformer_lm.py", "prep", "--text_path", str(big),
+                             "--out_dir", str(tmp_path / "new" / "d"), "--vocab_size", "400", "--num_workers", "1"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    assert proc.stdout.readline().startswith("training a")
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130 and err.strip().endswith("error: interrupted"), (proc.returncode, err)
+    assert not (tmp_path / "new").exists()

@@ -407,6 +407,7 @@ def test_the_fused_float32_loss_equals_cross_entropy_over_the_logits(tie, backen
     x = torch.randint(0, cfg.vocab_size, (3, cfg.seq_len))
     y = x.roll(-1, 1)
     y[0, :7] = y[2, 30:] = -1
+    y[1, 5] = 0  # id 0 is a target like any other; only -1 is ignored
     torch._dynamo.reset()
     loss = (torch.compile(model, backend=backend) if backend else model)(x, y)[1]
     fused = torch.autograd.grad(loss / 3, list(model.parameters()))  # as a micro-step's loss, scaled
@@ -973,3 +974,79 @@ def test_bad_train_input(docs_data, tmp_path):
     assert_user_error(run_main("train", *train_args(tmp_path / "r2", docs_data)), "not a loadable")
     (tmp_path / "r2" / "ckpt_last.pt").write_bytes(b"")  # a save cut short by a full disk
     assert_user_error(run_main("train", *train_args(tmp_path / "r2", docs_data)), "not a loadable")
+
+
+def test_a_tokenizer_that_a_later_prep_renamed_in_is_refused(docs_data, tmp_path):
+    data = tmp_path / "data"  # a prep killed between its renames: the new tokenizer beside the old token files
+    shutil.copytree(docs_data, data)
+    (data / "tokenizer.model").write_bytes(b"the tokenizer of a later prep")
+    assert_user_error(run_main("train", *train_args(tmp_path / "run", data, max_steps=1)),
+                      "not the ones its meta.json describes")
+
+
+def test_a_nan_loss_stops_a_float16_run_whose_scaler_would_skip_every_step(docs_data, tmp_path, monkeypatch):
+    forward, calls = lm.Transformer.forward, []
+
+    def nan_from_step_2(self, idx, targets=None, pos=None):
+        logits, loss = forward(self, idx, targets, pos)
+        if self.training:
+            calls.append(1)
+            if len(calls) > 2:  # two micro-steps a step
+                loss = loss * math.nan
+        return logits, loss
+    monkeypatch.setattr(lm.Transformer, "forward", nan_from_step_2)
+    proc = run_main("train", *train_args(tmp_path / "run", docs_data, max_steps=6, dtype="float16"))
+    assert_user_error(proc, "training diverged at step 2: loss nan")
+
+
+def test_a_repeated_sigterm_is_the_same_request_and_restore_puts_the_handlers_back():
+    handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        lm.StopSignal().restore()  # nothing requested: the handlers from before come back
+        assert {s: signal.getsignal(s) for s in handlers} == handlers
+        stop = lm.StopSignal()
+        os.kill(os.getpid(), signal.SIGTERM)
+        stop.since -= 4
+        try:  # a scheduler's repeat seconds later, during a long save: not Ctrl-C's "stop at once"
+            os.kill(os.getpid(), signal.SIGTERM)
+        except KeyboardInterrupt:
+            pytest.fail("a repeated SIGTERM stopped the run at once")
+        assert stop.requested
+    finally:
+        for s, h in handlers.items():
+            signal.signal(s, h)
+
+
+@pytest.mark.parametrize("tie", [0, 1])
+def test_flops_per_token_is_palms_count(tie):
+    cfg = lm.ModelConfig(**lm.PRESETS["tiny"], vocab_size=320, tie_embeddings=tie)
+    m = lm.Transformer(cfg)
+    matrices = {id(mod.weight): mod.weight.numel() for mod in m.modules() if isinstance(mod, lm.Linear)}  # tied: once
+    attention = 12 * cfg.n_layer * cfg.n_head * cfg.head_dim * cfg.seq_len  # scores and weighted values
+    assert m.flops_per_token() == 6 * sum(matrices.values()) + attention
+
+
+def test_mfu_uses_the_peak_of_the_gpus_own_variant(monkeypatch):
+    for name, peak in (("NVIDIA H100 PCIe", 756e12), ("NVIDIA H100 80GB HBM3", 989e12), ("NVIDIA H200 NVL", 835e12),
+                       ("NVIDIA L40S", 362e12), ("NVIDIA L40", 181e12)):
+        monkeypatch.setattr(torch.cuda, "get_device_name", lambda d=None, n=name: n)
+        assert lm.peak_bf16_flops(torch.device("cuda", 0)) == peak, name
+
+
+def test_gpus_hidden_with_cuda_visible_devices_minus_one_mean_the_cpu(tmp_path, monkeypatch):
+    (tmp_path / "nvidiactl").touch()
+    monkeypatch.setattr(lm, "NVIDIA_DEVICE", str(tmp_path / "nvidiactl"))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "-1")
+    assert lm.resolve_device("auto").type == "cpu"
+
+
+def test_the_lock_names_this_process_and_another_users_process_counts_as_alive(tmp_path, monkeypatch):
+    (tmp_path / ".train.lock").write_text("pid 1 on a node long gone, a longer line than ours\n")
+    with lm.out_dir_lock(str(tmp_path)):
+        assert (tmp_path / ".train.lock").read_text() == f"pid {os.getpid()} on {os.uname().nodename}\n"
+
+    def not_permitted(pid, sig):
+        raise PermissionError(1, "Operation not permitted")
+    monkeypatch.setattr(os, "kill", not_permitted)
+    assert lm.pid_alive(1)  # its temporary files in a shared --out_dir are kept
