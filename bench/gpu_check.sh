@@ -9,7 +9,9 @@
 #
 # The benchmark's figures come first: it may take all but the last 2 minutes (it stops starting variants 4 minutes
 # before the end, since one started just then may compile for a minute or two more); the tests get the rest but
-# 70 s, at least 1 minute (more when the benchmark ends early), and the profile what is left after them.
+# 70 s, at least 1 minute (more when the benchmark ends early; none when it leaves under 130 s), and the profile what
+# is left after them. A Python without torch and the other packages, or whose torch cannot use the GPU that is here,
+# is an error at once (exit 2).
 # BENCH_ARGS replaces "--size 138m" (e.g. "--size 350m --only trainer"), PROFILE_ARGS adds to the profile's flags,
 # PYTHON names the interpreter (default python3). Exit status: the benchmark's, else the tests'.
 set -uo pipefail
@@ -19,6 +21,19 @@ out=${1:?usage: bash bench/gpu_check.sh OUT_DIR [SECONDS]}
 limit=${2:-570}
 mkdir -p "$out"
 start=$SECONDS
+# A broken environment must fail in seconds, not spend the slot: a CPU build of torch on a GPU machine would run the
+# whole benchmark on the CPU without a word
+if ! "$py" -c "import numpy, pytest, sentencepiece, torch, tqdm, transformers" 2>/dev/null; then
+  echo "error: $py lacks torch or another package of requirements.txt (or pytest): install them, or set PYTHON" \
+    | tee "$out/machine.txt"
+  exit 2
+fi
+if nvidia-smi -L >/dev/null 2>&1 && ! "$py" -c "import sys, torch; sys.exit(not torch.cuda.is_available())"; then
+  echo "error: a GPU is here, but the torch of $py cannot use it (a CPU build?): install the CUDA build" \
+    | tee "$out/machine.txt"
+  exit 2
+fi
+command -v cc >/dev/null || echo "warning: no C compiler (cc): every torch.compile variant will fail"
 bench_limit=$((limit > 240 ? limit - 120 : limit / 2))
 bench_budget=$((limit > 240 ? limit - 240 : limit / 4))
 {
@@ -37,14 +52,15 @@ PYTHONUNBUFFERED=1 timeout --signal=TERM --kill-after=20 "$bench_limit" \
 bench=$?
 
 left=$((limit - (SECONDS - start) - 10))
-if [ "$left" -lt 130 ]; then
+tests=0
+if [ "$left" -lt 130 ]; then  # the profile may still fit
   echo "no time left for the GPU tests ($left s)" | tee "$out/tests.log"
-  exit "$bench"
+else
+  CUBLAS_WORKSPACE_CONFIG=:4096:8 LM_TEST_DEVICE=cuda PYTHONUNBUFFERED=1 timeout --kill-after=10 $((left - 70)) \
+    "$py" -m pytest -q -p no:cacheprovider tests/test_train.py \
+    -k "loss_falls or deterministic_run or switches_between" 2>&1 | tee "$out/tests.log"
+  tests=$?
 fi
-CUBLAS_WORKSPACE_CONFIG=:4096:8 LM_TEST_DEVICE=cuda PYTHONUNBUFFERED=1 timeout --kill-after=10 $((left - 70)) \
-  "$py" -m pytest -q -p no:cacheprovider tests/test_train.py \
-  -k "loss_falls or deterministic_run or switches_between" 2>&1 | tee "$out/tests.log"
-tests=$?
 
 # Where the compiled step's time goes, from the benchmark's warm compile cache: a table for the next lever
 left=$((limit - (SECONDS - start) - 5))

@@ -126,3 +126,14 @@ def test_the_gpu_check_runs_every_part_and_keeps_its_files(tmp_path):
     assert "3 failed" in tests and "cannot use a GPU" in tests, tests[-2000:]
     assert proc.returncode == 1 and "benchmark exit 0, tests exit 1" in proc.stdout, proc.stdout[-2000:]
     assert "aten::mm" in (tmp_path / "profile-tiny-compile0.txt").read_text()
+
+
+def test_the_gpu_check_stops_at_once_without_the_packages(tmp_path):
+    """A lent GPU's minutes are not spent on a Python that cannot run the checks: one error line, exit 2, seconds."""
+    fake = tmp_path / "python"
+    fake.write_text("#!/bin/sh\necho 'No module named torch' >&2\nexit 1\n")
+    fake.chmod(0o755)
+    proc = subprocess.run(["bash", os.path.join(ROOT, "bench", "gpu_check.sh"), str(tmp_path / "out"), "300"],
+                          capture_output=True, text=True, timeout=60, env={**os.environ, "PYTHON": str(fake)})
+    assert proc.returncode == 2 and proc.stdout.startswith("error: ") and "requirements.txt" in proc.stdout, proc
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["machine.txt"]  # no benchmark was started
