@@ -1652,8 +1652,8 @@ def cmd_generate(args) -> list[str]:
     rows = math.ceil(args.num_samples / math.ceil(args.num_samples / SAMPLES_PER_BATCH))  # 20: two batches of 10
     texts = []
     for first in range(0, args.num_samples, rows):
-        seed = args.seed  # the first batch's; a later one's from (seed, batch), so `--seed 10` repeats no sample of
-        if seed is not None and first:  # `--seed 0`, as seed + first would (a seed sweep of duplicate samples)
+        seed = args.seed  # the first batch's own; a later one draws its seed from (seed, batch): with seed + first,
+        if seed is not None and first:  # `--seed 10` would repeat samples of `--seed 0` in a sweep over seeds
             seed = random.Random(f"{args.seed} {first}").getrandbits(63)
         for ids in sample(seed=seed, num_samples=rows)[:args.num_samples - first]:
             texts.append(sp.decode(prompt + ids))
