@@ -654,7 +654,7 @@ class Batches:
 
     def get(self, step: int, rows: range, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         xy = torch.from_numpy(np.stack([self.window(step * self.global_batch + g) for g in rows]).astype(np.int64))
-        if device.type == "cuda":  # pinned + non_blocking: the copy overlaps the step already queued on the GPU
+        if device.type == "cuda":  # pinned + non_blocking: the host queues the copy behind the step, not waiting
             xy = xy.pin_memory().to(device, non_blocking=True)
         return xy[:, :-1], xy[:, 1:]  # (B, T) inputs, (B, T) targets
 

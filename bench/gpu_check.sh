@@ -1,17 +1,18 @@
 #!/usr/bin/env bash
-# Every GPU check in one command that ends within a time limit, for a GPU lent for a few minutes: the benchmark at the
-# 138m preset first (the issue's figures: MFU, ours / HF, decoding), then the training tests that hold on a GPU
-# (loss falls, a killed compiled run resumes bit-identical with --deterministic 1, bf16 <-> fp16), then a profile of
-# the compiled step in the time left. Everything lands in OUT_DIR: machine.txt, bench.log, the benchmark's JSON,
-# tests.log, profile-138m-compile1.txt.
+# Every GPU check in one command that ends within a time limit, for a GPU lent for a few minutes: first the tests that
+# hold on a GPU (loss falls, a killed compiled run resumes bit-identical with --deterministic 1, bf16 <-> fp16, the
+# compiled decode step with CUDA graphs samples what eager does), then the benchmark at the 138m preset (the issue's
+# figures: MFU, ours / HF, decoding), then a profile of the compiled step in the time left. Everything lands in
+# OUT_DIR: machine.txt, tests.log, bench.log, the benchmark's JSON, profile-138m-compile1.txt.
 #
 #   bash bench/gpu_check.sh OUT_DIR [SECONDS]      # default 570: within a 10-minute slot, with time to copy back
 #
-# The benchmark's figures come first: it may take all but the last 2 minutes (it stops starting variants 4 minutes
-# before the end, since one started just then may compile for a minute or two more); the tests get the rest but
-# 70 s, at least 1 minute (more when the benchmark ends early; none when it leaves under 130 s), and the profile what
-# is left after them. A Python without torch and the other packages, or whose torch cannot use the GPU that is here,
-# is an error at once (exit 2).
+# The tests come first with a cap of their own (TEST_SECONDS, default 100; stopped by SIGINT at the cap, so that
+# pytest still prints what passed): a benchmark run first would leave them nothing when its compiles run long. The
+# benchmark may then take all but the last minute, and it stops starting variants 2 minutes before that (one started
+# just then may compile for a minute or two more; the JSON keeps every variant finished); the profile gets what is
+# left. A Python without torch and the other packages, or whose torch cannot use the GPU that is here, is an error at
+# once (exit 2).
 # BENCH_ARGS replaces "--size 138m" (e.g. "--size 350m --only trainer"), PROFILE_ARGS adds to the profile's flags,
 # PYTHON names the interpreter (default python3). Exit status: the benchmark's, else the tests'.
 set -uo pipefail
@@ -34,8 +35,6 @@ if nvidia-smi -L >/dev/null 2>&1 && ! "$py" -c "import sys, torch; sys.exit(not 
   exit 2
 fi
 command -v cc >/dev/null || echo "warning: no C compiler (cc): every torch.compile variant will fail"
-bench_limit=$((limit > 240 ? limit - 120 : limit / 2))
-bench_budget=$((limit > 240 ? limit - 240 : limit / 4))
 {
   date -u
   nvidia-smi || echo "no nvidia-smi"
@@ -45,22 +44,25 @@ torch.cuda.get_device_name() if torch.cuda.is_available() else None)"
 } >"$out/machine.txt" 2>&1
 tail -n 1 "$out/machine.txt"
 
+tests=0
+test_limit=$((limit > 300 ? ${TEST_SECONDS:-100} : limit / 4))
+CUBLAS_WORKSPACE_CONFIG=:4096:8 LM_TEST_DEVICE=cuda PYTHONUNBUFFERED=1 \
+  timeout --signal=INT --kill-after=10 "$test_limit" "$py" -m pytest -q -p no:cacheprovider \
+  tests/test_train.py tests/test_generate.py \
+  -k "loss_falls or deterministic_run or switches_between or compiled_decode_step_matches_eager" 2>&1 \
+  | tee "$out/tests.log"
+tests=$?
+
+left=$((limit - (SECONDS - start)))
+bench_limit=$((left > 240 ? left - 60 : left / 2))
+bench_budget=$((bench_limit > 180 ? bench_limit - 120 : bench_limit / 2))
 # shellcheck disable=SC2086  # BENCH_ARGS and PROFILE_ARGS are lists of flags
 PYTHONUNBUFFERED=1 timeout --signal=TERM --kill-after=20 "$bench_limit" \
   "$py" bench/benchmark.py ${BENCH_ARGS:---size 138m} --time_budget "$bench_budget" --out "$out" 2>&1 \
   | tee "$out/bench.log"
 bench=$?
-
-left=$((limit - (SECONDS - start) - 10))
-tests=0
-if [ "$left" -lt 130 ]; then  # the profile may still fit
-  echo "no time left for the GPU tests ($left s)" | tee "$out/tests.log"
-else
-  CUBLAS_WORKSPACE_CONFIG=:4096:8 LM_TEST_DEVICE=cuda PYTHONUNBUFFERED=1 timeout --kill-after=10 $((left - 70)) \
-    "$py" -m pytest -q -p no:cacheprovider tests/test_train.py \
-    -k "loss_falls or deterministic_run or switches_between" 2>&1 | tee "$out/tests.log"
-  tests=$?
-fi
+[ "$bench" -eq 124 ] && echo "the benchmark was stopped at its time limit ($bench_limit s); its JSON holds every \
+variant it finished"
 
 # Where the compiled step's time goes, from the benchmark's warm compile cache: a table for the next lever
 left=$((limit - (SECONDS - start) - 5))

@@ -12,6 +12,8 @@ import standalone_transformer_lm as lm
 from conftest import SCRIPT, assert_user_error, run_cli, run_main
 from test_train import train_args
 
+DEVICE = os.environ.get("LM_TEST_DEVICE", "cpu")  # cuda: the compiled decode step with CUDA graphs
+
 
 @pytest.fixture(scope="module")
 def model():
@@ -342,11 +344,16 @@ def test_cli_generate_refuses_bad_input(trained, docs_corpus, tmp_path):
 
 
 def test_compiled_decode_step_matches_eager(model):
-    prompt, step = [1, 17, 42, 99], torch.compile(model, fullgraph=True)
+    """As `generate --compile 1` compiles it: on a GPU (LM_TEST_DEVICE=cuda) with CUDA graphs, recorded in the third
+    call and replayed after, each replay writing the KV cache and the logits that the next token is drawn from."""
+    model = copy.deepcopy(model).to(DEVICE)
+    prompt, step = [1, 17, 42, 99], torch.compile(model, fullgraph=True, mode="reduce-overhead" if DEVICE == "cuda"
+                                                  else None)
     for num_samples in (1, 3):  # one sequence, then a batch (a second graph)
-        kw = dict(temperature=1.0, seed=11, eos_id=None, num_samples=num_samples)
-        eager = lm.generate(model, prompt, 12, **kw)
-        assert lm.generate(model, prompt, 12, decode_step=step, **kw) == eager
+        for temperature in (0.0, 1.0):
+            kw = dict(temperature=temperature, seed=11, eos_id=None, num_samples=num_samples)
+            eager = lm.generate(model, prompt, 12, **kw)
+            assert lm.generate(model, prompt, 12, decode_step=step, **kw) == eager
 
 
 def test_cli_samples_decode_in_equal_batches(trained, monkeypatch):
