@@ -7,9 +7,9 @@
 #
 #   bash bench/gpu_check.sh OUT_DIR [SECONDS]      # default 570: within a 10-minute slot, with time to copy back
 #
-# The tests come first with a cap of their own (TEST_SECONDS, default 100; stopped by SIGINT at the cap, so that
+# The tests come first with a cap of their own (TEST_SECONDS, default 120; stopped by SIGINT at the cap, so that
 # pytest still prints what passed): a benchmark run first would leave them nothing when its compiles run long. The
-# benchmark may then take all but the last minute, and it stops starting variants 2 minutes before that (one started
+# benchmark may then take all but the last 45 s, and it stops starting variants 2 minutes before that (one started
 # just then may compile for a minute or two more; the JSON keeps every variant finished); the profile gets what is
 # left. A Python without torch and the other packages, or whose torch cannot use the GPU that is here, is an error at
 # once (exit 2).
@@ -45,7 +45,7 @@ torch.cuda.get_device_name() if torch.cuda.is_available() else None)"
 tail -n 1 "$out/machine.txt"
 
 tests=0
-test_limit=$((limit > 300 ? ${TEST_SECONDS:-100} : limit / 4))
+test_limit=$((limit > 300 ? ${TEST_SECONDS:-120} : limit / 4))
 CUBLAS_WORKSPACE_CONFIG=:4096:8 LM_TEST_DEVICE=cuda PYTHONUNBUFFERED=1 \
   timeout --signal=INT --kill-after=10 "$test_limit" "$py" -m pytest -q -p no:cacheprovider \
   tests/test_train.py tests/test_generate.py \
@@ -54,7 +54,7 @@ CUBLAS_WORKSPACE_CONFIG=:4096:8 LM_TEST_DEVICE=cuda PYTHONUNBUFFERED=1 \
 tests=$?
 
 left=$((limit - (SECONDS - start)))
-bench_limit=$((left > 240 ? left - 60 : left / 2))
+bench_limit=$((left > 240 ? left - 45 : left / 2))
 bench_budget=$((bench_limit > 180 ? bench_limit - 120 : bench_limit / 2))
 # shellcheck disable=SC2086  # BENCH_ARGS and PROFILE_ARGS are lists of flags
 PYTHONUNBUFFERED=1 timeout --signal=TERM --kill-after=20 "$bench_limit" \
