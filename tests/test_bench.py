@@ -1,11 +1,14 @@
+import functools
 import json
 import math
 import os
+import re
 import signal
 import subprocess
 import sys
 import time
 
+import pytest
 from conftest import ROOT
 
 BENCH = os.path.join(ROOT, "bench", "benchmark.py")
@@ -137,3 +140,248 @@ def test_the_gpu_check_stops_at_once_without_the_packages(tmp_path):
                           capture_output=True, text=True, timeout=60, env={**os.environ, "PYTHON": str(fake)})
     assert proc.returncode == 2 and proc.stdout.startswith("error: ") and "requirements.txt" in proc.stdout, proc
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["machine.txt"]  # no benchmark was started
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# The figures the README quotes, computed from timings given here (in this process: seconds, no compiling)
+
+
+def bench_module():
+    if os.path.join(ROOT, "bench") not in sys.path:
+        sys.path.insert(0, os.path.join(ROOT, "bench"))
+    import benchmark
+    return benchmark
+
+
+def test_train_table_ratios_mfu_and_step_floor(monkeypatch):
+    """bench_train's figures from given step times: each model's fastest round, ours/HF against the same compile
+    setting and ours compiled against HF eager, MFU, the floor (each product's fastest over the rounds, summed) and
+    HF over it; a batch halved to fit is where the next round starts."""
+    import argparse
+    import torch
+    B = bench_module()
+    ms = {("ours", 0): [30.0, 20.0], ("hf", 0): [50.0, 60.0], ("ours", 1): [15.0, 10.0], ("hf", 1): [40.0, 20.0]}
+    calls = []
+
+    def fitting_train(name, size, cpu_model, cfg, batch, compiled, device, ours_optimizer, args, budget):
+        calls.append((name, int(compiled), batch))
+        b = 2 if (name, compiled) == ("hf", True) else batch  # HF compiled: out of memory at 4, fits at 2
+        t = ms[(name, int(compiled))].pop(0)
+        return {"model": name, "compile": int(compiled), "batch": b, "ms_step": t, "tok_s": b * cfg.seq_len / t * 1e3}
+    floors = {4: [(3.0, 1.5), (2.0, 1.0), (4.0, 2.0), (5.0, 2.0)], 2: [(1.0, 0.5), (0.8, 0.7)]}  # (matmuls, attention)
+    monkeypatch.setattr(B, "fitting_train", fitting_train)
+    monkeypatch.setattr(B, "step_floor_pieces", lambda cfg, b, device: dict(zip(("mm", "attention"), floors[b].pop(0))))
+    monkeypatch.setattr(B.lm, "peak_bf16_flops", lambda device: 1e12)
+    fields, batch = B.SIZES["tiny"]
+    rows = B.bench_train(argparse.Namespace(rounds=2), torch.device("cpu"), B.Budget(0), "tiny", fields, batch, False,
+                         lambda rows: None)
+    assert calls == [("ours", 0, 4), ("hf", 0, 4)] * 2 + [("ours", 1, 4), ("hf", 1, 4), ("ours", 1, 4), ("hf", 1, 2)]
+    r = {(row["model"], row["compile"]): row for row in rows}
+    assert sorted(r) == [("hf", 0), ("hf", 1), ("ours", 0), ("ours", 1)]
+    tok_s = {k: row["batch"] * 64 / row["ms_step"] * 1e3 for k, row in r.items()}  # tiny: seq_len 64
+    assert [r[k]["ms_step"] for k in sorted(r)] == [50.0, 20.0, 20.0, 10.0]  # the fastest round of each
+    assert math.isclose(r[("ours", 0)]["ours/HF"], 2.5) and math.isclose(r[("ours", 1)]["ours/HF"], 4.0)
+    assert math.isclose(r[("ours", 1)]["ours/HF_eager"], 5.0) and "ours/HF_eager" not in r[("ours", 0)]
+    fpt = B.lm.Transformer(B.lm.ModelConfig(**fields)).flops_per_token()
+    assert all(math.isclose(row["mfu"], fpt * tok_s[k] / 1e12) for k, row in r.items())
+    # at the row's batch, each piece's fastest: 2.0 + 1.0 at batch 4, 0.8 + 0.5 at 2
+    assert [r[k]["floor_ms"] for k in sorted(r)] == pytest.approx([3.0, 1.3, 3.0, 3.0])
+    assert math.isclose(r[("hf", 0)]["HF/floor"], 4 * 64 / 3.0e-3 / tok_s[("hf", 0)])
+    assert math.isclose(r[("hf", 1)]["HF/floor"], 2 * 64 / 1.3e-3 / tok_s[("hf", 1)])
+    assert r[("hf", 1)]["floor_pieces_ms"] == {"mm": 0.8, "attention": 0.5}
+
+
+def test_targets_table():
+    """check_targets: which figure each target reads, and met at exactly the wanted value."""
+    import torch
+    B = bench_module()
+    gen = lambda b, compiled, ratio, decoding="greedy", model="ours": {  # noqa: E731
+        "size": size, "batch": b, "compile": compiled, "ours/HF": ratio, "decoding": decoding, "model": model}
+    size = "quick"
+    cpu = {"sizes": ["quick"],
+           "prep": [{"workers": 1, "encode_tok_s": 1.0e6}, {"workers": 2, "encode_tok_s": 1.8e6}],
+           "train": [{"size": "quick", "model": "ours", "compile": 0, "ours/HF": 1.3},
+                     {"size": "quick", "model": "hf", "compile": 0, "HF/floor": 2.0},
+                     {"size": "quick", "model": "ours", "compile": 1, "ours/HF": 9.0, "ours/HF_eager": 1.69}],
+           "generate": [gen(1, 0, 1.31), gen(16, 0, 1.2), gen(1, 1, 0.5), gen(1, 0, 0.1, "sampled"), gen(1, 0, None,
+                                                                                                          model="hf")]}
+    assert [tuple(t.values()) for t in B.check_targets(cpu, torch.device("cpu"))] == [
+        ("prep tokens/s, all cores, 32K BPE", 1.8e6, 1.8e6, None, "yes"),
+        ("train ours eager / HF eager", 1.3, 1.3, 2.0, "yes"),
+        ("train ours compiled / HF eager", 1.69, 1.7, 2.0, "NO"),
+        ("decode batch 1, ours eager / HF", 1.31, 1.3, None, "yes"),
+        ("decode batch 16, ours eager / HF", 1.2, 1.3, None, "NO")]
+    size = "138m"
+    gpu = {"sizes": ["138m", "350m"],
+           "trainer": [{"size": "138m", "model": "ours trainer", "mfu": 0.46},
+                       {"size": "138m", "model": "ours trainer det", "mfu": 0.1}],
+           "train": [{"size": "138m", "model": "ours", "compile": 1, "ours/HF": 1.1, "ours/HF_eager": 1.6},
+                     {"size": "138m", "model": "ours", "compile": 0, "ours/HF": 3.0}],
+           "generate": [gen(1, 1, 5.0), gen(16, 1, 1.0), gen(1, 0, 9.0), gen(1, 1, 0.1, "sampled")]}
+    assert [tuple(t.values()) for t in B.check_targets(gpu, torch.device("cuda"))] == [
+        ("138m MFU, trainer end to end", 0.46, 0.45, None, "yes"),
+        ("350m MFU, trainer end to end", None, 0.50, None, "not run"),
+        ("138m train ours compiled / HF eager", 1.6, 1.6, None, "yes"),
+        ("138m train ours compiled / HF compiled", 1.1, 1.15, None, "NO"),
+        ("138m decode batch 1, ours compiled / HF", 5.0, 5.0, None, "yes")]
+
+
+def test_trainer_over_step_reads_the_bare_step_of_the_same_setting():
+    B = bench_module()
+    results = {"train": [{"size": "138m", "model": "ours", "compile": 0, "batch": 16, "step_ms_all": [100, 300, 200]},
+                         {"size": "138m", "model": "hf", "compile": 1, "batch": 16, "step_ms_all": [9, 9, 9]},
+                         {"size": "138m", "model": "ours", "compile": 1, "batch": 16, "step_ms_all": [50, 70, 60]}],
+               "trainer": [{"size": "138m", "model": "ours trainer", "compile": 1, "batch": 16, "ms_step": 75.0},
+                           {"size": "138m", "model": "ours trainer", "compile": 1, "batch": 8, "ms_step": 75.0}]}
+    B.trainer_over_step(results)
+    assert results["trainer"][0]["trainer/step"] == 60 / 75  # the median bare step over the trainer's
+    assert "trainer/step" not in results["trainer"][1]  # no bare step at that batch
+
+
+def test_generate_table_figures(monkeypatch):
+    """time_generate's tok_s (every sample's tokens), ms per decode step and ours/HF from given call times: each
+    variant's fastest of its calls."""
+    import argparse
+    import torch
+    B = bench_module()
+    cfg = B.lm.ModelConfig(**B.SIZES["tiny"][0])
+    ours, hf = B.model_pair(cfg)
+    ours, hf = B.lm.for_sampling(ours, torch.device("cpu"), torch.float32), hf.eval()
+    hf.generation_config.eos_token_id = None
+    seconds = iter([0.2, 0.5, 0.4, 1.0])  # interleaved calls: ours, HF, ours, HF
+    monkeypatch.setattr(B, "timed", lambda fn, device: (fn(), next(seconds)))
+    args = argparse.Namespace(new_tokens=4, gen_reps=2, allocator="default")
+    rows = B.time_generate(ours, hf, None, [B.lm.BOS_ID, 5, 6], 2, "tiny", torch.device("cpu"), args, False,
+                           B.Budget(0))
+    r = {row["model"]: row for row in rows}
+    assert [r["ours"]["tok_s"], r["ours"]["ms_step"], r["hf"]["tok_s"], r["hf"]["ms_step"]] == pytest.approx(
+        [40.0, 50.0, 16.0, 125.0])  # 2 x 4 tokens in 0.2 s and in 0.5 s
+    assert r["ours"]["ours/HF"] == pytest.approx(2.5) and r["hf"]["tokens_vs_ours"] == "same"
+
+
+def test_trainer_row_skips_the_compiling_window_and_stops_at_the_budget(monkeypatch):
+    """bench_trainer keeps the faster of the trainer's 2nd and 3rd log windows (the 1st compiles), and stops waiting
+    for a run once the time budget is spent."""
+    import argparse
+    import torch
+    B = bench_module()
+    polls = []
+
+    class Train:  # `train` as a process: it logs three windows at once, or (logs=False) none before it is killed
+        def __init__(self, cmd, logs, **kwargs):
+            out, steps = cmd[cmd.index("--out_dir") + 1], int(cmd[cmd.index("--log_interval") + 1])
+            os.makedirs(out)
+            with open(os.path.join(out, "metrics.jsonl"), "w") as f:
+                for i, ms in enumerate([5.0, 30.0, 20.0] if logs else []):
+                    f.write(json.dumps({"step": steps * (i + 1), "ms_per_step": ms, "tokens_per_s": 1000 / ms,
+                                        "mfu": ms / 100, "loss": 6.0 - i}) + "\n")
+            self.returncode = None
+
+        def poll(self):
+            polls.append(1)
+            return self.returncode if len(polls) < 100 else 1  # (exits by itself after 20 s)
+
+        def kill(self):
+            self.returncode = -9
+
+        def wait(self):
+            return self.returncode
+    fields, batch = B.SIZES["tiny"]
+    args = argparse.Namespace(steps=2, deterministic=False)
+    monkeypatch.setattr(B.subprocess, "Popen", lambda cmd, **kw: Train(cmd, logs=True, **kw))
+    [row] = B.bench_trainer(args, torch.device("cpu"), B.Budget(0), "tiny", fields, batch, lambda rows: None)
+    assert (row["ms_step"], row["tok_s"], row["mfu"], row["loss_last"], row["losses"]) == (20.0, 50.0, 0.2, 4.0,
+                                                                                          [6.0, 5.0, 4.0])
+    monkeypatch.setattr(B.subprocess, "Popen", lambda cmd, **kw: Train(cmd, logs=False, **kw))
+    with pytest.raises(RuntimeError, match="stopped after 0 of 3 log windows .*--time_budget spent"):
+        B.bench_trainer(args, torch.device("cpu"), B.Budget(0.5), "tiny", fields, batch, lambda rows: None)
+    assert len(polls) < 20  # 0.5 s at a poll every 0.2 s, not until the run ended by itself
+
+
+def test_a_spent_budget_skips_every_variant_and_the_result_file_is_named_by_its_run(tmp_path, monkeypatch):
+    """Run as `python bench/benchmark.py` with its time budget spent at once: every variant is skipped, the JSON is
+    still written, named device-sizes[-vocabN][-allocator]-time, with the arguments' defaults and no local paths. The
+    default budget: 420 s for the presets' sizes, none for quick."""
+    from conftest import run_main
+    B = bench_module()
+    budgets = []
+
+    class Spent(B.Budget):
+        def __init__(self, seconds):
+            budgets.append(seconds)
+            super().__init__(1e-9)
+    monkeypatch.setattr(B, "Budget", Spent)
+    monkeypatch.setattr(B.torch.cuda, "is_available", lambda: False)  # the CPU's defaults, on a GPU machine too
+    for n, (flags, name) in enumerate([(["--size", "tiny,quick"], r"tiny-quick"),
+                                       (["--size", "tiny", "--vocab_size", "300", "--allocator", "kept"],
+                                        r"tiny-vocab300-kept")]):
+        out = tmp_path / str(n)
+        r = run_main("--only", "trainer", "--out", out, *flags, main=B.main)
+        assert r.returncode == 0, r.stderr
+        [path] = out.iterdir()
+        assert re.fullmatch(rf"[a-z0-9-]+-{name}-\d{{8}}-\d{{6}}\.json", path.name), path.name
+        results = json.loads(path.read_text())
+        sizes = flags[1].split(",")
+        assert results["skipped"] == [f"ours trainer {s} compile=0" for s in sizes] and results["failed"] == []
+        assert "out" not in results["args"] and "cache_dir" not in results["args"]
+        assert results["args"]["rounds"] == 2  # on a CPU
+        # the CPU targets are set for quick: its run has the table (nothing measured), tiny's has none
+        assert [t["met"] for t in results.get("targets", [])] == ["not run"] * 2 * ("quick" in sizes)
+    assert budgets == [0, 420]  # quick among the sizes: no budget; presets' sizes (and tiny): 420 s
+
+
+def test_prep_figures_read_from_prep_s_own_line(docs_corpus, tmp_path, monkeypatch, capsys):
+    """prep_child reads the encoding pass's tokens/s from prep's summary line ("1,234,567 tokens/s (12.3 MB/s)"):
+    the prep target's figure. Here prep at a small vocabulary (the benchmark's 32K needs its 1 GB corpus)."""
+    B = bench_module()
+    prep = B.lm.prep
+    monkeypatch.setattr(B.lm, "prep", lambda *a, vocab_size, **kw: prep(*a, vocab_size=1000, **kw))
+    B.prep_child(str(docs_corpus), str(tmp_path / "data"), 1)
+    row = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert row["encode_tok_s"] >= 1000 and row["encode_MB_s"] > 0  # with a thousands separator
+    assert row["encode_s"] <= row["wall_s"]  # the encoding pass is a part of the run
+    assert row["tokens"] > 0 and row["total_tok_s"] == row["tokens"] / row["wall_s"]
+
+
+def test_train_step_row_from_its_step_times(monkeypatch):
+    """time_train's row from given step times: the fastest step, tokens/s of batch x seq_len, every step's time, and
+    the per-step sync's cost (synced steps' mean over the queued ones')."""
+    import argparse
+    import torch
+    B = bench_module()
+    cfg = B.lm.ModelConfig(**B.SIZES["tiny"][0])
+    ours, _ = B.model_pair(cfg)
+    seconds = iter([0.03, 0.01, 0.02, 0.05])  # 3 synced steps, then 2 queued ones together
+    monkeypatch.setattr(B, "timed", lambda fn, device: (fn(), next(seconds)))
+    args = argparse.Namespace(warmup=1, steps=3, queued_steps=2, allocator="default")
+    cpu = torch.device("cpu")
+    row = B.time_train("ours", ours, cfg, 4, False, cpu, B.lm.make_optimizer(ours, B.LR, B.WEIGHT_DECAY, cpu), args)
+    assert (row["ms_step"], row["step_ms_all"]) == (10.0, [30.0, 10.0, 20.0])
+    assert math.isclose(row["tok_s"], 4 * 64 / 0.01) and math.isclose(row["sync_cost"], 0.02 / 0.025 - 1)
+
+
+def test_step_floor_times_each_matrix_of_the_model_as_often_as_a_step_computes_it(monkeypatch):
+    """step_floor_pieces: the products of every weight matrix, at its shape, times the layers that have it. With each
+    product "timed" as its FLOP count, the matrix pieces add up to the 6 x matmul parameters x tokens of the MFU count
+    (forward and backward), for a GQA shape whose q, k and v differ in size."""
+    import torch
+    B = bench_module()
+    cfg = B.lm.ModelConfig(**{**B.SIZES["tiny"][0], "n_kv_head": 2})
+
+    def flops(fn, device, reps):  # milliseconds = FLOPs (the caller multiplies seconds by 1e3)
+        a, b = fn.args if isinstance(fn, functools.partial) else (None, None)
+        return 2 * a.shape[0] * a.shape[1] * b.shape[1] / 1e3 if a is not None else 1e-3
+    monkeypatch.setattr(B, "timed_min", flops)
+    pieces = B.step_floor_pieces(cfg, 4, torch.device("cpu"))
+    n = 4 * cfg.seq_len
+    attention = 12 * cfg.n_layer * cfg.n_head * cfg.head_dim * cfg.seq_len
+    matmul = sum(ms for k, ms in pieces.items() if k != "attention")
+    assert len(pieces) == 16 and math.isclose(matmul, n * (B.lm.Transformer(cfg).flops_per_token() - attention))
+    assert pieces["attention"] == cfg.n_layer
+
+
+def test_prep_peak_memory_is_in_mib():
+    B = bench_module()
+    with open("/proc/self/status") as f:
+        rss = int(re.search(r"^VmRSS:\s+(\d+) kB", f.read(), re.M).group(1)) / 1024
+    assert rss / 10 < B.tree_pss_mib(os.getpid()) <= rss * 1.05  # this process's share of its resident set

@@ -444,3 +444,112 @@ def test_verify_compares_positions_enough_to_see_a_swap_of_q_and_k(converted, sp
     save_file(w, broken / "model.safetensors", metadata={"format": "pt"})
     with pytest.raises(C.VerificationError):
         C.verify(str(broken), C.load_our_model(str(run_dir / "ckpt_last.pt"))[0], sp, 1e-3)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# More of the folder's contract, and of test_llama_model.py's
+
+
+def test_a_mistral_folder_attends_to_the_whole_context(tmp_path, spm_path):
+    """n_head not dividing d_model is written as Mistral, whose config defaults to a 4,096-token sliding window: the
+    folder turns it off, or a model trained on a longer context would attend to its last 4,096 tokens alone."""
+    from transformers import AutoConfig
+    out = convert(make_run(tmp_path / "run", spm_path, **ARCHS["n_head-not-dividing-d_model"]), tmp_path / "hf")
+    config = AutoConfig.from_pretrained(out)
+    assert config.model_type == "mistral" and config.sliding_window is None
+
+
+def test_special_tokens_for_transformers_and_for_readers_of_tokenizer_json_alone(converted, sp):
+    from tokenizers import Tokenizer
+    _, out = converted
+    tok = AutoTokenizer.from_pretrained(out)
+    ids = (sp.unk_id(), sp.bos_id(), sp.eos_id(), sp.pad_id())
+    assert (tok.unk_token_id, tok.bos_token_id, tok.eos_token_id, tok.pad_token_id) == ids
+    # a pair as LLaMA's tokenizer frames it: bos before each text
+    assert tok("The sun", "is")["input_ids"] == [sp.bos_id(), *sp.encode("The sun"), sp.bos_id(), *sp.encode("is")]
+    raw = Tokenizer.from_file(str(out / "tokenizer.json"))  # `tokenizers` alone (Rust, tokenizers.js, servers)
+    assert raw.decode([*ids, *sp.encode("The sun is")], skip_special_tokens=True) == "The sun is"
+
+
+def test_the_parity_check_compares_decoded_text_too(sp):
+    C.check_tokenizer(sp.encode, sp.decode, sp)  # SentencePiece agrees with itself
+    with pytest.raises(S.UserError, match="decodes 'tab"):  # the right ids, a decoder that loses the tab
+        C.check_tokenizer(sp.encode, lambda ids: sp.decode(ids).replace("\t", " "), sp)
+
+
+def test_an_empty_out_and_a_run_folder_named_like_out_need_no_force(converted, tmp_path):
+    run_dir, _ = converted
+    run = tmp_path / "hf-run"  # its path starts with --out's, but it is not inside --out
+    shutil.copytree(run_dir, run)
+    (tmp_path / "hf").mkdir()  # made beforehand and empty: nothing to replace
+    convert(run, tmp_path / "hf")
+    assert (tmp_path / "hf" / "model.safetensors").exists() and (run / "ckpt_last.pt").exists()
+
+
+def test_converting_without_verify_needs_no_transformers(converted, tmp_path, capsys, monkeypatch):
+    run_dir, _ = converted
+    monkeypatch.setitem(sys.modules, "transformers", None)  # `import transformers` raises ImportError
+    convert(run_dir, tmp_path / "hf")
+    assert "verified:" not in capsys.readouterr().out and (tmp_path / "hf" / "model.safetensors").exists()
+
+
+@pytest.mark.parametrize("mistake", ["tied-config-without-the-embedding", "checkpoint-without-model-config"])
+def test_more_checkpoints_that_do_not_fit_give_one_error_line(converted, tmp_path, capsys, mistake):
+    run_dir, _ = converted
+    state = torch.load(run_dir / "pytorch_model.bin", weights_only=True)
+    if mistake == "tied-config-without-the-embedding":  # the export's config edited to tie, or another tool's names
+        ckpt = tmp_path / "pytorch_model.bin"
+        del state["embed_tokens.weight"]
+        torch.save(state, ckpt)
+        config = json.loads((run_dir / "config.json").read_text())
+        (tmp_path / "config.json").write_text(json.dumps({**config, "tie_embeddings": True}))
+    else:  # weights and a step, as another trainer saves them
+        ckpt = tmp_path / "ckpt.pt"
+        torch.save({"model": state, "step": 7}, ckpt)
+    with pytest.raises(SystemExit) as e:
+        C.main(["--ckpt", str(ckpt), "--spm", str(run_dir / "tokenizer.model"), "--out", str(tmp_path / "hf")])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.startswith("error:") and err.count("\n") == 1, err
+    assert {"tied-config-without-the-embedding": "do not fit together (KeyError",
+            "checkpoint-without-model-config": "holds neither a training checkpoint nor a state_dict"}[mistake] in err
+
+
+@pytest.mark.parametrize("flag", ["--top_k", "--max_new_tokens"])
+def test_test_llama_model_refuses_zero_for_flags_that_need_one(converted, flag):
+    import test_llama_model as T
+    assert_user_error(run_main(str(converted[1]), flag, "0", main=T.main), f"{flag} must be at least 1, got 0")
+
+
+def test_test_llama_model_samples_by_its_seed_and_top_k(converted):
+    import test_llama_model as T
+
+    def texts(*flags):  # (greedy, sampled)
+        r = run_main(str(converted[1]), "--max_new_tokens", "8", "--temperature", "1", *flags, main=T.main)
+        assert r.returncode == 0, r.stderr
+        greedy, sampled = r.stdout.split("greedy : ", 1)[1].split("\nsampled: ", 1)
+        return greedy, sampled.removesuffix("\n")
+    greedy, sampled = texts("--seed", "5")
+    assert sampled != greedy  # (so that the next lines can tell)
+    assert texts("--seed", "5") == (greedy, sampled)  # same seed, same text
+    assert texts("--top_k", "1") == (greedy, greedy)  # only the most likely token: greedy decoding
+
+
+def test_test_llama_model_keeps_prompt_and_continuation_within_the_context(converted, sp, monkeypatch):
+    import test_llama_model as T
+    from transformers import GenerationMixin
+    words = lambda n: " ".join(["the"] * n)  # noqa: E731
+    assert len(sp.encode(words(63))) == 63  # one token a word
+    assert_user_error(run_main(str(converted[1]), "--prompt", words(63), main=T.main),  # with bos: 64 tokens
+                      "the prompt is 64 tokens, the model's context is 64")
+    asked, generate = [], GenerationMixin.generate
+    monkeypatch.setattr(GenerationMixin, "generate",
+                        lambda self, *a, **k: asked.append(k["max_new_tokens"]) or generate(self, *a, **k))
+    r = run_main(str(converted[1]), "--prompt", words(60), "--temperature", "0", main=T.main)  # 61 tokens
+    assert r.returncode == 0 and asked == [3], (r.stderr, asked)  # not --max_new_tokens' 50: past the context
+
+
+def test_test_llama_model_refuses_a_checkpoint_of_another_context(converted, tmp_path, spm_path):
+    import test_llama_model as T
+    other = make_run(tmp_path / "other", spm_path, seq_len=32)  # all else as the folder's
+    r = run_main(str(converted[1]), "--ckpt", str(other / "ckpt_last.pt"), main=T.main)
+    assert_user_error(r, "was not converted from", "2000, 2, 64, 64 against 2000, 2, 64, 32")
