@@ -91,10 +91,10 @@ def hf_state_dict(model: Transformer, dtype: torch.dtype) -> dict:
                 out[name] = w
         elif name.endswith("self_attn.qkv_proj.weight"):
             for proj, part in zip(("q_proj", "k_proj", "v_proj"), w.split(qkv_rows)):
-                out["model." + name.replace("qkv_proj", proj)] = part.clone()  # safetensors refuses shared memory
+                out["model." + name.replace("qkv_proj", proj)] = part  # (views: safetensors saves rows apart)
         elif name.endswith("mlp.gate_up_proj.weight"):
             for proj, part in zip(("gate_proj", "up_proj"), w.chunk(2)):
-                out["model." + name.replace("gate_up_proj", proj)] = part.clone()
+                out["model." + name.replace("gate_up_proj", proj)] = part
         else:
             out["model." + name] = w
     bad = [k for k, v in out.items() if not torch.isfinite(v).all()]
