@@ -1,4 +1,5 @@
 import copy
+import dataclasses
 import os
 import pickle
 import subprocess
@@ -389,3 +390,68 @@ def test_sampling_keeps_float32_angles_a_prefill_returns_its_last_position_and_g
     lm.generate(m, [1, 5], 3, eos_id=None, num_samples=2)
     # the copies laid out for decoding go with the call: memory back, and none left stale for a later change of weights
     assert m.decode_weight is None and all(mod.packed is None for mod in m.modules() if isinstance(mod, lm.Linear))
+
+
+def test_the_nucleus_is_the_fewest_tokens_that_reach_p_however_far_down_the_list():
+    flat = torch.zeros(1, 4)  # four tokens of exactly 0.25 each
+    assert len(draws(flat, top_p=0.5)) == 2  # two reach 0.5 exactly: a third is not needed
+    assert draws(flat, top_p=0.9) == {0, 1, 2, 3}  # three reach only 0.75: the least likely token is needed too
+
+
+def test_on_token_sees_the_first_samples_tokens_after_every_step(model):
+    """What streams `generate`'s text to the terminal as it decodes, not all of it at the end."""
+    seen = []
+    [out] = lm.generate(model, [1, 9], 6, temperature=0, eos_id=None, on_token=lambda ids: seen.append(list(ids)))
+    assert len(out) == 6 and seen == [out[:i] for i in range(1, 7)]
+
+
+def test_the_prompt_is_bos_then_its_tokens_and_no_prompt_starts_a_document(trained, monkeypatch):
+    prompts, real = [], lm.generate
+    monkeypatch.setattr(lm, "generate", lambda model, prompt, *a, **kw: prompts.append(prompt) or
+                        real(model, prompt, *a, **kw))
+    sp = lm.load_tokenizer(str(trained / "tokenizer.model"))
+    for text in ("The try statement", ""):  # --prompt left out: a sample from a document's start, as trained
+        lm.cmd_generate(lm.build_parser().parse_args(["generate", "--ckpt", str(trained / "ckpt_last.pt"), "--prompt",
+                                                      text, "--max_new_tokens", "5", "--seed", "0"]))
+    assert prompts == [[lm.BOS_ID] + sp.encode("The try statement"), [lm.BOS_ID]]
+
+
+def test_a_prompt_that_fills_the_context_is_refused_and_one_token_shorter_is_not(trained):
+    sp, ckpt = lm.load_tokenizer(str(trained / "tokenizer.model")), trained / "ckpt_last.pt"  # seq_len 64 (tiny)
+    texts = {len(sp.encode(" ".join(["the"] * n))) + 1: " ".join(["the"] * n) for n in range(40, 80)}  # bos included
+    assert_user_error(run_main("generate", "--ckpt", ckpt, "--prompt", texts[64], "--max_new_tokens", 5),
+                      "the prompt is 64 tokens (bos included), the model's context is 64")  # no room for one more
+    assert run_main("generate", "--ckpt", ckpt, "--prompt", texts[63], "--max_new_tokens", 5).returncode == 0
+
+
+def test_a_checkpoint_with_model_config_keys_this_version_does_not_know_is_one_error_line(tmp_path):
+    cfg = {**dataclasses.asdict(lm.ModelConfig(**lm.PRESETS["tiny"], vocab_size=320)), "sliding_window": 4096}
+    torch.save({"format": lm.CKPT_FORMAT, "version": lm.CKPT_VERSION, "model_config": cfg, "model": {}},
+               tmp_path / "ckpt.pt")
+    assert_user_error(run_main("generate", "--ckpt", tmp_path / "ckpt.pt"),
+                      "unknown model config keys ['sliding_window']", "a newer version of this script")
+
+
+def test_a_compile_failure_names_the_backends_own_error(monkeypatch, capsys):
+    # torch's wording: "backend='inductor' raised:" on a line of its own, then the error that matters
+    inner = RuntimeError("Compiler: /nonexistent is not found")
+    try:
+        failure = torch._dynamo.exc.BackendCompilerFailed(lm.cmd_generate, inner, None)
+    except TypeError:  # an older torch: no frame argument
+        failure = torch._dynamo.exc.BackendCompilerFailed(lm.cmd_generate, inner)
+
+    def fails(args):
+        raise failure
+    monkeypatch.setattr(lm, "cmd_generate", fails)
+    with pytest.raises(SystemExit) as e:
+        lm.main(["generate", "--ckpt", "x", "--compile", "1"])
+    assert e.value.code == 2 and capsys.readouterr().err == (
+        "error: torch.compile failed: RuntimeError: Compiler: /nonexistent is not found. HINT: run with --compile 0 "
+        "(the same model, slower)\n")
+
+
+def test_generate_samples_by_default_as_the_readme_and_the_export_say():
+    # README: `generate`'s defaults, which convert_to_llama.py writes into generation_config.json too
+    args = lm.build_parser().parse_args(["generate", "--ckpt", "x"])
+    assert (args.temperature, args.top_k, args.top_p, args.repetition_penalty, args.max_new_tokens,
+            args.num_samples, args.prompt, args.spm) == (0.8, 200, 1.0, 1.0, 100, 1, "", None)

@@ -404,3 +404,32 @@ def test_sigterm_stops_prep_like_ctrl_c_and_removes_what_it_made(docs_corpus, tm
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 130 and err.strip().endswith("error: interrupted"), (proc.returncode, err)
     assert not (tmp_path / "new").exists()
+
+
+def test_text_that_starts_like_a_compressed_file_or_holds_a_stray_carriage_return_is_text(tmp_path):
+    path = tmp_path / "c.txt"
+    for text in ("BZh is how a bzip2 file starts\nplain text\n", "PAR1 is Parquet's magic\nplain text\n",
+                 "a carriage return\r inside a line\nand a second line\n"):
+        path.write_text(text * 100, encoding="utf-8")
+        lm.check_encoding(str(path))  # \n line ends, valid UTF-8: not refused
+
+
+def test_only_our_own_temporary_files_of_dead_processes_are_removed(tmp_path):
+    gone = subprocess.Popen([sys.executable, "-c", ""])
+    gone.wait()
+    ours, other, live = (tmp_path / f".train.bin.tmp{gone.pid}", tmp_path / f".notes.txt.tmp{gone.pid}",
+                         tmp_path / f".val.bin.tmp{os.getpid()}")
+    for path in (ours, other, live):
+        path.write_text("x")
+    lm.remove_stale_tmp(str(tmp_path), ("tokenizer.model", "train.bin", "val.bin", "meta.json"))
+    assert not ours.exists() and other.exists() and live.exists()  # another program's file, a live process's file
+
+
+def test_the_smallest_vocabulary_allowed_is_accepted(tmp_path):
+    rng = random.Random(0)  # 26 letters: room beside the 260 special and byte tokens
+    words = ["".join(rng.choices("abcdefghijklmnopqrstuvwxyz", k=rng.randint(2, 7))) for _ in range(300)]
+    (tmp_path / "c.txt").write_text("\n".join(" ".join(rng.choices(words, k=12)) for _ in range(2000)) + "\n")
+    assert lm.prep(str(tmp_path / "c.txt"), str(tmp_path / "d"), vocab_size=lm.MIN_VOCAB, num_workers=1,
+                   progress=False)["vocab_size"] == 300
+    with pytest.raises(lm.UserError, match="--vocab_size 299 is out of range. HINT: use 300 to"):
+        lm.prep(str(tmp_path / "c.txt"), str(tmp_path / "d"), vocab_size=299, progress=False)

@@ -976,6 +976,16 @@ def test_bad_train_input(docs_data, tmp_path):
     assert_user_error(run_main("train", *train_args(tmp_path / "r2", docs_data)), "not a loadable")
 
 
+@pytest.mark.parametrize("name", ["meta.json", "train.bin", "val.bin", "tokenizer.model"])
+def test_a_data_folder_missing_a_file_is_refused_with_the_prep_command(docs_data, tmp_path, name):
+    data = tmp_path / "data"
+    shutil.copytree(docs_data, data)
+    (data / name).unlink()
+    assert_user_error(run_main("train", *train_args(tmp_path / "run", data)), f"{name}' does not exist",
+                      "prep --text_path corpus.txt")
+    assert not (tmp_path / "run").exists()
+
+
 def test_a_tokenizer_that_a_later_prep_renamed_in_is_refused(docs_data, tmp_path):
     data = tmp_path / "data"  # a prep killed between its renames: the new tokenizer beside the old token files
     shutil.copytree(docs_data, data)
