@@ -538,6 +538,11 @@ def prep(text_path: str, out_dir: str, vocab_size: int = 32000, val_fraction: fl
     if num_workers < 0 or sample_lines < 1:
         raise UserError(f"--num_workers {num_workers} must be 0 (all cores) or more, --sample_lines {sample_lines} "
                         f"at least 1")
+    run_files = ("ckpt_last.pt", "ckpt_best.pt", "pytorch_model.bin")  # train's --out_dir, given to prep by mistake
+    run = next((name for name in run_files if os.path.exists(os.path.join(out_dir, name))), None)
+    if run:
+        raise UserError(f"--out_dir {out_dir!r} holds a training run ({run}), whose tokenizer.model prep would replace"
+                        f". HINT: pass a folder of its own for the data, e.g. --out_dir ./data")
     make_dir(out_dir, "--out_dir")
     if not os.access(out_dir, os.W_OK | os.X_OK) or not os.access(text_path, os.R_OK):
         raise UserError(f"cannot read {text_path!r} or write into {out_dir!r}. HINT: check their permissions")
@@ -1802,7 +1807,9 @@ def main(argv=None) -> None:
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
-    except KeyboardInterrupt:
+    except (KeyboardInterrupt, ImportError) as e:  # Ctrl-C while a C extension (sentencepiece) is first imported
+        if isinstance(e, ImportError) and not isinstance(e.__cause__, KeyboardInterrupt):  # arrives as its ImportError
+            raise
         print("error: interrupted", file=sys.stderr)
         sys.exit(130)
     except BrokenPipeError:  # stdout closed early (`generate ... | head`): not a fault of the path or the disk

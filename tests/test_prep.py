@@ -433,3 +433,31 @@ def test_the_smallest_vocabulary_allowed_is_accepted(tmp_path):
                    progress=False)["vocab_size"] == 300
     with pytest.raises(lm.UserError, match="--vocab_size 299 is out of range. HINT: use 300 to"):
         lm.prep(str(tmp_path / "c.txt"), str(tmp_path / "d"), vocab_size=299, progress=False)
+
+
+@pytest.mark.parametrize("run_file", ["ckpt_last.pt", "pytorch_model.bin"])
+def test_a_training_run_s_folder_is_not_prepped_over(run_file, docs_corpus, tmp_path):
+    run = tmp_path / "run"  # train's --out_dir: its tokenizer.model is the one its checkpoints were trained with
+    run.mkdir()
+    (run / "tokenizer.model").write_bytes(b"the run's tokenizer")
+    (run / run_file).write_bytes(b"weights")
+    assert_user_error(run_main("prep", "--text_path", docs_corpus, "--out_dir", run, "--vocab_size", 400),
+                      f"holds a training run ({run_file})", "HINT: pass a folder of its own")
+    assert sorted(os.listdir(run)) == sorted(["tokenizer.model", run_file])
+    assert (run / "tokenizer.model").read_bytes() == b"the run's tokenizer"
+
+
+def test_ctrl_c_while_sentencepiece_is_imported_is_an_interruption_not_a_traceback(monkeypatch, capsys, tmp_path):
+    def interrupted_import(*args, **kwargs):  # what a signal during `import sentencepiece` (a C extension) raises
+        raise ImportError("initialization failed") from KeyboardInterrupt()
+    monkeypatch.setattr(lm, "prep", interrupted_import)
+    with pytest.raises(SystemExit) as e:
+        lm.main(["prep", "--text_path", "corpus.txt", "--out_dir", str(tmp_path / "d")])
+    assert e.value.code == 130 and capsys.readouterr().err == "error: interrupted\n"
+    assert not (tmp_path / "d").exists()
+
+    def missing(*args, **kwargs):  # any other failed import is not ours to hide
+        raise ImportError("No module named 'sentencepiece'")
+    monkeypatch.setattr(lm, "prep", missing)
+    with pytest.raises(ImportError, match="sentencepiece"):
+        lm.main(["prep", "--text_path", "corpus.txt", "--out_dir", str(tmp_path / "d")])
