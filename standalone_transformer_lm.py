@@ -391,9 +391,14 @@ CACHED_WORDS, CACHED_WORD_CHARS = 1 << 18, 64  # per worker, about 50 MB at most
 encoder = {}  # in each worker process: the tokenizer, the dtype and the word cache
 
 
-def start_encoder(spm_path: str, dtype) -> None:
+def start_encoder(spm_path: str, dtype, parent: int) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the main process's to handle: it stops the pool
     signal.signal(signal.SIGTERM, signal.SIG_DFL)  # not main()'s handler: a worker told to stop, stops
+    if sys.platform == "linux":  # a prep killed outright (SIGKILL, the out-of-memory killer) takes its workers along,
+        with contextlib.suppress(OSError, AttributeError):  # who would else wait on its queue forever, holding its
+            ctypes.CDLL(None).prctl(1, signal.SIGKILL)  # stdout open (PR_SET_PDEATHSIG)
+        if os.getppid() != parent:  # it was killed before that
+            os._exit(1)
     encoder.update(sp=load_tokenizer(spm_path), dtype=np.dtype(dtype), words={})
 
 
@@ -493,7 +498,7 @@ def encode_corpus(text_path: str, splits: dict, spm_path: str, dtype, num_worker
     # Processes, not threads: SentencePiece's own encoder releases the GIL, but encoding word by word from a cache is
     # 2.7x faster and holds it. Forked on Linux, so that a worker starts in milliseconds without importing torch again.
     context = multiprocessing.get_context("fork" if sys.platform == "linux" else "spawn")
-    pool = ProcessPoolExecutor(num_workers, context, initializer=start_encoder, initargs=(spm_path, dtype))
+    pool = ProcessPoolExecutor(num_workers, context, initializer=start_encoder, initargs=(spm_path, dtype, os.getpid()))
     bar = tqdm(total=sum(e - s for _, s, e in splits.values()), unit="B", unit_scale=True, desc="encoding",
                disable=not (progress and sys.stderr.isatty()), mininterval=1.0)
     try:
@@ -1278,6 +1283,9 @@ def train(tc: TrainConfig, args, device: torch.device, rank: int, world: int, he
     step, best_val = 0, float("inf")
     if ckpt:
         optimizer.load_state_dict(ckpt["optimizer"])
+        if device.type == "cpu":  # its state was left as views of the mapped file, which would then stay on disk, held,
+            for state in optimizer.state.values():  # after the next save renamed a new ckpt_last.pt over it
+                state.update({k: v.clone() for k, v in state.items() if torch.is_tensor(v)})
         optimizer.param_groups[0]["weight_decay"] = tc.weight_decay  # today's flags, not the checkpoint's
         if ckpt["scaler"] and scaler.is_enabled():  # empty when saved by a bf16/fp32 run, which had no scaler
             scaler.load_state_dict(ckpt["scaler"])
@@ -1294,6 +1302,10 @@ def train(tc: TrainConfig, args, device: torch.device, rank: int, world: int, he
             print0(f"  note: the global batch is now {global_batch} sequences (was {ckpt['data']['global_batch']}),"
                    f" so batches from here differ from those the old setup would have drawn, and the val loss is "
                    f"measured on {tc.eval_iters} x {global_batch} windows")
+        if ckpt["data"]["n_windows"] != train_data.n_windows:  # the same tokenizer, other text or prep options
+            print0(f"  note: {tc.data_dir}/train.bin is not the one this run trained on ({train_data.n_windows:,} "
+                   f"windows, was {ckpt['data']['n_windows']:,}: prepped again?), so batches from here differ from the "
+                   f"old run's")
         del ckpt
     if ddp:  # a node that reads another --out_dir (not shared, or relative to another folder) would train apart
         steps = [None] * world
@@ -1327,7 +1339,7 @@ def train(tc: TrainConfig, args, device: torch.device, rank: int, world: int, he
     metrics_path, last_log = os.path.join(tc.out_dir, "metrics.jsonl"), {}
     if rank == 0 and os.path.exists(metrics_path):  # the log of the run we continue, up to its checkpoint
         kept = []
-        with open(metrics_path) as f:
+        with open(metrics_path, encoding="utf-8", errors="replace") as f:  # (a torn line may hold any bytes)
             for line in f:
                 with contextlib.suppress(ValueError, TypeError, KeyError):  # a line torn by a crash mid-write
                     row = json.loads(line)

@@ -1,3 +1,4 @@
+import contextlib
 import gzip
 import hashlib
 import json
@@ -8,6 +9,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import time
 from collections import Counter
 
 import numpy as np
@@ -359,11 +361,8 @@ def test_peak_memory_does_not_grow_with_corpus_size(tmp_path):
 def test_the_word_cache_stays_bounded_and_encodes_as_sentencepiece_does(docs_data, monkeypatch):
     monkeypatch.setattr(lm, "CACHED_WORDS", 50)
     monkeypatch.setattr(lm, "encoder", {})
-    handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
-    lm.start_encoder(str(docs_data / "tokenizer.model"), np.uint16)  # as in a worker, whose signal handlers it sets
-    for s, h in handlers.items():
-        signal.signal(s, h)
-    sp = lm.encoder["sp"]
+    sp = spm.SentencePieceProcessor(model_file=str(docs_data / "tokenizer.model"))
+    lm.encoder.update(sp=sp, dtype=np.dtype(np.uint16), words={})  # as start_encoder() sets it up in a worker
     for i in range(10):
         text = " ".join(f"w{i}x{j}" for j in range(100)) + " " + "y" * 100
         assert np.frombuffer(lm.encode_samples(text), np.uint16).tolist() == [1] + sp.encode(text) + [2]
@@ -404,6 +403,40 @@ def test_sigterm_stops_prep_like_ctrl_c_and_removes_what_it_made(docs_corpus, tm
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 130 and err.strip().endswith("error: interrupted"), (proc.returncode, err)
     assert not (tmp_path / "new").exists()
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="workers are forked, and told to die with prep, on Linux")
+def test_a_prep_killed_outright_takes_its_workers_along(docs_corpus, tmp_path):
+    big = tmp_path / "big.txt"  # about 11 MB: seconds of encoding on 2 workers
+    big.write_text(docs_corpus.read_text() * 24)
+    out = tmp_path / "d"
+    proc = subprocess.Popen([sys.executable, ROOT + "/standalone_transformer_lm.py", "prep", "--text_path", str(big),
+                             "--out_dir", str(out), "--vocab_size", "400", "--num_workers", "2", "--sample_lines",
+                             "2000"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    workers = set()
+    while len(workers) < 2:  # both encoding
+        assert proc.poll() is None, proc.communicate()
+        time.sleep(0.01)
+        with contextlib.suppress(OSError):
+            workers = {int(pid) for task in os.listdir(f"/proc/{proc.pid}/task")
+                       for pid in open(f"/proc/{proc.pid}/task/{task}/children").read().split()}
+    proc.kill()  # as the out-of-memory killer would
+
+    def alive(pid):
+        with contextlib.suppress(OSError):
+            with open(f"/proc/{pid}/stat") as f:
+                return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+        return False
+    try:
+        proc.communicate(timeout=30)  # a pipe from prep (`prep ... | tee log`) ends: no worker holds it open
+        for _ in range(200):
+            if not any(map(alive, workers)):
+                break
+            time.sleep(0.05)
+        assert not any(map(alive, workers))
+    finally:
+        for pid in filter(alive, workers):
+            os.kill(pid, signal.SIGKILL)
 
 
 def test_text_that_starts_like_a_compressed_file_or_holds_a_stray_carriage_return_is_text(tmp_path):

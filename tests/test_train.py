@@ -891,13 +891,43 @@ def test_the_schedule_line_counts_epochs_and_a_run_shorter_than_its_warmup_says_
 
 def test_resume_drops_a_torn_metrics_line_and_a_finished_run_has_nothing_to_train(docs_data, tmp_path):
     run_main("train", *train_args(tmp_path / "run", docs_data, max_steps=10), check=True)
-    with open(tmp_path / "run" / "metrics.jsonl", "a") as f:
-        f.write('{"step": 15, "lo')  # what a crash in the middle of a write could leave
+    with open(tmp_path / "run" / "metrics.jsonl", "ab") as f:
+        f.write(b'{"step": 15, "lo\xff\xfe')  # what a crash in the middle of a write, or a disk fault, could leave
     run_main("train", *train_args(tmp_path / "run", docs_data, max_steps=20), check=True)
     assert [r["step"] for r in metrics(tmp_path / "run")] == [5, 10, 15, 20]
     out = run_main("train", *train_args(tmp_path / "run", docs_data, max_steps=20), check=True).stdout
     assert "nothing to train" in out and "raise --max_steps" in out
     assert [r["step"] for r in metrics(tmp_path / "run")] == [5, 10, 15, 20]
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/maps"), reason="reads the process's mappings (Linux)")
+def test_a_resumed_run_holds_no_mapping_of_the_checkpoint_it_resumed_from(docs_data, tmp_path, monkeypatch):
+    run = tmp_path / "run"  # else the file that the next save replaces stays on disk until the process ends
+    run_main("train", *train_args(run, docs_data, max_steps=10), check=True)
+    held, save = [], lm.save_checkpoint
+
+    def mappings_at_save(*args):
+        with open("/proc/self/maps") as f:
+            held.append([line.split()[-1] for line in f if str(run) in line])
+        save(*args)
+    monkeypatch.setattr(lm, "save_checkpoint", mappings_at_save)
+    run_main("train", *train_args(run, docs_data, max_steps=20), check=True)
+    assert held == [[]]
+
+
+def test_resume_notes_train_data_prepped_again_with_the_same_tokenizer(docs_data, tmp_path):
+    data = tmp_path / "data"
+    shutil.copytree(docs_data, data)
+    run_main("train", *train_args(tmp_path / "run", data, max_steps=10), check=True)
+    meta = json.loads((data / "meta.json").read_text())  # as a prep with another --val_fraction would leave it
+    tokens = np.fromfile(data / "train.bin", dtype=np.uint16)[:-2000]
+    tokens.tofile(data / "train.bin")
+    (data / "meta.json").write_text(json.dumps({**meta, "train": {**meta["train"], "tokens": len(tokens)}}))
+    out = run_main("train", *train_args(tmp_path / "run", data, max_steps=20), check=True).stdout
+    assert re.search(r"note: .*train.bin is not the one this run trained on \([\d,]+ windows, was [\d,]+: prepped "
+                     r"again\?\)", out), out
+    out = run_main("train", *train_args(tmp_path / "run", data, max_steps=30), check=True).stdout
+    assert "resuming" in out and "prepped again" not in out
 
 
 def test_resume_accepts_new_max_steps_lr_and_dropout(docs_data, tmp_path):
