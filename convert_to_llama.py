@@ -12,18 +12,23 @@ fused q/k/v and gate/up rows. The tokenizer is rebuilt as a `tokenizers` BPE who
 every string, and is checked against SentencePiece before anything is written.
 """
 
+import contextlib
 import dataclasses
 import json
 import os
+import re
 import shutil
+import signal
 import sys
 
 import torch
 
-from standalone_transformer_lm import (HelpFormatter, ModelConfig, Parser, Transformer, UserError, file_sha256,
-                                      load_tensors, load_tokenizer, model_with_weights, require_file)
+from standalone_transformer_lm import (HelpFormatter, ModelConfig, Parser, Transformer, UserError, check_flags,
+                                      file_sha256, load_tensors, load_tokenizer, model_with_weights, pid_alive,
+                                      require_file)
 
 try:  # the trainer runs without these (the guide's first install is torch, sentencepiece, tqdm and numpy)
+    from safetensors import SafetensorError
     from safetensors.torch import save_file
     from tokenizers import AddedToken, Tokenizer, decoders, normalizers, processors
     from tokenizers.models import BPE
@@ -249,6 +254,17 @@ def check_out(out: str, force: bool, keep: list[str]) -> None:
             raise UserError(f"--out {out!r} holds {path!r}, which replacing it would delete. HINT: pick another --out")
 
 
+def remove_stale(out: str) -> None:
+    """Folders that a killed conversion into --out left, each a whole model: OUT.tmpPID (or OUT/.tmpPID) being built,
+    and OUT.oldPID, the folder it replaced, once the new one is in place."""
+    for folder, prefix in ((os.path.dirname(out), os.path.basename(out) + "."), (out, ".")):
+        with contextlib.suppress(OSError):
+            for name in os.listdir(folder):
+                m = re.fullmatch(re.escape(prefix) + r"(tmp|old)(\d+)", name)
+                if m and not pid_alive(int(m[2])) and (m[1] == "tmp" or os.path.isdir(out)):
+                    shutil.rmtree(os.path.join(folder, name), ignore_errors=True)
+
+
 def write_json(path: str, obj: dict) -> None:
     with open(path, "w", encoding="utf-8") as f:
         json.dump(obj, f, indent=2, ensure_ascii=False)
@@ -257,6 +273,7 @@ def write_json(path: str, obj: dict) -> None:
 
 def convert(ckpt: str, spm_path: str, out: str, dtype: str = "float32", force: bool = False,
             verify_tol: float | None = None) -> Transformer:
+    remove_stale(os.path.realpath(out))
     check_out(out, force, keep=[ckpt, spm_path, os.getcwd()])
     model, trained_sha = load_our_model(ckpt)
     sp = load_tokenizer(spm_path)
@@ -270,9 +287,12 @@ def convert(ckpt: str, spm_path: str, out: str, dtype: str = "float32", force: b
     tok.encode_special_tokens = True  # what split_special_tokens in tokenizer_config.json makes transformers do
     check_tokenizer(lambda t: tok.encode(t, add_special_tokens=False).ids, tok.decode, sp)
 
-    # Build the folder beside --out and rename it into place, so --out is never left half written.
+    # Build the folder beside --out and rename it into place, so --out is never left half written. A mount point (a
+    # container's volume) or a folder whose parent we cannot write cannot be renamed: the folder is built inside it.
     out = os.path.realpath(out)  # a link to a folder: the folder is replaced, the link kept
-    tmp, old = f"{out}.tmp{os.getpid()}", f"{out}.old{os.getpid()}"
+    inside = os.path.isdir(out) and (os.path.ismount(out) or not os.access(os.path.dirname(out), os.W_OK))
+    tmp = os.path.join(out, f".tmp{os.getpid()}") if inside else f"{out}.tmp{os.getpid()}"
+    old = f"{out}.old{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     try:
         os.makedirs(tmp)
@@ -298,10 +318,17 @@ def convert(ckpt: str, spm_path: str, out: str, dtype: str = "float32", force: b
             diff = verify(tmp, model, sp, verify_tol)
             print(f"verified: AutoTokenizer ids == SentencePiece ids on {len(PARITY_TEXTS)} strings, largest logit "
                   f"difference {diff:.2e} (tolerance {verify_tol:g})")
-        if os.path.exists(out):  # empty, or --force: move it aside, swap the new folder in, then delete the old one
-            os.replace(out, old)
-        os.replace(tmp, out)
-        shutil.rmtree(old, ignore_errors=True)
+        if inside:  # empty, or --force: its files go, then the new ones are renamed in, one by one
+            for entry in os.scandir(out):
+                if entry.path != tmp:
+                    shutil.rmtree(entry.path) if entry.is_dir(follow_symlinks=False) else os.remove(entry.path)
+            for name in os.listdir(tmp):
+                os.replace(os.path.join(tmp, name), os.path.join(out, name))
+        else:
+            if os.path.exists(out):  # empty, or --force: move it aside, swap the new folder in, delete the old one
+                os.replace(out, old)
+            os.replace(tmp, out)
+            shutil.rmtree(old, ignore_errors=True)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     c = model.cfg
@@ -321,13 +348,21 @@ def main(argv=None) -> None:
     p.add_argument("--tol", type=float, default=1e-3, help="largest logit difference --verify accepts")
     args = p.parse_args(argv)
     spm_path = args.spm or os.path.join(os.path.dirname(os.path.abspath(args.ckpt)), "tokenizer.model")
+    signal.signal(signal.SIGTERM, signal.default_int_handler)  # like Ctrl-C: the folder being built goes
     try:
+        check_flags(args, [("tol", args.tol >= 0, "0 or more")])
         if args.verify:
             need_transformers()
         convert(args.ckpt, spm_path, args.out, args.dtype, args.force, args.tol if args.verify else None)
     except (UserError, VerificationError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2 if isinstance(e, UserError) else 1)
+    except KeyboardInterrupt:
+        print("error: interrupted", file=sys.stderr)
+        sys.exit(130)
+    except (OSError, SafetensorError) as e:  # a full disk, a vanished mount
+        print(f"error: {e}. HINT: check the path, its permissions and the free space", file=sys.stderr)
+        sys.exit(2)
 
 
 if __name__ == "__main__":

@@ -24,7 +24,8 @@ def run(args) -> None:
     check_flags(args, [("max_new_tokens", args.max_new_tokens >= 1, "at least 1"),
                        ("temperature", args.temperature == 0 or 1e-6 <= args.temperature < math.inf,
                         "0 (greedy only), or finite and at least 1e-6"),
-                       ("top_k", args.top_k >= 1, "at least 1"), ("seed", 0 <= args.seed < 1 << 63, "in [0, 2**63)")])
+                       ("top_k", args.top_k >= 1, "at least 1"), ("seed", 0 <= args.seed < 1 << 63, "in [0, 2**63)"),
+                       ("tol", args.tol >= 0, "0 or more")])
     ours = None
     if args.ckpt:  # loaded first: a checkpoint that does not load stops the run before any generating
         require_file(args.ckpt, "checkpoint", "pass the ckpt_last.pt the folder was converted from")
@@ -44,12 +45,14 @@ def run(args) -> None:
                         f"{(str(e).strip().splitlines() or [''])[0][:200]}). HINT: convert it again") from None
     if ours is not None:
         c, h = ours.cfg, model.config
-        if (c.vocab_size, c.n_layer, c.d_model, c.seq_len) != (h.vocab_size, h.num_hidden_layers, h.hidden_size,
-                                                               h.max_position_embeddings):
-            raise UserError(f"{args.folder!r} was not converted from {args.ckpt!r}: vocabulary, layers, d_model and "
-                            f"context differ ({h.vocab_size}, {h.num_hidden_layers}, {h.hidden_size}, "
-                            f"{h.max_position_embeddings} against {c.vocab_size}, {c.n_layer}, {c.d_model}, "
-                            f"{c.seq_len}). HINT: pass the checkpoint it was converted from")
+        sizes = {"vocabulary": (h.vocab_size, c.vocab_size), "layers": (h.num_hidden_layers, c.n_layer),
+                 "d_model": (h.hidden_size, c.d_model), "heads": (h.num_attention_heads, c.n_head),
+                 "kv heads": (h.num_key_value_heads, c.n_kv_head), "head size": (h.head_dim, c.head_dim),
+                 "FFN width": (h.intermediate_size, c.ffn_hidden), "context": (h.max_position_embeddings, c.seq_len)}
+        differ = [f"{name} {a} against {b}" for name, (a, b) in sizes.items() if a != b]
+        if differ:
+            raise UserError(f"{args.folder!r} was not converted from {args.ckpt!r}: {', '.join(differ)} (the "
+                            f"folder's, then the checkpoint's). HINT: pass the checkpoint it was converted from")
     inputs = tok(args.prompt, return_tensors="pt").to(device)
     n_prompt, context = inputs["input_ids"].shape[1], model.config.max_position_embeddings
     if n_prompt >= context:

@@ -6,8 +6,10 @@ import os
 import pickle
 import random
 import shutil
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -234,9 +236,10 @@ def test_non_empty_out_needs_force_and_failed_verify_keeps_old_folder(converted,
     err = capsys.readouterr().err
     assert err.startswith("error:") and "--force" in err and (out / "keep.txt").exists()
 
-    with pytest.raises(SystemExit) as e:  # a verification that fails must not replace anything
-        convert(run_dir, out, "--force", "--verify", "--tol", "-1")
-    assert e.value.code == 1 and capsys.readouterr().err.startswith("error:")
+    with monkeypatch.context() as m, pytest.raises(SystemExit) as e:  # a failed verification replaces nothing
+        m.setattr(C, "max_logit_diff", lambda *a: 0.5)
+        convert(run_dir, out, "--force", "--verify")
+    assert e.value.code == 1 and capsys.readouterr().err.startswith("error: the converted model's logits differ")
     assert (out / "keep.txt").exists() and sorted(p.name for p in tmp_path.iterdir()) == ["hf"]
 
     with monkeypatch.context() as m:  # NaN logits are no match either
@@ -259,7 +262,8 @@ def test_non_empty_out_needs_force_and_failed_verify_keeps_old_folder(converted,
 @pytest.mark.parametrize("mistake", ["missing", "directory", "truncated", "text", "bin-without-config",
                                      "vocab-mismatch", "out-is-file", "bad-flag-value", "other-tokenizer",
                                      "out-holds-the-run", "float16-overflow", "config-not-json", "config-types",
-                                     "config-other-shape", "config-ties-two-matrices", "bin-other-tokenizer"])
+                                     "config-other-shape", "config-ties-two-matrices", "bin-other-tokenizer",
+                                     "tol-nan"])
 def test_user_mistakes_give_one_error_line(converted, tmp_path, spm_path, capsys, mistake):
     run_dir, _ = converted
     ckpt, out, extra = run_dir / "ckpt_last.pt", tmp_path / "hf", []
@@ -287,6 +291,8 @@ def test_user_mistakes_give_one_error_line(converted, tmp_path, spm_path, capsys
         out.write_text("")
     elif mistake == "bad-flag-value":
         extra = ["--tol", "small"]
+    elif mistake == "tol-nan":  # no difference is within it: all the work, then a failed check
+        extra = ["--verify", "--tol", "nan"]
     elif mistake.endswith("other-tokenizer"):  # as many pieces, other text: what a later prep leaves in ./data
         lines = [line.upper() for line in spm_path.with_name("lines.txt").read_text(encoding="utf-8").splitlines()]
         (tmp_path / "other.model").write_bytes(S.train_tokenizer(lines, VOCAB))
@@ -315,7 +321,8 @@ def test_user_mistakes_give_one_error_line(converted, tmp_path, spm_path, capsys
               "out-holds-the-run": "which replacing it would delete", "float16-overflow": "not finite in float16",
               "config-not-json": "is not the config.json that `train` wrote",
               "config-types": "do not fit together (TypeError", "config-other-shape": "size mismatch for",
-              "config-ties-two-matrices": "the config ties lm_head to the embedding"}
+              "config-ties-two-matrices": "the config ties lm_head to the embedding",
+              "tol-nan": "--tol must be 0 or more, got nan"}
     assert needle[mistake] in err, err
     assert mistake in ("out-is-file", "out-holds-the-run") or not out.exists()
     assert mistake != "out-holds-the-run" or ckpt.exists()
@@ -346,12 +353,13 @@ def test_test_llama_model_generates_and_compares(converted, tmp_path, spm_path, 
 
     other = make_run(tmp_path / "other", spm_path, vocab_size=VOCAB + 8, seq_len=32)  # not the folder's checkpoint
     r = run_main(str(out), "--ckpt", str(other / "ckpt_last.pt"), main=T.main)
-    assert_user_error(r, "was not converted from", "2000, 2, 64, 64 against 2008, 2, 64, 32")
+    assert_user_error(r, "was not converted from", ": vocabulary 2000 against 2008, context 64 against 32 (the folder")
     assert_user_error(run_main(str(out), "--top_k", "-3", main=T.main), "--top_k must be at least 1, got -3")
     for temperature in ("nan", "1e-40"):  # HF's sampling divides by it too: inf logits, and nothing to sample
         assert_user_error(run_main(str(out), "--temperature", temperature, main=T.main),
                           "--temperature must be 0 (greedy only), or finite and at least 1e-6")
     assert_user_error(run_main(str(out), "--seed", str(1 << 64), main=T.main), "--seed must be in [0, 2**63)")
+    assert_user_error(run_main(str(out), "--tol", "nan", main=T.main), "--tol must be 0 or more, got nan")
     r = run_main(str(out), "--prompt", "word " * 100, main=T.main)  # one line, no transformers warning before it
     assert_user_error(r, "the model's context is 64")
     assert len(r.stderr.strip().splitlines()) == 1, r.stderr
@@ -548,8 +556,84 @@ def test_test_llama_model_keeps_prompt_and_continuation_within_the_context(conve
     assert r.returncode == 0 and asked == [3], (r.stderr, asked)  # not --max_new_tokens' 50: past the context
 
 
-def test_test_llama_model_refuses_a_checkpoint_of_another_context(converted, tmp_path, spm_path):
+def test_test_llama_model_refuses_a_checkpoint_of_another_shape(converted, tmp_path, spm_path):
     import test_llama_model as T
     other = make_run(tmp_path / "other", spm_path, seq_len=32)  # all else as the folder's
     r = run_main(str(converted[1]), "--ckpt", str(other / "ckpt_last.pt"), main=T.main)
-    assert_user_error(r, "was not converted from", "2000, 2, 64, 64 against 2000, 2, 64, 32")
+    assert_user_error(r, "was not converted from", ": context 64 against 32 (the folder's, then the checkpoint's)")
+    for shape, want in (({"n_kv_head": 2}, ": kv heads 4 against 2 ("), ({"n_head": 2}, ": heads 4 against 2, kv heads "
+                        "4 against 2, head size 16 against 32 (")):
+        other = make_run(tmp_path / str(shape), spm_path, **shape)
+        assert_user_error(run_main(str(converted[1]), "--ckpt", str(other / "ckpt_last.pt"), main=T.main),
+                          "was not converted from", want)
+
+
+def test_folders_that_a_killed_conversion_left_are_removed(converted, tmp_path):
+    run_dir, ref = converted
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    live = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    out = tmp_path / "hf"
+    shutil.copytree(ref, out)
+    left = [tmp_path / f"hf.tmp{dead.pid}", tmp_path / f"hf.old{dead.pid}", out / f".tmp{dead.pid}"]
+    running = [tmp_path / f"hf.tmp{live.pid}", tmp_path / f"hf2.tmp{dead.pid}"]  # a live conversion's; not --out's
+    try:
+        for folder in left + running:
+            folder.mkdir()
+            (folder / "model.safetensors").write_bytes(b"weights")
+        convert(run_dir, out, "--force")
+    finally:
+        live.kill()
+    assert sorted(p.name for p in out.iterdir()) == sorted(p.name for p in ref.iterdir())
+    assert not any(p.exists() for p in left) and all(p.exists() for p in running)
+
+
+def test_a_mount_point_as_out_is_filled_in_place(converted, tmp_path, monkeypatch, capsys):
+    run_dir, ref = converted
+    out = tmp_path / "volume"  # a container's volume: it cannot be renamed, nor a folder renamed over it
+    out.mkdir()
+    (out / "old.txt").write_text("an earlier conversion")
+    inode = out.stat().st_ino
+    real_ismount = os.path.ismount
+    monkeypatch.setattr(os.path, "ismount", lambda p: os.path.realpath(p) == str(out) or real_ismount(p))
+    with pytest.raises(SystemExit) as e:
+        convert(run_dir, out)
+    assert e.value.code == 2 and "--force" in capsys.readouterr().err and (out / "old.txt").exists()
+    convert(run_dir, out, "--force")
+    assert out.stat().st_ino == inode and sorted(p.name for p in out.iterdir()) == sorted(p.name for p in ref.iterdir())
+    assert (out / "model.safetensors").read_bytes() == (ref / "model.safetensors").read_bytes()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["volume"]
+
+
+@pytest.mark.parametrize("failure", ["disk-full", "safetensors-disk-full"])
+def test_a_full_disk_is_one_error_line_and_leaves_no_folder(converted, tmp_path, monkeypatch, capsys, failure):
+    from safetensors import SafetensorError
+
+    def full(*args, **kwargs):
+        if failure == "disk-full":
+            raise OSError(28, "No space left on device", args[1])
+        raise SafetensorError("Error while serializing: No space left on device (os error 28)")
+    monkeypatch.setattr(C, "save_file", full)
+    with pytest.raises(SystemExit) as e:
+        convert(converted[0], tmp_path / "hf")
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.count("\n") == 1 and "No space left on device" in err, err
+    assert err.rstrip().endswith("HINT: check the path, its permissions and the free space")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_sigterm_stops_a_conversion_and_removes_the_folder_it_was_building(converted, tmp_path):
+    run_dir, ref = converted
+    out = tmp_path / "hf"
+    shutil.copytree(ref, out)  # the folder --force would replace
+    proc = subprocess.Popen([sys.executable, str(ROOT / "convert_to_llama.py"), "--ckpt", str(run_dir / "ckpt_last.pt"),
+                             "--out", str(out), "--force", "--verify"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    while not (tmp_path / f"hf.tmp{proc.pid}" / "tokenizer.model").exists():  # built; transformers loads to verify
+        assert proc.poll() is None, proc.communicate()
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130 and err.strip().splitlines()[-1] == "error: interrupted", err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["hf"]
+    assert (out / "model.safetensors").read_bytes() == (ref / "model.safetensors").read_bytes()
