@@ -24,8 +24,8 @@ import sys
 import torch
 
 from standalone_transformer_lm import (HelpFormatter, ModelConfig, Parser, Transformer, UserError, check_flags,
-                                      file_sha256, load_tensors, load_tokenizer, model_with_weights, pid_alive,
-                                      require_file)
+                                      file_sha256, load_tensors, load_tokenizer, model_from_saved, model_with_weights,
+                                      pid_alive, require_file)
 
 try:  # the trainer runs without these (the guide's first install is torch, sentencepiece, tqdm and numpy)
     from safetensors import SafetensorError
@@ -72,16 +72,8 @@ def load_our_model(path: str) -> tuple[Transformer, str | None]:
     else:
         raise UserError(f"{path!r} holds neither a training checkpoint nor a state_dict. HINT: pass ckpt_last.pt, "
                         f"ckpt_best.pt or pytorch_model.bin written by `train`")
-    try:
-        cfg = ModelConfig.from_dict(cfg)
-        if cfg.tie_embeddings and not torch.equal(state["embed_tokens.weight"], state["lm_head.weight"]):
-            raise RuntimeError("the config ties lm_head to the embedding, the weights hold two matrices")
-        model = model_with_weights(cfg, state)
-    except (RuntimeError, TypeError, KeyError) as e:  # a size of the wrong type, a shape or a name that is not there
-        first = next((line.strip() for line in str(e).splitlines() if line.strip() and not line.endswith(":")), "")
-        raise UserError(f"the weights in {path!r} and its model config do not fit together ({type(e).__name__}: "
-                        f"{first}). HINT: convert ckpt_last.pt, or keep the config.json `train` wrote beside the "
-                        f"weights") from None
+    model = model_from_saved(cfg, state, path, "convert ckpt_last.pt, or keep the config.json `train` wrote beside "
+                             "the weights")
     return model.eval(), sha
 
 

@@ -106,6 +106,8 @@ class ModelConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> "ModelConfig":
+        if not isinstance(d, dict):
+            raise TypeError(f"the model config is {type(d).__name__}, not a mapping")
         unknown = set(d) - {f.name for f in dataclasses.fields(cls)}
         if unknown:
             raise UserError(f"unknown model config keys {sorted(unknown)}: this checkpoint is from another tool or "
@@ -726,9 +728,9 @@ class Linear(nn.Linear):
 class KVCache(nn.Module):
     """Preallocated keys and values for decoding: prefill writes the prompt, each decode step writes one position."""
 
-    def __init__(self, batch: int, cfg: ModelConfig, dtype, device):
+    def __init__(self, batch: int, length: int, cfg: ModelConfig, dtype, device):
         super().__init__()
-        shape = (batch, cfg.n_kv_head, cfg.seq_len, cfg.head_dim)
+        shape = (batch, cfg.n_kv_head, length, cfg.head_dim)
         self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
         self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
 
@@ -969,6 +971,21 @@ def model_with_weights(cfg: ModelConfig, state: dict, dropout: float = 0.0, devi
     model.rope_cos, model.rope_sin = (t.to(device) for t in rope_tables(cfg))
     model.load_state_dict(state, strict=True)
     return model
+
+
+def model_from_saved(cfg: dict, state: dict, path: str, hint: str, dropout: float = 0.0, device="cpu") -> Transformer:
+    """model_with_weights() for a config and weights read from a file: a UserError if they do not fit together."""
+    try:
+        cfg = ModelConfig.from_dict(cfg)
+        if cfg.tie_embeddings and not torch.equal(state["embed_tokens.weight"], state["lm_head.weight"]):
+            raise RuntimeError("the config ties lm_head to the embedding, the weights hold two matrices")
+        return model_with_weights(cfg, state, dropout, device)
+    except (RuntimeError, TypeError, KeyError) as e:  # a size of the wrong type, a shape or a name that is not there
+        if out_of_memory(e):
+            raise
+        first = next((line.strip() for line in str(e).splitlines() if line.strip() and not line.endswith(":")), "")
+        raise UserError(f"the weights in {path!r} and its model config do not fit together ({type(e).__name__}: "
+                        f"{first}). HINT: {hint}") from None
 
 
 def load_tensors(path: str, hint: str):
@@ -1270,7 +1287,8 @@ def train(tc: TrainConfig, args, device: torch.device, rank: int, world: int, he
         # Not warn_only: with it, flash and memory-efficient attention keep their backward with atomics (and warn)
         torch.use_deterministic_algorithms(True)
     torch.manual_seed(tc.seed)  # same initial weights on every rank and every device
-    raw_model = model_with_weights(cfg, ckpt["model"], tc.dropout, device) if ckpt else Transformer(cfg, tc.dropout)
+    raw_model = model_from_saved(ckpt["model_config"], ckpt["model"], last_path, "copy ckpt_best.pt over it, or pass "
+                                 "a new --out_dir", tc.dropout, device) if ckpt else Transformer(cfg, tc.dropout)
     raw_model.to(device)
     torch.manual_seed(tc.seed + rank)  # then each rank draws its own dropout masks, as it reads its own rows
     optimizer = make_optimizer(raw_model, tc.lr, tc.weight_decay, device)
@@ -1485,7 +1503,8 @@ def for_sampling(model: Transformer, device: torch.device, dtype: torch.dtype) -
 def model_from_checkpoint(path: str, device: torch.device, dtype: torch.dtype) -> tuple[Transformer, str | None]:
     """The model, and the sha256 of the tokenizer it was trained with (None when unknown)."""
     ckpt = load_checkpoint(path)
-    model = model_with_weights(ModelConfig.from_dict(ckpt["model_config"]), ckpt["model"], device=device)
+    model = model_from_saved(ckpt.get("model_config"), ckpt.get("model"), path, "pass a ckpt_last.pt or ckpt_best.pt "
+                             "that `train` wrote (this one is damaged or was edited)", device=device)
     return for_sampling(model, device, dtype), ckpt.get("tokenizer_sha256")
 
 
@@ -1526,10 +1545,14 @@ def generate(model: Transformer, prompt: list[int], max_new_tokens: int, tempera
     cfg, device = model.cfg, model.embed_tokens.weight.device
     max_new_tokens = min(max_new_tokens, cfg.seq_len - len(prompt))
     dtype = model.embed_tokens.weight.dtype
+    # A compiled step attends over the whole context (one shape); eager decoding, over the slots written so far: its
+    # cache holds this call's tokens only (at 16 samples of 138m, 1.2 GB in float32 for the whole context)
+    length = cfg.seq_len if decode_step not in (None, model) else len(prompt) + max_new_tokens
     for block in model.layers:  # kept between calls: a compiled decode step (CUDA graph) reuses the same buffers
         cache = block.self_attn.cache
-        if cache is None or cache.k.dtype != dtype or cache.k.size(0) != num_samples:
-            block.self_attn.cache = KVCache(num_samples, cfg, dtype, device)
+        if cache is None or cache.k.dtype != dtype or cache.k.size(0) != num_samples or cache.k.size(2) < length:
+            block.self_attn.cache = None  # its memory back before the new one is allocated
+            block.self_attn.cache = KVCache(num_samples, length, cfg, dtype, device)
     decode_step = model if decode_step is None else decode_step
     generator = torch.Generator(device).manual_seed(seed) if seed is not None else None
     seen = torch.zeros(num_samples, cfg.vocab_size, dtype=torch.bool, device=device)
@@ -1583,6 +1606,15 @@ class TextStream:
 # Subcommands
 
 
+def out_of_memory(e: Exception) -> tuple[str, str] | None:
+    """("out of GPU memory", " (Tried to allocate 2.00 GiB)") when e is a failed allocation; compile wraps them."""
+    cpu = "DefaultCPUAllocator: can't allocate memory" in str(e)  # (mostly the kernel's OOM killer ends it first)
+    if not (isinstance(e, torch.cuda.OutOfMemoryError) or "CUDA out of memory" in str(e) or cpu):
+        return None
+    detail = re.search(r"[Tt]ried to allocate [\d.]+ \w+", str(e))
+    return f"out of {'CPU' if cpu else 'GPU'} memory", f" ({detail[0]})" if detail else ""
+
+
 def cmd_prep(args) -> dict:
     made = make_dir(args.out_dir, "--out_dir")
     try:
@@ -1611,14 +1643,11 @@ def cmd_train(args) -> dict:
         if op := re.search(r"(\S+) does not have a deterministic implementation", str(e)):
             raise UserError(f"--deterministic 1: {op[1]} has no deterministic kernel on {device.type} here. HINT: "
                             f"train with --deterministic 0 (reruns then differ in the last bits)") from None
-        cpu = "DefaultCPUAllocator: can't allocate memory" in str(e)  # (mostly the kernel's OOM killer ends it first)
-        if not (isinstance(e, torch.cuda.OutOfMemoryError) or "CUDA out of memory" in str(e) or cpu):
+        if not (oom := out_of_memory(e)):
             raise
-        detail = re.search(r"[Tt]ried to allocate [\d.]+ \w+", str(e))
-        raise UserError(f"out of {'CPU' if cpu else 'GPU'} memory at --batch_size {tc.batch_size}"
-                        f"{f' ({detail[0]})' if detail else ''}; "
-                        f"the checkpoints saved so far are intact. HINT: halve --batch_size and double "
-                        f"--grad_accum_steps (the same tokens per step), or train a smaller model") from None
+        raise UserError(f"{oom[0]} at --batch_size {tc.batch_size}{oom[1]}; the checkpoints saved so far are intact. "
+                        f"HINT: halve --batch_size and double --grad_accum_steps (the same tokens per step), or train "
+                        f"a smaller model") from None
     finally:
         if dist.is_initialized():  # torchrun with one process joins a group too
             dist.destroy_process_group()
@@ -1661,20 +1690,26 @@ def cmd_generate(args) -> list[str]:
         decode_step = torch.compile(model, fullgraph=True, mode="reduce-overhead" if device.type == "cuda" else None)
     sample = functools.partial(generate, model, prompt, args.max_new_tokens, args.temperature, args.top_k, args.top_p,
                                args.repetition_penalty, decode_step=decode_step)
-    if args.num_samples == 1:  # printed as it decodes
-        print(sp.decode(prompt), end="", flush=True)
-        stream = TextStream(sp, prompt)
-        return [stream(sample(seed=args.seed, on_token=stream)[0], final=True)]
     # Equal batches, the last one padded: a single KV cache shape, so --compile 1 compiles (and records) one graph.
     rows = math.ceil(args.num_samples / math.ceil(args.num_samples / SAMPLES_PER_BATCH))  # 20: two batches of 10
     texts = []
-    for first in range(0, args.num_samples, rows):
-        seed = args.seed  # the first batch's own; a later one draws its seed from (seed, batch): with seed + first,
-        if seed is not None and first:  # `--seed 10` would repeat samples of `--seed 0` in a sweep over seeds
-            seed = random.Random(f"{args.seed} {first}").getrandbits(63)
-        for ids in sample(seed=seed, num_samples=rows)[:args.num_samples - first]:
-            texts.append(sp.decode(prompt + ids))
-            print(f"--- sample {len(texts)}\n{texts[-1]}", flush=True)
+    try:
+        if args.num_samples == 1:  # printed as it decodes
+            print(sp.decode(prompt), end="", flush=True)
+            stream = TextStream(sp, prompt)
+            return [stream(sample(seed=args.seed, on_token=stream)[0], final=True)]
+        for first in range(0, args.num_samples, rows):
+            seed = args.seed  # the first batch's own; a later one draws its seed from (seed, batch): with seed + first
+            if seed is not None and first:  # `--seed 10` would repeat samples of `--seed 0` in a sweep over seeds
+                seed = random.Random(f"{args.seed} {first}").getrandbits(63)
+            for ids in sample(seed=seed, num_samples=rows)[:args.num_samples - first]:
+                texts.append(sp.decode(prompt + ids))
+                print(f"--- sample {len(texts)}\n{texts[-1]}", flush=True)
+    except Exception as e:
+        if not (oom := out_of_memory(e)):
+            raise
+        raise UserError(f"{oom[0]} decoding {rows} sample(s) at once{oom[1]}. HINT: pass fewer --num_samples (up "
+                        f"to {SAMPLES_PER_BATCH} decode at once) or a smaller --max_new_tokens") from None
     return texts
 
 

@@ -2,6 +2,7 @@ import copy
 import dataclasses
 import os
 import pickle
+import shutil
 import subprocess
 import sys
 
@@ -384,7 +385,7 @@ def test_sampling_keeps_float32_angles_a_prefill_returns_its_last_position_and_g
     assert m.rope_cos.dtype == torch.float32 and torch.equal(m.rope_cos, cos) and torch.equal(m.rope_sin, sin)
     m = lm.Transformer(cfg).eval()
     for block in m.layers:
-        block.self_attn.cache = lm.KVCache(1, cfg, torch.float32, "cpu")
+        block.self_attn.cache = lm.KVCache(1, cfg.seq_len, cfg, torch.float32, "cpu")
     with torch.no_grad():  # lm_head over the prompt's last position only: the one that samples
         assert m(torch.tensor([[1, 5, 6, 7]]), pos=torch.arange(4))[0].shape == (1, 1, 320)
     lm.generate(m, [1, 5], 3, eos_id=None, num_samples=2)
@@ -455,3 +456,47 @@ def test_generate_samples_by_default_as_the_readme_and_the_export_say():
     args = lm.build_parser().parse_args(["generate", "--ckpt", "x"])
     assert (args.temperature, args.top_k, args.top_p, args.repetition_penalty, args.max_new_tokens,
             args.num_samples, args.prompt, args.spm) == (0.8, 200, 1.0, 1.0, 100, 1, "", None)
+
+
+def test_eager_decoding_allocates_the_cache_for_the_prompt_and_its_new_tokens_only(model):
+    lm.generate(model, [1, 5, 6], 4, temperature=0, eos_id=None, num_samples=2)
+    assert {tuple(block.self_attn.cache.k.shape) for block in model.layers} == {(2, 2, 7, 16)}  # not the context's 64
+    prompt = [1, 5, 6, 7, 8]  # a longer call allocates anew, and decodes as before
+    assert lm.generate(model, prompt, 20, temperature=0, eos_id=None) == [greedy_by_full_recomputation(model, prompt, 20)]
+    assert {block.self_attn.cache.k.size(2) for block in model.layers} == {25}
+
+
+def test_running_out_of_memory_while_decoding_is_one_error_line(trained, monkeypatch):
+    def no_memory(*args, **kwargs):
+        raise RuntimeError("[enforce fail at alloc_cpu.cpp:118] data. DefaultCPUAllocator: can't allocate memory: you "
+                           "tried to allocate 134217728 bytes. Error code 12 (Cannot allocate memory)")
+    monkeypatch.setattr(lm, "generate", no_memory)
+    for n, rows in ((1, 1), (20, 10)):
+        assert_user_error(run_main("generate", "--ckpt", trained / "ckpt_last.pt", "--num_samples", n),
+                          f"out of CPU memory decoding {rows} sample(s) at once (tried to allocate 134217728 bytes). "
+                          f"HINT: pass fewer --num_samples")
+
+
+@pytest.mark.parametrize("damage", ["fewer-layers-in-config", "a-weight-missing", "no-model-config", "ties-two"])
+def test_a_checkpoint_whose_weights_do_not_fit_its_config_is_one_error_line(trained, docs_data, tmp_path, damage):
+    ckpt = torch.load(trained / "ckpt_last.pt", weights_only=True)
+    if damage == "fewer-layers-in-config":
+        ckpt["model_config"]["n_layer"] = 1
+    elif damage == "a-weight-missing":
+        del ckpt["model"]["norm.weight"]
+    elif damage == "no-model-config":
+        del ckpt["model_config"]
+    else:  # the config says tied, the weights hold two matrices
+        ckpt["model_config"]["tie_embeddings"] = True
+    torch.save(ckpt, tmp_path / "ckpt.pt")
+    want = {"fewer-layers-in-config": "(RuntimeError: Unexpected key(s) in state_dict",
+            "a-weight-missing": "(RuntimeError: Missing key(s) in state_dict", "no-model-config": "(TypeError: the "
+            "model config is NoneType, not a mapping)", "ties-two": "the weights hold two matrices"}[damage]
+    assert_user_error(run_main("generate", "--ckpt", tmp_path / "ckpt.pt", "--spm", trained / "tokenizer.model"),
+                      "and its model config do not fit together", want, "HINT: pass a ckpt_last.pt")
+    if damage == "a-weight-missing":  # and a resume from such a file
+        run = tmp_path / "run"
+        shutil.copytree(trained, run)
+        shutil.copy(tmp_path / "ckpt.pt", run / "ckpt_last.pt")
+        args = train_args(run, docs_data, max_steps=30)
+        assert_user_error(run_main("train", *args), "do not fit together", "HINT: copy ckpt_best.pt over it")
