@@ -268,6 +268,15 @@ def check_flags(args, checks) -> None:
             raise UserError(f"--{name} must be {want}, got {getattr(args, name)}")
 
 
+def out_of_memory(e: Exception) -> tuple[str, str] | None:
+    """("out of GPU memory", " (Tried to allocate 2.00 GiB)") when e is a failed allocation; compile wraps them."""
+    cpu = "DefaultCPUAllocator: can't allocate memory" in str(e)  # (mostly the kernel's OOM killer ends it first)
+    if not (isinstance(e, torch.cuda.OutOfMemoryError) or "CUDA out of memory" in str(e) or cpu):
+        return None
+    detail = re.search(r"[Tt]ried to allocate [\d.]+ \w+", str(e))
+    return f"out of {'CPU' if cpu else 'GPU'} memory", f" ({detail[0]})" if detail else ""
+
+
 # ----------------------------------------------------------------------------------------------------------------------
 # Tokenizer and token files
 
@@ -1604,15 +1613,6 @@ class TextStream:
 
 # ----------------------------------------------------------------------------------------------------------------------
 # Subcommands
-
-
-def out_of_memory(e: Exception) -> tuple[str, str] | None:
-    """("out of GPU memory", " (Tried to allocate 2.00 GiB)") when e is a failed allocation; compile wraps them."""
-    cpu = "DefaultCPUAllocator: can't allocate memory" in str(e)  # (mostly the kernel's OOM killer ends it first)
-    if not (isinstance(e, torch.cuda.OutOfMemoryError) or "CUDA out of memory" in str(e) or cpu):
-        return None
-    detail = re.search(r"[Tt]ried to allocate [\d.]+ \w+", str(e))
-    return f"out of {'CPU' if cpu else 'GPU'} memory", f" ({detail[0]})" if detail else ""
 
 
 def cmd_prep(args) -> dict:
