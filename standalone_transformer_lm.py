@@ -135,6 +135,20 @@ def print0(*args, **kwargs):
         print(*args, **kwargs, flush=True)
 
 
+def write_synced(path: str, write_fn) -> None:
+    with open(path, "wb") as f:
+        write_fn(f)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def sync_folder(folder: str) -> None:
+    if os.name == "posix":  # the renames in it survive a power cut (Windows cannot open a folder to sync it)
+        fd = os.open(folder, os.O_RDONLY)
+        os.fsync(fd)
+        os.close(fd)
+
+
 def atomic_write(path: str, write_fn, link_from: str | None = None) -> None:
     """write_fn(file_object) writes the content; readers see the old file or the new one, never a torn one. link_from:
     a file with that content already, hard-linked instead where the filesystem allows it (no second write)."""
@@ -146,15 +160,9 @@ def atomic_write(path: str, write_fn, link_from: str | None = None) -> None:
                 os.link(link_from, tmp)
                 linked = True
         if not linked:
-            with open(tmp, "wb") as f:
-                write_fn(f)
-                f.flush()
-                os.fsync(f.fileno())
+            write_synced(tmp, write_fn)
         os.replace(tmp, path)
-        if os.name == "posix":  # the rename itself survives a power cut (Windows cannot open a folder to sync it)
-            folder = os.open(os.path.dirname(tmp), os.O_RDONLY)
-            os.fsync(folder)
-            os.close(folder)
+        sync_folder(os.path.dirname(tmp))
     except RuntimeError as e:  # torch.save's archive writer reports a failed write (a full disk) as an error of its own
         if isinstance(e.__context__, OSError):
             raise OSError(e.__context__.errno, e.__context__.strerror, path) from None
@@ -283,7 +291,7 @@ def out_of_memory(e: Exception) -> tuple[str, str] | None:
 UNK_ID, BOS_ID, EOS_ID, PAD_ID = 0, 1, 2, 3
 SP_MAX_LINE_BYTES = 4192  # SentencePiece's training limit per sentence; longer lines are still encoded in full
 BLOCK_BYTES = 1 << 18  # prep reads and encodes the corpus in blocks of about this many bytes
-MAX_LINE_BYTES = 1 << 26  # 64 MB; SentencePiece takes about 42 bytes of memory per byte of a line it encodes
+MAX_LINE_BYTES = 1 << 26  # 64 MB; encoding a line takes 50-90 bytes of memory per byte of it (more for short words)
 MIN_VOCAB, MAX_VOCAB = 300, 1 << 20  # 4 specials + 256 byte pieces need room; a million is beyond any sane LM
 
 # Trainer options, chosen so that decode(encode(line)) == line for every line (but one holding "▁", which SentencePiece
@@ -303,8 +311,12 @@ SP_TRAINER_OPTIONS = dict(
 def load_tokenizer(path: str):
     import sentencepiece as spm
     require_file(path, "tokenizer", "run `prep` first, or pass --spm path/to/tokenizer.model")
+    with open(path, "rb") as f:  # read here: SentencePiece cannot open a path that is not UTF-8
+        proto = f.read()
     try:
-        return spm.SentencePieceProcessor(model_file=path)
+        if not proto:  # (SentencePiece would take it as a model of no pieces)
+            raise RuntimeError("the file is empty")
+        return spm.SentencePieceProcessor(model_proto=proto)
     except (RuntimeError, OSError) as e:
         raise UserError(f"{path!r} is not a SentencePiece model ({e}). HINT: pass the tokenizer.model that `prep` "
                         f"wrote") from None
@@ -505,7 +517,7 @@ def encode_corpus(text_path: str, splits: dict, spm_path: str, dtype, num_worker
     """Encode byte ranges {split: (token file, start, end)} of the corpus, in blocks on num_workers processes, at
     most 2 blocks per worker in flight (bounded memory), written in corpus order. Returns counts per split."""
     counts = {split: Counter() for split in splits}
-    seen = set() if dedup else None  # exact dedup: about 65 bytes per distinct line, the one cost that grows
+    seen = set() if dedup else None  # exact dedup: about 90 bytes per distinct line, the one cost that grows
     # Processes, not threads: SentencePiece's own encoder releases the GIL, but encoding word by word from a cache is
     # 2.7x faster and holds it. Forked on Linux, so that a worker starts in milliseconds without importing torch again.
     context = multiprocessing.get_context("fork" if sys.platform == "linux" else "spawn")
@@ -554,6 +566,10 @@ def prep(text_path: str, out_dir: str, vocab_size: int = 32000, val_fraction: fl
     if num_workers < 0 or sample_lines < 1:
         raise UserError(f"--num_workers {num_workers} must be 0 (all cores) or more, --sample_lines {sample_lines} "
                         f"at least 1")
+    outputs = [os.path.join(out_dir, name) for name in ("tokenizer.model", "train.bin", "val.bin", "meta.json")]
+    if any(os.path.exists(path) and os.path.samefile(path, text_path) for path in outputs):
+        raise UserError(f"corpus {text_path!r} is one of the files prep writes into --out_dir {out_dir!r}. HINT: pass "
+                        f"another --out_dir")
     run_files = ("ckpt_last.pt", "ckpt_best.pt", "pytorch_model.bin")  # train's --out_dir, given to prep by mistake
     run = next((name for name in run_files if os.path.exists(os.path.join(out_dir, name))), None)
     if run:
@@ -565,7 +581,8 @@ def prep(text_path: str, out_dir: str, vocab_size: int = 32000, val_fraction: fl
     remove_stale_tmp(out_dir, ("tokenizer.model", "train.bin", "val.bin", "meta.json"))
     check_encoding(text_path)
     size = os.path.getsize(text_path)
-    num_workers = num_workers or os.cpu_count() or 1
+    if not num_workers:  # every core this process may use (taskset, Slurm), not every core of the machine
+        num_workers = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
     sample = tokenizer_sample(text_path, size, sample_lines, seed, dedup, normalize_whitespace, progress)
     if not sample:
         raise UserError(f"corpus {text_path!r} has no text (it is empty or only blank lines). HINT: pass a UTF-8 "
@@ -586,15 +603,13 @@ def prep(text_path: str, out_dir: str, vocab_size: int = 32000, val_fraction: fl
     model_proto = train_tokenizer(sample, vocab_size)
     del sample
 
-    # Everything goes to temporary names first: a failed run leaves an earlier run's files as they were.
-    final = {name: os.path.join(out_dir, name) for name in ("tokenizer.model", "train.bin", "val.bin")}
+    # Everything goes to temporary names first, each synced, and is renamed into place once all of it is written,
+    # meta.json last: a failed run (a full disk at any file) leaves an earlier run's files as they were.
+    final = {name: os.path.join(out_dir, name) for name in ("tokenizer.model", "train.bin", "val.bin", "meta.json")}
     tmp = {name: os.path.join(out_dir, f".{name}.tmp{os.getpid()}") for name in final}
     stats, t0 = Counter(), time.time()
     try:
-        with open(tmp["tokenizer.model"], "wb") as f:
-            f.write(model_proto)
-            f.flush()
-            os.fsync(f.fileno())
+        write_synced(tmp["tokenizer.model"], lambda f: f.write(model_proto))
         counts = encode_corpus(text_path, {"train": (tmp["train.bin"], 0, cut), "val": (tmp["val.bin"], cut, size)},
                                tmp["tokenizer.model"], token_dtype(vocab_size), num_workers, dedup,
                                normalize_whitespace, stats, progress)
@@ -610,27 +625,28 @@ def prep(text_path: str, out_dir: str, vocab_size: int = 32000, val_fraction: fl
             if counts[split]["samples"] == 0:
                 raise UserError(f"the {split} split of {text_path!r} is empty ({size} bytes, --val_fraction "
                                 f"{val_fraction}). HINT: use a corpus with more lines, or change --val_fraction")
+        elapsed = time.time() - t0
+        meta = {
+            "format_version": 1,
+            "vocab_size": vocab_size,
+            "dtype": np.dtype(token_dtype(vocab_size)).name,
+            "special_ids": {"unk": UNK_ID, "bos": BOS_ID, "eos": EOS_ID, "pad": PAD_ID},
+            "tokenizer_sha256": hashlib.sha256(model_proto).hexdigest(),
+            "train": dict(counts["train"]),
+            "val": dict(counts["val"]),
+            "stats": dict(sorted(stats.items())),
+            "options": {"text_path": os.path.abspath(text_path), "vocab_size": vocab_size,
+                        "val_fraction": val_fraction, "seed": seed, "sample_lines": sample_lines, "dedup": dedup,
+                        "normalize_whitespace": normalize_whitespace, "sp_trainer": SP_TRAINER_OPTIONS},
+        }
+        write_synced(tmp["meta.json"], lambda f: f.write((json.dumps(meta, indent=2) + "\n").encode()))
         for name in final:
             os.replace(tmp[name], final[name])
+        sync_folder(out_dir)
     finally:
         for path in tmp.values():
             if os.path.exists(path):
                 os.remove(path)
-    elapsed = time.time() - t0
-    meta = {
-        "format_version": 1,
-        "vocab_size": vocab_size,
-        "dtype": np.dtype(token_dtype(vocab_size)).name,
-        "special_ids": {"unk": UNK_ID, "bos": BOS_ID, "eos": EOS_ID, "pad": PAD_ID},
-        "tokenizer_sha256": hashlib.sha256(model_proto).hexdigest(),
-        "train": dict(counts["train"]),
-        "val": dict(counts["val"]),
-        "stats": dict(sorted(stats.items())),
-        "options": {"text_path": os.path.abspath(text_path), "vocab_size": vocab_size, "val_fraction": val_fraction,
-                    "seed": seed, "sample_lines": sample_lines, "dedup": dedup,
-                    "normalize_whitespace": normalize_whitespace, "sp_trainer": SP_TRAINER_OPTIONS},
-    }
-    atomic_write_json(os.path.join(out_dir, "meta.json"), meta)
     n_tokens = counts["train"]["tokens"] + counts["val"]["tokens"]
     n_samples = counts["train"]["samples"] + counts["val"]["samples"]
     print0(f"wrote {out_dir}: {counts['train']['tokens']:,} train / {counts['val']['tokens']:,} val tokens "
@@ -1782,7 +1798,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--out_dir", default="./data", help="folder for tokenizer.model, train.bin, val.bin, meta.json")
     s.add_argument("--vocab_size", type=int, default=32000, help="BPE vocabulary, special and byte tokens included")
     s.add_argument("--val_fraction", type=float, default=0.005, help="share of the corpus (its tail) for val.bin")
-    s.add_argument("--num_workers", type=int, default=0, help="encoding processes; 0 = all cores")
+    s.add_argument("--num_workers", type=int, default=0, help="encoding processes; 0 = every core this process may use")
     s.add_argument("--seed", type=int, default=1337, help="seeds the tokenizer's sample of lines")
     s.add_argument("--sample_lines", type=int, default=300_000, help="lines sampled to train the tokenizer")
     s.add_argument("--dedup", default=0, help="drop exact duplicate lines", **flag)

@@ -462,7 +462,8 @@ def test_eager_decoding_allocates_the_cache_for_the_prompt_and_its_new_tokens_on
     lm.generate(model, [1, 5, 6], 4, temperature=0, eos_id=None, num_samples=2)
     assert {tuple(block.self_attn.cache.k.shape) for block in model.layers} == {(2, 2, 7, 16)}  # not the context's 64
     prompt = [1, 5, 6, 7, 8]  # a longer call allocates anew, and decodes as before
-    assert lm.generate(model, prompt, 20, temperature=0, eos_id=None) == [greedy_by_full_recomputation(model, prompt, 20)]
+    want = greedy_by_full_recomputation(model, prompt, 20)
+    assert lm.generate(model, prompt, 20, temperature=0, eos_id=None) == [want]
     assert {block.self_attn.cache.k.size(2) for block in model.layers} == {25}
 
 

@@ -164,9 +164,27 @@ def test_every_file_is_on_disk_before_its_rename_and_the_folder_after(docs_corpu
     monkeypatch.setattr(os, "fsync", spy_fsync)
     monkeypatch.setattr(os, "replace", spy_replace)
     lm.prep(str(docs_corpus), str(tmp_path / "d"), vocab_size=1000, num_workers=1, progress=False)
-    renamed = [e[1] for e in events if e[0] == "replace"]
-    assert sorted(renamed) == ["meta.json", "tokenizer.model", "train.bin", "val.bin"]
+    first = events.index(next(e for e in events if e[0] == "replace"))  # every file written before any rename
+    assert events[first:-1] == [("replace", name) for name in ("tokenizer.model", "train.bin", "val.bin", "meta.json")]
     assert events[-1] == ("fsync", os.stat(tmp_path / "d").st_ino)  # the folder, so the renames survive a power cut
+
+
+def test_a_full_disk_at_the_last_file_leaves_the_earlier_output_whole(docs_corpus, docs_data, tmp_path, monkeypatch,
+                                                                       capsys):
+    out = tmp_path / "d"
+    shutil.copytree(docs_data, out)
+    before, write = digest(out), lm.write_synced
+
+    def full_at_meta(path, write_fn):
+        if "meta.json" in path:
+            raise OSError(28, "No space left on device", path)
+        write(path, write_fn)
+    monkeypatch.setattr(lm, "write_synced", full_at_meta)
+    with pytest.raises(SystemExit) as e:
+        lm.main(["prep", "--text_path", str(docs_corpus), "--out_dir", str(out), "--vocab_size", "800"])
+    assert e.value.code == 2 and "No space left on device" in capsys.readouterr().err
+    assert digest(out) == before and sorted(os.listdir(out)) == ["meta.json", "tokenizer.model", "train.bin",
+                                                                 "val.bin"]
 
 
 def test_the_tokenizer_samples_the_head_of_a_long_line_with_or_without_spaces(tmp_path):
@@ -494,3 +512,22 @@ def test_ctrl_c_while_sentencepiece_is_imported_is_an_interruption_not_a_traceba
     monkeypatch.setattr(lm, "prep", missing)
     with pytest.raises(ImportError, match="sentencepiece"):
         lm.main(["prep", "--text_path", "corpus.txt", "--out_dir", str(tmp_path / "d")])
+
+
+def test_a_tokenizer_at_a_path_that_is_not_utf8_loads(docs_data, tmp_path):
+    path = tmp_path / os.fsdecode(b"tok\xe9.model")  # a Latin-1 file name, as Python keeps it
+    shutil.copy(docs_data / "tokenizer.model", path)
+    assert lm.load_tokenizer(str(path)).encode("The sun") == spm.SentencePieceProcessor(
+        model_file=str(docs_data / "tokenizer.model")).encode("The sun")
+
+
+def test_workers_default_to_the_cores_this_process_may_use_and_the_corpus_is_never_an_output(docs_corpus, tmp_path,
+                                                                                           monkeypatch, capsys):
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {1}, raising=False)  # `taskset -c 1`, of more cores
+    lm.prep(str(docs_corpus), str(tmp_path / "d"), vocab_size=400, progress=False)
+    assert capsys.readouterr().out.rstrip().splitlines()[-2].endswith("on 1 worker(s)")
+    corpus = tmp_path / "d" / "train.bin"  # a corpus saved under a name prep writes
+    corpus.write_bytes(docs_corpus.read_bytes())
+    assert_user_error(run_main("prep", "--text_path", corpus, "--out_dir", tmp_path / "d", "--vocab_size", 400),
+                      "is one of the files prep writes into --out_dir")
+    assert corpus.read_bytes() == docs_corpus.read_bytes()
