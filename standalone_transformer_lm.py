@@ -1157,6 +1157,9 @@ def setup_distributed(device: torch.device, timeout_s: int) -> tuple[int, int]:
     """(rank, world_size); under torchrun, joins the process group: NCCL on GPUs, gloo on CPUs."""
     if "RANK" not in os.environ:
         return 0, 1
+    if "WORLD_SIZE" not in os.environ:  # a RANK left in the shell's environment: torchrun sets both
+        raise UserError("RANK is set but WORLD_SIZE is not, as if torchrun had started this process. HINT: start it "
+                        "with torchrun, or unset RANK")
     if device.type == "cuda":
         torch.cuda.set_device(device)
     dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
@@ -1350,16 +1353,28 @@ def train(tc: TrainConfig, args, device: torch.device, rank: int, world: int, he
                    f"windows, was {ckpt['data']['n_windows']:,}: prepped again?), so batches from here differ from the "
                    f"old run's")
         del ckpt
-    if ddp:  # a node that reads another --out_dir (not shared, or relative to another folder) would train apart
-        steps = [None] * world
-        dist.all_gather_object(steps, step)
-        if len(set(steps)) > 1:
+    if ddp:  # every process trains one run: a node started with another command would train apart, or hang
+        paths = ("out_dir", "data_dir", "device", "dist_timeout")  # may differ between nodes; the data may not
+        mine = {"step": step, **{f"--{k}": v for k, v in dataclasses.asdict(tc).items() if k not in paths},
+                **dataclasses.asdict(cfg), "tokenizer": meta["tokenizer_sha256"][:12],
+                "train.bin tokens": len(train_data.data), "val.bin tokens": len(val_data.data)}
+        everyone = [None] * world
+        dist.all_gather_object(everyone, mine)
+        steps = [theirs["step"] for theirs in everyone]
+        if len(set(steps)) > 1:  # a node that reads another --out_dir (not shared, or relative to another folder)
             raise UserError(f"the processes start at different steps {steps}: they do not all see the same "
                             f"{tc.out_dir}. HINT: put --out_dir on a filesystem every node shares, as an absolute path")
+        diff = [(r, k) for r, theirs in enumerate(everyone) for k in mine if theirs[k] != everyone[0][k]]
+        if diff:
+            r, k = diff[0]
+            raise UserError(f"the processes were started with different settings: {k} {everyone[0][k]} in process 0, "
+                            f"{everyone[r][k]} in process {r}. HINT: run the same command, with the same data, on "
+                            f"every node")
     model = torch.compile(raw_model) if tc.compile else raw_model
     if ddp:  # the gradients become views into DDP's all-reduce buckets, not a second copy of them (with
         # zero_grad(set_to_none=False) below, which keeps the views): one gradient's size less memory per process
-        model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None, gradient_as_bucket_view=True)
+        model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None, gradient_as_bucket_view=True,
+                    broadcast_buffers=False)  # the only buffers, the RoPE tables, are the same on every rank
 
     tokens_per_step, n_train = global_batch * cfg.seq_len, len(train_data.data)
     n_params = sum(p.numel() for p in raw_model.parameters())

@@ -633,6 +633,23 @@ def test_ranks_that_see_different_out_dirs_refuse_to_train(docs_data, tmp_path):
     assert load(tmp_path / "node0" / "run" / "ckpt_last.pt")["step"] == 5
 
 
+def test_processes_started_with_different_flags_refuse_to_train(docs_data, tmp_path):
+    wrapper = tmp_path / "node.sh"  # the second "node" started with one flag more: it would train apart, or hang
+    wrapper.write_text(f'extra=""; [ "$LOCAL_RANK" = 1 ] && extra="--lr 0.01"\n'
+                       f'exec "{sys.executable}" "{SCRIPT}" "$@" $extra\n')
+    cmd = torchrun("--no-python", "sh", wrapper, "train", *train_args(tmp_path / "run", docs_data, max_steps=10))
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode != 0 and ("error: the processes were started with different settings: --lr 0.003 in "
+                                     "process 0, 0.01 in process 1. HINT: run the same command") in proc.stderr
+    assert not (tmp_path / "run" / "ckpt_last.pt").exists()
+
+
+def test_a_rank_left_in_the_environment_without_torchrun_is_one_error_line(docs_data, tmp_path):
+    assert_user_error(run_main("train", *train_args(tmp_path / "run", docs_data), env={"RANK": "0"}),
+                      "RANK is set but WORLD_SIZE is not", "HINT: start it with torchrun, or unset RANK")
+    assert not (tmp_path / "run").exists()
+
+
 def test_a_closed_stdout_saves_and_stops_as_a_signal_does(docs_data, tmp_path):
     # `train ... | head -n 8`: the reader goes away mid-run; the steps since the last save are not lost
     proc = subprocess.Popen([sys.executable, SCRIPT, "train", *train_args(tmp_path / "run", docs_data, max_steps=100000,
