@@ -19,6 +19,7 @@ import os
 import re
 import shutil
 import signal
+import socket
 import sys
 
 import torch
@@ -246,15 +247,22 @@ def check_out(out: str, force: bool, keep: list[str]) -> None:
             raise UserError(f"--out {out!r} holds {path!r}, which replacing it would delete. HINT: pick another --out")
 
 
+PARTIAL = ".partial"  # in a folder being built, naming its host and process; removed before the folder is renamed
+
+
 def remove_stale(out: str) -> None:
-    """Folders that a killed conversion into --out left, each a whole model: OUT.tmpPID (or OUT/.tmpPID) being built,
-    and OUT.oldPID, the folder it replaced, once the new one is in place."""
+    """Folders that a killed conversion into --out left being built (OUT.tmpPID, or OUT/.tmpPID for a mount point),
+    each a whole model: only ours, marked as such, of a process of this host that is gone."""
     for folder, prefix in ((os.path.dirname(out), os.path.basename(out) + "."), (out, ".")):
         with contextlib.suppress(OSError):
             for name in os.listdir(folder):
-                m = re.fullmatch(re.escape(prefix) + r"(tmp|old)(\d+)", name)
-                if m and not pid_alive(int(m[2])) and (m[1] == "tmp" or os.path.isdir(out)):
-                    shutil.rmtree(os.path.join(folder, name), ignore_errors=True)
+                if not re.fullmatch(re.escape(prefix) + r"tmp\d+", name):
+                    continue
+                with contextlib.suppress(OSError, ValueError):
+                    with open(os.path.join(folder, name, PARTIAL)) as f:
+                        host, pid = f.read().split()
+                    if host == socket.gethostname() and not pid_alive(int(pid)):
+                        shutil.rmtree(os.path.join(folder, name), ignore_errors=True)
 
 
 def write_json(path: str, obj: dict) -> None:
@@ -288,6 +296,8 @@ def convert(ckpt: str, spm_path: str, out: str, dtype: str = "float32", force: b
     shutil.rmtree(tmp, ignore_errors=True)
     try:
         os.makedirs(tmp)
+        with open(os.path.join(tmp, PARTIAL), "w") as f:
+            f.write(f"{socket.gethostname()} {os.getpid()}\n")
     except OSError as e:
         raise UserError(f"--out {out!r} cannot be written ({e.strerror}). HINT: pick a folder you can write to") \
             from None
@@ -310,6 +320,7 @@ def convert(ckpt: str, spm_path: str, out: str, dtype: str = "float32", force: b
             diff = verify(tmp, model, sp, verify_tol)
             print(f"verified: AutoTokenizer ids == SentencePiece ids on {len(PARITY_TEXTS)} strings, largest logit "
                   f"difference {diff:.2e} (tolerance {verify_tol:g})")
+        os.remove(os.path.join(tmp, PARTIAL))
         if inside:  # empty, or --force: its files go, then the new ones are renamed in, one by one
             for entry in os.scandir(out):
                 if entry.path != tmp:

@@ -196,6 +196,8 @@ def pid_alive(pid: int) -> bool:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
+    except OverflowError:  # no process has such an id: not a name of ours, keep the file
+        pass
     except PermissionError:  # alive, another user's
         pass
     return True
@@ -1591,7 +1593,7 @@ def generate(model: Transformer, prompt: list[int], max_new_tokens: int, tempera
     for block in model.layers:  # kept between calls: a compiled decode step (CUDA graph) reuses the same buffers
         cache = block.self_attn.cache
         if cache is None or cache.k.dtype != dtype or cache.k.size(0) != num_samples or cache.k.size(2) < length:
-            block.self_attn.cache = None  # its memory back before the new one is allocated
+            block.self_attn.cache = cache = None  # its memory back before the new one is allocated
             block.self_attn.cache = KVCache(num_samples, length, cfg, dtype, device)
     decode_step = model if decode_step is None else decode_step
     generator = torch.Generator(device).manual_seed(seed) if seed is not None else None
@@ -1739,8 +1741,8 @@ def cmd_generate(args) -> list[str]:
     except Exception as e:
         if not (oom := out_of_memory(e)):
             raise
-        raise UserError(f"{oom[0]} decoding {rows} sample(s) at once{oom[1]}. HINT: pass fewer --num_samples (up "
-                        f"to {SAMPLES_PER_BATCH} decode at once) or a smaller --max_new_tokens") from None
+        fix = f"fewer --num_samples (up to {SAMPLES_PER_BATCH} decode at once), or without --compile fewer new tokens"
+        raise UserError(f"{oom[0]} decoding {rows} sample(s) at once{oom[1]}. HINT: pass {fix}") from None
     return texts
 
 

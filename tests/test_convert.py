@@ -7,6 +7,7 @@ import pickle
 import random
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -568,24 +569,32 @@ def test_test_llama_model_refuses_a_checkpoint_of_another_shape(converted, tmp_p
                           "was not converted from", want)
 
 
-def test_folders_that_a_killed_conversion_left_are_removed(converted, tmp_path):
+def test_only_folders_that_a_killed_conversion_left_are_removed(converted, tmp_path):
     run_dir, ref = converted
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()
     live = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
     out = tmp_path / "hf"
     shutil.copytree(ref, out)
-    left = [tmp_path / f"hf.tmp{dead.pid}", tmp_path / f"hf.old{dead.pid}", out / f".tmp{dead.pid}"]
-    running = [tmp_path / f"hf.tmp{live.pid}", tmp_path / f"hf2.tmp{dead.pid}"]  # a live conversion's; not --out's
+
+    def folder(path, partial=None):
+        path.mkdir()
+        (path / "model.safetensors").write_bytes(b"weights")
+        if partial:
+            (path / C.PARTIAL).write_text(f"{partial[0]} {partial[1]}\n")
+        return path
+    host = socket.gethostname()
+    left = [folder(tmp_path / f"hf.tmp{dead.pid}", (host, dead.pid)), folder(out / f".tmp{dead.pid}", (host, dead.pid))]
+    kept = [folder(tmp_path / f"hf.tmp{live.pid}", (host, live.pid)),  # a live conversion's
+            folder(tmp_path / f"hf.tmp{dead.pid}0", ("another-host", dead.pid)),  # a shared volume's
+            folder(tmp_path / "hf.old20240611"), folder(tmp_path / "hf.tmp3"),  # the user's own, named alike
+            folder(tmp_path / "hf.old20240611120000"), folder(tmp_path / "hf2.tmp3", (host, dead.pid))]
     try:
-        for folder in left + running:
-            folder.mkdir()
-            (folder / "model.safetensors").write_bytes(b"weights")
         convert(run_dir, out, "--force")
     finally:
         live.kill()
-    assert sorted(p.name for p in out.iterdir()) == sorted(p.name for p in ref.iterdir())
-    assert not any(p.exists() for p in left) and all(p.exists() for p in running)
+    assert sorted(p.name for p in out.iterdir()) == sorted(p.name for p in ref.iterdir())  # no .partial left in it
+    assert not any(p.exists() for p in left) and all(p.exists() for p in kept)
 
 
 def test_a_mount_point_as_out_is_filled_in_place(converted, tmp_path, monkeypatch, capsys):
