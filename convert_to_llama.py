@@ -239,7 +239,7 @@ def verify(folder: str, model: Transformer, sp, tol: float) -> float:
 def check_out(out: str, force: bool, keep: list[str]) -> None:
     if os.path.exists(out) and not os.path.isdir(out):
         raise UserError(f"--out {out!r} is a file, expected a folder. HINT: pick another --out")
-    if os.path.isdir(out) and os.listdir(out) and not force:
+    if os.path.isdir(out) and set(os.listdir(out)) - {"lost+found"} and not force:  # (a fresh volume's own folder)
         raise UserError(f"--out {out!r} is not empty. HINT: pass --force to replace it, or pick another --out")
     root = os.path.realpath(out)
     for path in keep:  # --force replaces the whole folder
@@ -323,7 +323,7 @@ def convert(ckpt: str, spm_path: str, out: str, dtype: str = "float32", force: b
         os.remove(os.path.join(tmp, PARTIAL))
         if inside:  # empty, or --force: its files go, then the new ones are renamed in, one by one
             for entry in os.scandir(out):
-                if entry.path != tmp:
+                if entry.path != tmp and entry.name != "lost+found":
                     shutil.rmtree(entry.path) if entry.is_dir(follow_symlinks=False) else os.remove(entry.path)
             for name in os.listdir(tmp):
                 os.replace(os.path.join(tmp, name), os.path.join(out, name))

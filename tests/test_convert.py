@@ -601,15 +601,19 @@ def test_a_mount_point_as_out_is_filled_in_place(converted, tmp_path, monkeypatc
     run_dir, ref = converted
     out = tmp_path / "volume"  # a container's volume: it cannot be renamed, nor a folder renamed over it
     out.mkdir()
-    (out / "old.txt").write_text("an earlier conversion")
+    (out / "lost+found").mkdir()  # a fresh ext4 volume's: neither a reason to need --force nor ours to delete
+    (out / "lost+found" / "x").write_text("recovered")
     inode = out.stat().st_ino
     real_ismount = os.path.ismount
     monkeypatch.setattr(os.path, "ismount", lambda p: os.path.realpath(p) == str(out) or real_ismount(p))
+    convert(run_dir, out)
+    (out / "old.txt").write_text("an earlier conversion")
     with pytest.raises(SystemExit) as e:
         convert(run_dir, out)
     assert e.value.code == 2 and "--force" in capsys.readouterr().err and (out / "old.txt").exists()
     convert(run_dir, out, "--force")
-    assert out.stat().st_ino == inode and sorted(p.name for p in out.iterdir()) == sorted(p.name for p in ref.iterdir())
+    assert out.stat().st_ino == inode and (out / "lost+found" / "x").exists()
+    assert sorted(p.name for p in out.iterdir()) == sorted(["lost+found", *(p.name for p in ref.iterdir())])
     assert (out / "model.safetensors").read_bytes() == (ref / "model.safetensors").read_bytes()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["volume"]
 
