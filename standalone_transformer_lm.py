@@ -26,6 +26,7 @@ import dataclasses
 import datetime
 import functools
 import hashlib
+import inspect
 import io
 import json
 import math
@@ -1375,8 +1376,11 @@ def train(tc: TrainConfig, args, device: torch.device, rank: int, world: int, he
     model = torch.compile(raw_model) if tc.compile else raw_model
     if ddp:  # the gradients become views into DDP's all-reduce buckets, not a second copy of them (with
         # zero_grad(set_to_none=False) below, which keeps the views): one gradient's size less memory per process
+        # The only buffers, the RoPE tables, are the same on every rank: not sent again at each forward. (torch 2.13
+        # renamed the flag; the old name warns.)
+        sync = next(k for k in ("forward_sync_buffers", "broadcast_buffers") if k in inspect.signature(DDP).parameters)
         model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None, gradient_as_bucket_view=True,
-                    broadcast_buffers=False)  # the only buffers, the RoPE tables, are the same on every rank
+                    **{sync: False})
 
     tokens_per_step, n_train = global_batch * cfg.seq_len, len(train_data.data)
     n_params = sum(p.numel() for p in raw_model.parameters())
@@ -1908,5 +1912,25 @@ def main(argv=None) -> None:
         sys.exit(2)
 
 
+def main_as_worker() -> None:
+    """main() for a process that torchrun started, left by os._exit without the interpreter's teardown. Gloo's threads
+    outlive destroy_process_group, and one that lets go of its last collective's tensors while the interpreter shuts
+    down aborts the process ("terminate called without an active exception"): torchrun then fails a finished run.
+    Every file that matters is written, synced and closed before main() returns."""
+    code = 1
+    try:
+        main()
+        code = 0
+    except SystemExit as e:
+        code = e.code if isinstance(e.code, int) else int(e.code is not None)
+    except BaseException:
+        sys.excepthook(*sys.exc_info())
+    finally:
+        with contextlib.suppress(OSError, ValueError):  # a closed pipe
+            sys.stdout.flush()
+            sys.stderr.flush()
+        os._exit(code)
+
+
 if __name__ == "__main__":
-    main()
+    main_as_worker() if "TORCHELASTIC_RUN_ID" in os.environ else main()
