@@ -610,7 +610,7 @@ def prep(text_path: str, out_dir: str, vocab_size: int = 32000, val_fraction: fl
     # meta.json last: a failed run (a full disk at any file) leaves an earlier run's files as they were.
     final = {name: os.path.join(out_dir, name) for name in ("tokenizer.model", "train.bin", "val.bin", "meta.json")}
     tmp = {name: os.path.join(out_dir, f".{name}.tmp{os.getpid()}") for name in final}
-    stats, t0 = Counter(), time.time()
+    stats, t0 = Counter(), time.perf_counter()
     try:
         write_synced(tmp["tokenizer.model"], lambda f: f.write(model_proto))
         counts = encode_corpus(text_path, {"train": (tmp["train.bin"], 0, cut), "val": (tmp["val.bin"], cut, size)},
@@ -628,7 +628,7 @@ def prep(text_path: str, out_dir: str, vocab_size: int = 32000, val_fraction: fl
             if counts[split]["samples"] == 0:
                 raise UserError(f"the {split} split of {text_path!r} is empty ({size} bytes, --val_fraction "
                                 f"{val_fraction}). HINT: use a corpus with more lines, or change --val_fraction")
-        elapsed = time.time() - t0
+        elapsed = time.perf_counter() - t0
         meta = {
             "format_version": 1,
             "vocab_size": vocab_size,
@@ -1454,7 +1454,7 @@ def train(tc: TrainConfig, args, device: torch.device, rank: int, world: int, he
     bar = tqdm(total=tc.max_steps, initial=step, desc="train", unit="step", mininterval=1.0,
                disable=rank != 0 or not sys.stderr.isatty())  # no bar in log files
     x, y = train_data.get(step, rows(0), device)
-    t_log, steps_since_log, first_step = time.time(), 0, step
+    t_log, steps_since_log, first_step = time.perf_counter(), 0, step
     try:
         while step < tc.max_steps:
             lr = lr_at(step, tc.lr, min_lr, tc.warmup_steps, tc.max_steps)
@@ -1500,7 +1500,7 @@ def train(tc: TrainConfig, args, device: torch.device, rank: int, world: int, he
 
             is_eval = step % tc.eval_interval == 0 or step == tc.max_steps
             if step % tc.log_interval == 0 or is_eval or stop_votes:
-                dt = (time.time() - t_log) / steps_since_log
+                dt = (time.perf_counter() - t_log) / steps_since_log
                 last_log = {"step": step, "loss": round(loss_val, 5), "lr": float(f"{lr:.6g}"),  # JSON has no inf:
                             "grad_norm": round(norm_val, 4) if math.isfinite(norm_val) else None,  # fp16's skipped step
                             "ms_per_step": round(dt * 1000, 1), "tokens_per_s": round(tokens_per_step / dt)}
@@ -1516,16 +1516,16 @@ def train(tc: TrainConfig, args, device: torch.device, rank: int, world: int, he
                     except BrokenPipeError:  # stdout closed (`train | head`): save and stop, as for SIGTERM
                         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
                         stop.requested = True
-                t_log, steps_since_log = time.time(), 0
+                t_log, steps_since_log = time.perf_counter(), 0
             new_best = is_eval and last_log["val_loss"] < best_val
             if new_best:
                 best_val = last_log["val_loss"]
             if new_best or step % tc.save_interval == 0 or step == tc.max_steps or stop_votes:
-                t_save = time.time()
+                t_save = time.perf_counter()
                 save(["ckpt_best.pt", "ckpt_last.pt"] if new_best else ["ckpt_last.pt"])
-                t_log += time.time() - t_save  # the log's ms/step and MFU time training steps, not saves (nor evals)
+                t_log += time.perf_counter() - t_save  # the log times training steps, not saves (nor evals)
             if step == first_step + 1:  # nor this process's first step, which compiles and warms up (unless logged)
-                t_log, steps_since_log = time.time(), 0
+                t_log, steps_since_log = time.perf_counter(), 0
             if stop_votes:
                 print0(f"stopped by signal at step {step:,}; {tc.out_dir}/ckpt_last.pt saved. Run the same command "
                        f"to resume.")

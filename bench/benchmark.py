@@ -405,7 +405,7 @@ class Budget:
     variant should not cost the figures of all the others."""
 
     def __init__(self, seconds: float):
-        self.end, self.skipped, self.failed = time.time() + seconds if seconds > 0 else float("inf"), [], []
+        self.end, self.skipped, self.failed = time.perf_counter() + seconds if seconds > 0 else float("inf"), [], []
 
     def failure(self, what: str, e: Exception) -> None:
         traceback.print_exc()
@@ -413,7 +413,7 @@ class Budget:
         print(f"  FAILED {self.failed[-1]}; going on")
 
     def allows(self, what: str) -> bool:
-        if time.time() < self.end:
+        if time.perf_counter() < self.end:
             return True
         print(f"  skipped {what}: --time_budget is spent")
         self.skipped.append(what)
@@ -594,7 +594,7 @@ def bench_trainer(args, device: torch.device, budget: Budget, size: str, fields:
             with tempfile.TemporaryFile("w+") as output:
                 proc = subprocess.Popen(cmd, stdout=output, stderr=subprocess.STDOUT, text=True)
                 try:
-                    while proc.poll() is None and len(logged(metrics)) < 3 and time.time() < budget.end:
+                    while proc.poll() is None and len(logged(metrics)) < 3 and time.perf_counter() < budget.end:
                         time.sleep(0.2)
                 finally:
                     proc.kill()
@@ -605,7 +605,7 @@ def bench_trainer(args, device: torch.device, budget: Budget, size: str, fields:
                     text = output.read()
                     print(text[-3000:])
                     raise RuntimeError(f"train stopped after {len(logs)} of 3 log windows (status {proc.returncode}"
-                                       f"{', --time_budget spent' if time.time() >= budget.end else ''}): "
+                                       f"{', --time_budget spent' if time.perf_counter() >= budget.end else ''}): "
                                        f"{(text.strip().splitlines() or [''])[-1]}")
         best = min((r for r in logs if r["step"] > args.steps), key=lambda r: r["ms_per_step"])
         rows.append({"size": size, "model": name, "compile": compiled, "batch": batch, "ms_step": best["ms_per_step"],
@@ -841,10 +841,10 @@ def main(argv=None) -> None:
     vocab = f"-vocab{args.vocab_size}" if args.vocab_size else ""
     vocab += f"-{args.allocator}" if device.type == "cpu" and args.allocator != "as_run" else ""
     path = os.path.join(args.out, f"{slug}-{'-'.join(sizes)}{vocab}-{time.strftime('%Y%m%d-%H%M%S')}.json")
-    t_start = time.time()
+    t_start = time.perf_counter()
 
     def save() -> None:  # after every variant: a run cut short by a time limit or a crash keeps what it measured
-        env["load_avg_at_end"], env["wall_s"] = os.getloadavg(), round(time.time() - t_start, 1)
+        env["load_avg_at_end"], env["wall_s"] = os.getloadavg(), round(time.perf_counter() - t_start, 1)
         trainer_over_step(results)
         if (device.type == "cpu") == ("quick" in sizes):  # the issue sets targets for quick on CPUs, presets on GPUs
             results["targets"] = check_targets(results, device)

@@ -573,7 +573,8 @@ def test_only_folders_that_a_killed_conversion_left_are_removed(converted, tmp_p
     run_dir, ref = converted
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()
-    live = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    live = subprocess.Popen([sys.executable, "-c", "import sys; sys.stdin.read()"],  # alive until told, however
+                            stdin=subprocess.PIPE)  # slow the conversion
     out = tmp_path / "hf"
     shutil.copytree(ref, out)
 
@@ -593,6 +594,7 @@ def test_only_folders_that_a_killed_conversion_left_are_removed(converted, tmp_p
         convert(run_dir, out, "--force")
     finally:
         live.kill()
+        live.communicate()
     assert sorted(p.name for p in out.iterdir()) == sorted(p.name for p in ref.iterdir())  # no .partial left in it
     assert not any(p.exists() for p in left) and all(p.exists() for p in kept)
 

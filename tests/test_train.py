@@ -605,8 +605,11 @@ def test_workers_save_and_stop_when_torchrun_is_killed(docs_data, tmp_path):
                                                 eval_interval=100000, log_interval=1))
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
                             env={**os.environ, "OMP_NUM_THREADS": "1"})
+    workers = []
     try:
         wait_for_metrics(tmp_path / "run")
+        workers = children(proc.pid)  # (torchrun starts each in a session of its own: not in the launcher's group)
+        assert len(workers) == 2
         proc.kill()  # the workers live on, orphaned: they must notice, save and stop, not train on unseen
         proc.wait()
         deadline = time.time() + 120
@@ -616,8 +619,19 @@ def test_workers_save_and_stop_when_torchrun_is_killed(docs_data, tmp_path):
         step = load(tmp_path / "run" / "ckpt_last.pt")["step"]
         assert step < 3000 and metrics(tmp_path / "run")[-1]["step"] == step
     finally:  # workers that failed to stop would train on through the tests after this one
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGKILL)
+        for pid in [proc.pid, *workers]:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+
+
+def children(pid: int) -> list[int]:
+    kids = []
+    for entry in filter(str.isdigit, os.listdir("/proc")):
+        with contextlib.suppress(OSError):  # (one that ended meanwhile)
+            with open(f"/proc/{entry}/stat") as f:
+                if int(f.read().rsplit(")", 1)[1].split()[1]) == pid:  # the field after the state: the parent's id
+                    kids.append(int(entry))
+    return kids
 
 
 def test_ranks_that_see_different_out_dirs_refuse_to_train(docs_data, tmp_path):
