@@ -1007,13 +1007,19 @@ def model_from_saved(cfg: dict, state: dict, path: str, hint: str, dropout: floa
         cfg = ModelConfig.from_dict(cfg)
         if cfg.tie_embeddings and not torch.equal(state["embed_tokens.weight"], state["lm_head.weight"]):
             raise RuntimeError("the config ties lm_head to the embedding, the weights hold two matrices")
-        return model_with_weights(cfg, state, dropout, device)
+        model = model_with_weights(cfg, state, dropout, device)
     except (RuntimeError, TypeError, KeyError) as e:  # a size of the wrong type, a shape or a name that is not there
         if out_of_memory(e):
             raise
         first = next((line.strip() for line in str(e).splitlines() if line.strip() and not line.endswith(":")), "")
         raise UserError(f"the weights in {path!r} and its model config do not fit together ({type(e).__name__}: "
                         f"{first}). HINT: {hint}") from None
+    # Training never saves a nan or an inf (a diverged step stops it first): such a weight is damage since the save,
+    # which would sample garbage, export it, or resume into a divergence blamed on --lr
+    if bad := next((name for name, t in model.state_dict().items() if not torch.isfinite(t).all()), None):
+        raise UserError(f"{path!r} holds non-finite weights (nan or inf in {bad}): the file was damaged after it was "
+                        f"saved. HINT: {hint}")
+    return model
 
 
 def load_tensors(path: str, hint: str):

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 import standalone_transformer_lm as lm
-from conftest import SCRIPT, assert_user_error, run_cli, run_main
+from conftest import ROOT, SCRIPT, assert_user_error, run_cli, run_main
 from test_train import train_args
 
 DEVICE = os.environ.get("LM_TEST_DEVICE", "cpu")  # cuda: the compiled decode step with CUDA graphs
@@ -476,6 +476,23 @@ def test_running_out_of_memory_while_decoding_is_one_error_line(trained, monkeyp
         assert_user_error(run_main("generate", "--ckpt", trained / "ckpt_last.pt", "--num_samples", n),
                           f"out of CPU memory decoding {rows} sample(s) at once (tried to allocate 134217728 bytes). "
                           f"HINT: pass fewer --num_samples")
+
+
+def test_a_checkpoint_with_a_nan_weight_is_refused_by_generate_resume_and_convert(trained, docs_data, tmp_path):
+    ckpt = torch.load(trained / "ckpt_last.pt", weights_only=True)
+    ckpt["model"]["layers.1.mlp.down_proj.weight"][3, 5] = float("nan")
+    run = tmp_path / "run"
+    shutil.copytree(trained, run)
+    torch.save(ckpt, run / "ckpt_last.pt")
+    want = f"'{run / 'ckpt_last.pt'}' holds non-finite weights (nan or inf in layers.1.mlp.down_proj.weight)"
+    assert_user_error(run_main("generate", "--ckpt", run / "ckpt_last.pt"), want, "HINT: pass a ckpt_last.pt")
+    before = (run / "ckpt_last.pt").read_bytes()
+    assert_user_error(run_main("train", *train_args(run, docs_data, max_steps=30)), want, "HINT: copy ckpt_best.pt")
+    assert (run / "ckpt_last.pt").read_bytes() == before
+    convert = [sys.executable, os.path.join(ROOT, "convert_to_llama.py"), "--ckpt", str(run / "ckpt_last.pt")]
+    proc = subprocess.run([*convert, "--out", str(tmp_path / "hf")], capture_output=True, text=True, timeout=300)
+    assert_user_error(proc, want, "HINT: convert ckpt_last.pt")
+    assert not (tmp_path / "hf").exists()
 
 
 @pytest.mark.parametrize("damage", ["fewer-layers-in-config", "a-weight-missing", "no-model-config", "ties-two"])
