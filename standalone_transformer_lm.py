@@ -89,8 +89,11 @@ class ModelConfig:
             self.n_kv_head = self.n_head
         if self.head_dim is None:
             if self.d_model % self.n_head:
+                near = [k for k in range(1, self.d_model + 1) if self.d_model % k == 0]
+                near = [max(k for k in near if k < self.n_head), *[k for k in near if k > self.n_head][:1]]
                 raise UserError(f"d_model {self.d_model} is not divisible by n_head {self.n_head}. HINT: pick a "
-                                f"head count that divides it, or give the head size explicitly with --head_dim 64")
+                                f"head count that divides it ({' or '.join(map(str, near))}), or set the head size "
+                                f"with --head_dim (attention is then n_head x head_dim wide; 64 is usual)")
             self.head_dim = self.d_model // self.n_head
         if self.n_head % self.n_kv_head:
             raise UserError(f"n_head {self.n_head} is not a multiple of n_kv_head {self.n_kv_head}")
@@ -1018,7 +1021,8 @@ def model_from_saved(cfg: dict, state: dict, path: str, hint: str, dropout: floa
     # which would sample garbage, export it, or resume into a divergence blamed on --lr
     if bad := next((name for name, t in model.state_dict().items() if not torch.isfinite(t).all()), None):
         raise UserError(f"{path!r} holds non-finite weights (nan or inf in {bad}): the file was damaged after it was "
-                        f"saved. HINT: {hint}")
+                        f"saved. HINT: use a backup of it, or the run's other checkpoint if that is another file (a "
+                        f"best checkpoint of the last step is a hard link to the same one)")
     return model
 
 
@@ -1207,6 +1211,8 @@ def read_meta(data_dir: str) -> tuple[dict, bytes]:
     have put another in --data_dir)."""
     path = os.path.join(data_dir, "meta.json")
     hint = f"run `python {beside_me()} prep --text_path corpus.txt --out_dir {data_dir}` first"
+    if os.path.isfile(data_dir):  # the corpus itself, passed where its prepped folder goes
+        hint = f"pass the folder that prep wrote (`prep --text_path {data_dir} --out_dir data`, then --data_dir data)"
     if not os.path.isdir(data_dir):
         raise UserError(f"--data_dir {data_dir!r} does not exist or is not a folder. HINT: {hint}")
     for name in ("meta.json", "train.bin", "val.bin", "tokenizer.model"):
@@ -1348,7 +1354,8 @@ def train(tc: TrainConfig, args, device: torch.device, rank: int, world: int, he
         if rank < len(ckpt["rng"]):  # a rank the saved run did not have keeps its own seed: no copy of rank 0's masks
             set_rng_state(ckpt["rng"][rank], device)
         old = ckpt["train_config"]
-        print0(f"resuming {last_path} at step {step:,} (best val loss {best_val:.4f})")
+        print0(f"resuming {last_path} at step {step:,} (best val loss "
+               f"{'none yet' if best_val == math.inf else f'{best_val:.4f}'})")
         # a flag newer than the checkpoint is not a change
         changed = {k: (old[k], v) for k, v in dataclasses.asdict(tc).items() if old.get(k, v) != v}
         if changed:

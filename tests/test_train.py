@@ -1029,7 +1029,11 @@ def test_bad_train_input(docs_data, tmp_path):
     assert_user_error(run_main("train", *train_args(tmp_path / "r", tmp_path / "data")),
                       "not the ones its meta.json describes")
     assert_user_error(run_main("train", *train_args(tmp_path / "r", docs_data, n_head=5, d_model=64)),
-                      "not divisible", "--head_dim")
+                      "not divisible", "head count that divides it (4 or 8)", "--head_dim")
+    (tmp_path / "corpus.txt").write_text("a line of text\n")  # the corpus, where its prepped folder goes
+    assert_user_error(run_main("train", *train_args(tmp_path / "r", tmp_path / "corpus.txt")),
+                      f"pass the folder that prep wrote (`prep --text_path {tmp_path / 'corpus.txt'} --out_dir data`")
+    assert (tmp_path / "corpus.txt").read_text() == "a line of text\n"
     (tmp_path / "r2").mkdir()
     (tmp_path / "r2" / "ckpt_last.pt").write_bytes(b"not a checkpoint")
     assert_user_error(run_main("train", *train_args(tmp_path / "r2", docs_data)), "not a loadable")
