@@ -89,8 +89,8 @@ class ModelConfig:
             self.n_kv_head = self.n_head
         if self.head_dim is None:
             if self.d_model % self.n_head:
-                near = [k for k in range(1, self.d_model + 1) if self.d_model % k == 0]
-                near = [max(k for k in near if k < self.n_head), *[k for k in near if k > self.n_head][:1]]
+                divisors = [k for k in range(1, self.d_model + 1) if self.d_model % k == 0]
+                near = [max(k for k in divisors if k < self.n_head), *[k for k in divisors if k > self.n_head][:1]]
                 raise UserError(f"d_model {self.d_model} is not divisible by n_head {self.n_head}. HINT: pick a "
                                 f"head count that divides it ({' or '.join(map(str, near))}), or set the head size "
                                 f"with --head_dim (attention is then n_head x head_dim wide; 64 is usual)")
