@@ -200,9 +200,7 @@ def pid_alive(pid: int) -> bool:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
-    except OverflowError:  # no process has such an id: not a name of ours, keep the file
-        pass
-    except PermissionError:  # alive, another user's
+    except (OverflowError, PermissionError):  # an id no process can have (not a name of ours); another user's: alive
         pass
     return True
 
