@@ -570,8 +570,8 @@ def prep(text_path: str, out_dir: str, vocab_size: int = 32000, val_fraction: fl
     if num_workers < 0 or sample_lines < 1:
         raise UserError(f"--num_workers {num_workers} must be 0 (all cores) or more, --sample_lines {sample_lines} "
                         f"at least 1")
-    outputs = [os.path.join(out_dir, name) for name in ("tokenizer.model", "train.bin", "val.bin", "meta.json")]
-    if any(os.path.exists(path) and os.path.samefile(path, text_path) for path in outputs):
+    final = {name: os.path.join(out_dir, name) for name in ("tokenizer.model", "train.bin", "val.bin", "meta.json")}
+    if any(os.path.exists(path) and os.path.samefile(path, text_path) for path in final.values()):
         raise UserError(f"corpus {text_path!r} is one of the files prep writes into --out_dir {out_dir!r}. HINT: pass "
                         f"another --out_dir")
     run_files = ("ckpt_last.pt", "ckpt_best.pt", "pytorch_model.bin")  # train's --out_dir, given to prep by mistake
@@ -582,7 +582,7 @@ def prep(text_path: str, out_dir: str, vocab_size: int = 32000, val_fraction: fl
     make_dir(out_dir, "--out_dir")
     if not os.access(out_dir, os.W_OK | os.X_OK) or not os.access(text_path, os.R_OK):
         raise UserError(f"cannot read {text_path!r} or write into {out_dir!r}. HINT: check their permissions")
-    remove_stale_tmp(out_dir, ("tokenizer.model", "train.bin", "val.bin", "meta.json"))
+    remove_stale_tmp(out_dir, final)
     check_encoding(text_path)
     size = os.path.getsize(text_path)
     if not num_workers:  # every core this process may use (taskset, Slurm), not every core of the machine
@@ -609,7 +609,6 @@ def prep(text_path: str, out_dir: str, vocab_size: int = 32000, val_fraction: fl
 
     # Everything goes to temporary names first, each synced, and is renamed into place once all of it is written,
     # meta.json last: a failed run (a full disk at any file) leaves an earlier run's files as they were.
-    final = {name: os.path.join(out_dir, name) for name in ("tokenizer.model", "train.bin", "val.bin", "meta.json")}
     tmp = {name: os.path.join(out_dir, f".{name}.tmp{os.getpid()}") for name in final}
     stats, t0 = Counter(), time.perf_counter()
     try:
