@@ -1033,12 +1033,11 @@ def load_tensors(path: str, hint: str):
             raise ValueError("the file is empty" if not head else "the file is cut short or damaged"
                              if head == b"PK\x03\x04" else "not a torch.save archive")
         # never unpickle arbitrary objects; mmap: ranks of a node share the file's pages, not a copy each
-        ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except Exception as e:  # a malicious, foreign or damaged file: refuse, whatever torch raises
         reason = ("it holds objects other than tensors and plain values, and those are never unpickled"
                   if isinstance(e, pickle.UnpicklingError) else str(e).strip().splitlines()[0])
         raise UserError(f"{path!r} is not a loadable checkpoint ({reason}). HINT: {hint}") from None
-    return ckpt
 
 
 def load_checkpoint(path: str, hint: str = "pass the ckpt_last.pt or ckpt_best.pt that `train` wrote") -> dict:
