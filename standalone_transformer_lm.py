@@ -362,7 +362,7 @@ def clean_lines(block: bytes, normalize_ws: bool, stats: Counter) -> list[str]:
         lines.pop()
     if "\r" in text:
         stats["CRLF line ends"] += sum(line.endswith("\r") for line in lines)
-        lines = [line[:-1] if line.endswith("\r") else line for line in lines]
+        lines = [line.removesuffix("\r") for line in lines]
     if "\ufeff" in text:  # `cat *.txt` puts each file's UTF-8 byte order mark at the start of a line
         stats["byte order marks removed"] += sum(line.startswith("\ufeff") for line in lines)
         lines = [line.lstrip("\ufeff") for line in lines]
