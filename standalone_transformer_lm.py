@@ -1353,9 +1353,9 @@ def train(tc: TrainConfig, args, device: torch.device, rank: int, world: int, he
         print0(f"resuming {last_path} at step {step:,} (best val loss "
                f"{'none yet' if best_val == math.inf else f'{best_val:.4f}'})")
         # a flag newer than the checkpoint is not a change
-        changed = {k: (old[k], v) for k, v in dataclasses.asdict(tc).items() if old.get(k, v) != v}
+        changed = [f"{k} {old[k]} -> {v}" for k, v in dataclasses.asdict(tc).items() if old.get(k, v) != v]
         if changed:
-            print0("  changed since the checkpoint: " + ", ".join(f"{k} {a} -> {b}" for k, (a, b) in changed.items()))
+            print0("  changed since the checkpoint: " + ", ".join(changed))
         if ckpt["data"]["global_batch"] != global_batch:
             print0(f"  note: the global batch is now {global_batch} sequences (was {ckpt['data']['global_batch']}),"
                    f" so batches from here differ from those the old setup would have drawn, and the val loss is "
