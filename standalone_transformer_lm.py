@@ -341,10 +341,12 @@ def read_blocks(path: str, start: int, end: int):
                 line_start = pos + block.rfind(b"\n") + 1
                 block += f.readline(MAX_LINE_BYTES)
                 if pos + len(block) < end and not block.endswith(b"\n"):
+                    line, fix = block[line_start - pos:], f"e.g. `fold -s -w 10000 {path} > corpus.folded.txt`"
+                    if line.count(b" ") * 10_000 < len(line):  # fold would find no space, and cut through characters
+                        fix = f"cut at sentence ends, e.g. `sed 's/。/。\\n/g' {path} > corpus.split.txt`"
                     raise UserError(f"{path!r} has a line of more than {MAX_LINE_BYTES >> 20} MB (from byte "
                                     f"{line_start:,}); a line is one sample, and encoding that much at once takes "
-                                    f"gigabytes. HINT: write one document per line, e.g. "
-                                    f"`fold -s -w 10000 {path} > corpus.folded.txt`")
+                                    f"gigabytes. HINT: write one document per line, {fix}")
             pos += len(block)
             yield block
 

@@ -210,6 +210,24 @@ def test_a_line_too_long_to_encode_is_refused_before_any_work(tmp_path, monkeypa
     assert lm.prep(str(corpus), str(tmp_path / "d"), vocab_size=700, progress=False)["train"]["samples"] > 500
 
 
+def test_a_long_line_without_spaces_gets_a_hint_that_cuts_it_at_sentence_ends_and_works(tmp_path, monkeypatch):
+    """fold cuts such a line through its UTF-8 characters (GNU fold counts bytes); sed at the full stops does not."""
+    monkeypatch.setattr(lm, "BLOCK_BYTES", 4096)
+    monkeypatch.setattr(lm, "MAX_LINE_BYTES", 10_000)
+    sentence = "".join(chr(0x4E00 + i % 50) for i in range(40)) + "\u3002"
+    corpus = tmp_path / "zh.txt"
+    lines = [sentence * 2] * 100 + [sentence * 300] + [sentence * 2] * 100  # the middle one over the limit
+    corpus.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    with pytest.raises(lm.UserError, match="cut at sentence ends, e.g. `sed") as e:
+        lm.prep(str(corpus), str(tmp_path / "d"), vocab_size=400, progress=False)
+    command = re.search(r"`(sed .*)`", str(e.value))[1]
+    assert "fold" not in str(e.value)
+    subprocess.run(command, shell=True, check=True, cwd=tmp_path)
+    meta = lm.prep(str(tmp_path / "corpus.split.txt"), str(tmp_path / "d"), vocab_size=400, progress=False)
+    assert meta["train"]["samples"] + meta["val"]["samples"] == 200 * 2 + 300
+    assert "invalid UTF-8 sequences replaced" not in meta["stats"]
+
+
 def test_too_small_a_vocabulary_for_the_characters_is_refused_with_a_size_that_works(tmp_path):
     chars = [chr(0x4E00 + i) for i in range(600)]  # 600 distinct CJK characters, about evenly used
     corpus = tmp_path / "cjk.txt"
