@@ -688,6 +688,17 @@ def test_divergence_stops_with_error_and_keeps_the_last_good_checkpoint(docs_dat
     assert all(torch.isfinite(t).all() for t in ckpt["model"].values())
 
 
+def test_grad_clip_0_turns_clipping_off_rather_than_clipping_to_zero(docs_data, tmp_path):
+    # --grad_clip 0 is "no clipping", the same steps as a limit no gradient reaches; a clip to norm 0 would zero every
+    # gradient and leave weight decay alone to move the weights
+    for name, clip in (("off", 0), ("unreached", 1e9)):
+        lm.main(["train", *train_args(tmp_path / name, docs_data, max_steps=2, eval_interval=2, save_interval=2,
+                                      log_interval=1, grad_clip=clip)])
+    assert_same_weights(tmp_path / "off", tmp_path / "unreached")
+    off, unreached = metrics(tmp_path / "off"), metrics(tmp_path / "unreached")
+    assert [(r["loss"], r["grad_norm"]) for r in off] == [(r["loss"], r["grad_norm"]) for r in unreached]
+
+
 GPU_OOM = "CUDA out of memory. Tried to allocate 2.00 GiB. GPU 0 has a total capacity of 23.6 GiB"
 CPU_OOM = ("[enforce fail at alloc_cpu.cpp:121] data. DefaultCPUAllocator: can't allocate memory: you tried to "
            "allocate 2147483648 bytes. Error code 12 (Cannot allocate memory)")
