@@ -192,6 +192,17 @@ def test_val_loss_is_measured_without_dropout_and_only_a_lower_one_is_a_new_best
     assert json.loads((run / "config.json").read_text())["step"] == 17
 
 
+def test_a_val_loss_equal_to_the_best_is_no_new_best(docs_data, tmp_path):
+    run = tmp_path / "run"
+    lm.main(["train", *train_args(run, docs_data, max_steps=2, eval_interval=2, save_interval=2)])
+    # one step more at a learning rate too small to move a float32 weight: the same val loss, measured again
+    lm.main(["train", *train_args(run, docs_data, max_steps=3, eval_interval=2, save_interval=2, lr=1e-12)])
+    rows = [r for r in metrics(run) if "val_loss" in r]
+    assert [r["step"] for r in rows] == [2, 3] and rows[0]["val_loss"] == rows[1]["val_loss"]
+    assert load(run / "ckpt_best.pt")["step"] == 2 and load(run / "ckpt_last.pt")["step"] == 3
+    assert not os.path.samefile(run / "ckpt_best.pt", run / "ckpt_last.pt")
+
+
 def test_ctrl_c_asks_for_a_save_and_again_3_s_later_stops_at_once():
     handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
