@@ -896,6 +896,32 @@ def test_a_new_best_checkpoint_is_linked_not_written_twice(tmp_path, monkeypatch
                                                          "pytorch_model.bin", "tokenizer.model"]  # no temp files
 
 
+def test_each_saved_file_is_on_disk_before_its_rename_and_its_rename_before_the_next_file(tmp_path, monkeypatch):
+    """save_checkpoint's order (the export, then ckpt_best.pt, then ckpt_last.pt) holds on disk after a power cut only
+    if each file's bytes are synced before its rename, and the folder (the rename) before the next file."""
+    cfg = dataclasses.asdict(lm.ModelConfig(**lm.PRESETS["tiny"]))
+    ckpt = {"format": lm.CKPT_FORMAT, "version": lm.CKPT_VERSION, "step": 1, "model_config": cfg,
+            "model": {"w": torch.ones(4)}}
+    synced, events, fsync, replace = set(), [], os.fsync, os.replace
+
+    def spy_fsync(fd):
+        synced.add(os.fstat(fd).st_ino)
+        events.append(("fsync", os.fstat(fd).st_ino))
+        fsync(fd)
+
+    def spy_replace(src, dst):
+        assert os.stat(src).st_ino in synced, f"{dst} renamed into place before its bytes were synced"
+        events.append(("replace", os.path.basename(dst)))
+        replace(src, dst)
+    monkeypatch.setattr(os, "fsync", spy_fsync)
+    monkeypatch.setattr(os, "replace", spy_replace)
+    lm.save_checkpoint(str(tmp_path), ["ckpt_best.pt", "ckpt_last.pt"], ckpt, b"sp")
+    renames = [i for i, event in enumerate(events) if event[0] == "replace"]
+    assert [events[i][1] for i in renames] == ["pytorch_model.bin", "config.json", "tokenizer.model", "ckpt_best.pt",
+                                              "ckpt_last.pt"]
+    assert all(events[i + 1] == ("fsync", os.stat(tmp_path).st_ino) for i in renames)
+
+
 @pytest.mark.parametrize("cut_at", ["pytorch_model.bin", "ckpt_best.pt"])
 def test_a_final_save_cut_short_is_redone_by_the_resume(docs_data, tmp_path, monkeypatch, cut_at):
     """A kill at the final save, before ckpt_last.pt commits it: the resume trains the last steps again and writes the
