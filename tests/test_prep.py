@@ -127,6 +127,18 @@ def test_dedup_and_whitespace_normalisation(tmp_path):
     assert sp.decode(samples(tmp_path / "d", "val")[-1]) == "a b c"
 
 
+def test_dedup_drops_exact_repeats_only_not_lines_that_differ_in_a_space_at_an_end(tmp_path):
+    lines = list(dict.fromkeys(docs_lines()[:400]))[:300]
+    other = [" " + lines[0], lines[1] + " ", "\t" + lines[2], lines[3] + "\t"]  # other text (no --normalize_whitespace)
+    (tmp_path / "c.txt").write_text("\n".join(lines + other + lines[:4]) + "\n", encoding="utf-8")  # 4 repeats
+    meta = lm.prep(str(tmp_path / "c.txt"), str(tmp_path / "d"), vocab_size=400, val_fraction=0.1, num_workers=1,
+                   dedup=True, progress=False)
+    sp = spm.SentencePieceProcessor(model_file=str(tmp_path / "d" / "tokenizer.model"))
+    assert [sp.decode(ids) for ids in samples(tmp_path / "d", "train") + samples(tmp_path / "d", "val")] == \
+        lines + other
+    assert meta["stats"]["duplicate lines skipped"] == 4
+
+
 def test_prep_notes_a_json_lines_corpus_and_hard_wrapped_text(tmp_path):
     wrapped = docs_lines()[:900]  # the docs' own lines, wrapped at about 70 characters
     documents = [" ".join(wrapped[i:i + 3]) for i in range(0, 900, 3)]
