@@ -341,6 +341,19 @@ def test_byte_order_marks_at_line_starts_are_dropped(tmp_path):
     assert meta["stats"]["byte order marks removed"] == 6
 
 
+def test_a_crlf_corpus_loses_only_the_cr_of_each_line_not_its_trailing_spaces_or_tabs(tmp_path):
+    lines = docs_lines()[:300]
+    lines[5] += "  "
+    lines[50] += "\t"
+    lines[-1] += " "  # in the val split
+    (tmp_path / "crlf.txt").write_bytes("".join(line + "\r\n" for line in lines).encode())  # Windows line ends
+    meta = lm.prep(str(tmp_path / "crlf.txt"), str(tmp_path / "d"), vocab_size=400, val_fraction=0.1, num_workers=1,
+                   progress=False)
+    sp = spm.SentencePieceProcessor(model_file=str(tmp_path / "d" / "tokenizer.model"))
+    assert [sp.decode(ids) for ids in samples(tmp_path / "d", "train") + samples(tmp_path / "d", "val")] == lines
+    assert meta["stats"]["CRLF line ends"] == 300
+
+
 def test_an_out_of_space_error_is_one_line(docs_corpus, tmp_path, monkeypatch, capsys):
     def full(*args):
         raise OSError(28, "No space left on device", args[0])
