@@ -96,3 +96,21 @@ def docs_data(docs_corpus, tmp_path_factory):
     run_main("prep", "--text_path", docs_corpus, "--out_dir", out, "--vocab_size", 1000, "--val_fraction", 0.05,
              "--num_workers", 1, check=True)
     return out
+
+
+def spy_on_syncs(monkeypatch) -> list:
+    """Records os.fsync (by inode) and os.replace (by target name) in order; a rename of bytes never synced fails."""
+    synced, events, fsync, replace = set(), [], os.fsync, os.replace
+
+    def spy_fsync(fd):
+        synced.add(os.fstat(fd).st_ino)
+        events.append(("fsync", os.fstat(fd).st_ino))
+        fsync(fd)
+
+    def spy_replace(src, dst):
+        assert os.stat(src).st_ino in synced, f"{dst} renamed into place before its bytes were synced"
+        events.append(("replace", os.path.basename(dst)))
+        replace(src, dst)
+    monkeypatch.setattr(os, "fsync", spy_fsync)
+    monkeypatch.setattr(os, "replace", spy_replace)
+    return events

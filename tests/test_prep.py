@@ -17,7 +17,7 @@ import pytest
 import sentencepiece as spm
 
 import standalone_transformer_lm as lm
-from conftest import ROOT, assert_user_error, docs_lines, run_cli, run_main
+from conftest import ROOT, assert_user_error, docs_lines, run_cli, run_main, spy_on_syncs
 
 TRICKY = [
     "\tindented with a tab\tand a tab inside",
@@ -162,19 +162,7 @@ def test_numbers_are_split_into_digits():  # as LLaMA's tokenizer does: no piece
 
 
 def test_every_file_is_on_disk_before_its_rename_and_the_folder_after(docs_corpus, tmp_path, monkeypatch):
-    synced, events, fsync, replace = set(), [], os.fsync, os.replace
-
-    def spy_fsync(fd):
-        synced.add(os.fstat(fd).st_ino)
-        events.append(("fsync", os.fstat(fd).st_ino))
-        fsync(fd)
-
-    def spy_replace(src, dst):
-        assert os.stat(src).st_ino in synced, f"{dst} renamed into place before its bytes were synced"
-        events.append(("replace", os.path.basename(dst)))
-        replace(src, dst)
-    monkeypatch.setattr(os, "fsync", spy_fsync)
-    monkeypatch.setattr(os, "replace", spy_replace)
+    events = spy_on_syncs(monkeypatch)
     lm.prep(str(docs_corpus), str(tmp_path / "d"), vocab_size=1000, num_workers=1, progress=False)
     first = events.index(next(e for e in events if e[0] == "replace"))  # every file written before any rename
     assert events[first:-1] == [("replace", name) for name in ("tokenizer.model", "train.bin", "val.bin", "meta.json")]

@@ -24,7 +24,7 @@ import torch._dynamo.testing
 import torch.nn.functional as F
 
 import standalone_transformer_lm as lm
-from conftest import SCRIPT, assert_user_error, run_cli, run_main
+from conftest import SCRIPT, assert_user_error, run_cli, run_main, spy_on_syncs
 
 
 # LM_TEST_DEVICE=cuda runs the training tests on a GPU instead (the README's Tests section says which hold there)
@@ -902,19 +902,7 @@ def test_each_saved_file_is_on_disk_before_its_rename_and_its_rename_before_the_
     cfg = dataclasses.asdict(lm.ModelConfig(**lm.PRESETS["tiny"]))
     ckpt = {"format": lm.CKPT_FORMAT, "version": lm.CKPT_VERSION, "step": 1, "model_config": cfg,
             "model": {"w": torch.ones(4)}}
-    synced, events, fsync, replace = set(), [], os.fsync, os.replace
-
-    def spy_fsync(fd):
-        synced.add(os.fstat(fd).st_ino)
-        events.append(("fsync", os.fstat(fd).st_ino))
-        fsync(fd)
-
-    def spy_replace(src, dst):
-        assert os.stat(src).st_ino in synced, f"{dst} renamed into place before its bytes were synced"
-        events.append(("replace", os.path.basename(dst)))
-        replace(src, dst)
-    monkeypatch.setattr(os, "fsync", spy_fsync)
-    monkeypatch.setattr(os, "replace", spy_replace)
+    events = spy_on_syncs(monkeypatch)
     lm.save_checkpoint(str(tmp_path), ["ckpt_best.pt", "ckpt_last.pt"], ckpt, b"sp")
     renames = [i for i, event in enumerate(events) if event[0] == "replace"]
     assert [events[i][1] for i in renames] == ["pytorch_model.bin", "config.json", "tokenizer.model", "ckpt_best.pt",
