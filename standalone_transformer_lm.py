@@ -1300,6 +1300,10 @@ def train(tc: TrainConfig, args, device: torch.device, rank: int, world: int, he
         (name, getattr(tc, name) is None or getattr(tc, name) >= 0, "0 or more")
         for name in ("warmup_steps", "min_lr", "weight_decay", "grad_clip", "seed")])
     meta, tokenizer = read_meta(tc.data_dir)
+    prepped = next((n for n in ("meta.json", "train.bin") if os.path.exists(os.path.join(tc.out_dir, n))), None)
+    if prepped:  # --data_dir itself, or another prep's folder: each save would replace its tokenizer.model
+        raise UserError(f"--out_dir {tc.out_dir!r} holds prepped data ({prepped}), whose tokenizer.model a run's saves "
+                        f"would replace. HINT: pass a folder of its own for the run, e.g. --out_dir ./runs/lm")
     last_path = os.path.join(tc.out_dir, "ckpt_last.pt")
     if not os.path.exists(last_path):  # a new run: a bad model shape is refused before --out_dir is made
         seq_len = resolve_model_config(args, meta["vocab_size"], None).seq_len

@@ -192,6 +192,19 @@ def test_val_loss_is_measured_without_dropout_and_only_a_lower_one_is_a_new_best
     assert json.loads((run / "config.json").read_text())["step"] == 17
 
 
+@pytest.mark.parametrize("out", ["data", "other_data"])
+def test_a_prepped_data_folder_is_not_trained_into(out, docs_data, tmp_path):
+    """Each save copies the run's tokenizer.model into --out_dir: into a data folder, over the one its .bin files
+    were encoded with (--out_dir the --data_dir itself, or another corpus's folder)."""
+    for name in ("data", "other_data"):
+        shutil.copytree(docs_data, tmp_path / name)
+    (tmp_path / "other_data" / "tokenizer.model").write_bytes(b"another corpus's tokenizer")
+    before = {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
+    proc = run_main("train", *train_args(tmp_path / out, tmp_path / "data", max_steps=2))
+    assert_user_error(proc, f"--out_dir '{tmp_path / out}' holds prepped data (meta.json)", "HINT: pass a folder")
+    assert {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()} == before
+
+
 def test_a_val_loss_equal_to_the_best_is_no_new_best(docs_data, tmp_path):
     run = tmp_path / "run"
     lm.main(["train", *train_args(run, docs_data, max_steps=2, eval_interval=2, save_interval=2)])
