@@ -1168,9 +1168,10 @@ def setup_distributed(device: torch.device, timeout_s: int) -> tuple[int, int]:
     """(rank, world_size); under torchrun, joins the process group: NCCL on GPUs, gloo on CPUs."""
     if "RANK" not in os.environ:
         return 0, 1
-    if "WORLD_SIZE" not in os.environ:  # a RANK left in the shell's environment: torchrun sets both
-        raise UserError("RANK is set but WORLD_SIZE is not, as if torchrun had started this process. HINT: start it "
-                        "with torchrun, or unset RANK")
+    missing = [k for k in ("WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT") if k not in os.environ]
+    if missing:  # RANK (and more) left in the shell's environment: torchrun sets them all
+        raise UserError(f"RANK is set but {', '.join(missing)} not, as if torchrun had started this process. HINT: "
+                        f"start it with torchrun, or unset RANK")
     if device.type == "cuda":
         torch.cuda.set_device(device)
     dist.init_process_group("nccl" if device.type == "cuda" else "gloo",

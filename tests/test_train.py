@@ -710,9 +710,14 @@ def test_processes_started_with_different_flags_refuse_to_train(docs_data, tmp_p
     assert not (tmp_path / "run" / "ckpt_last.pt").exists()
 
 
-def test_a_rank_left_in_the_environment_without_torchrun_is_one_error_line(docs_data, tmp_path):
-    assert_user_error(run_main("train", *train_args(tmp_path / "run", docs_data), env={"RANK": "0"}),
-                      "RANK is set but WORLD_SIZE is not", "HINT: start it with torchrun, or unset RANK")
+@pytest.mark.parametrize("env, missing", [({"RANK": "0"}, "WORLD_SIZE, MASTER_ADDR, MASTER_PORT"),
+                                          ({"RANK": "0", "WORLD_SIZE": "2", "MASTER_PORT": "29500"}, "MASTER_ADDR")])
+def test_a_rank_left_in_the_environment_without_torchrun_is_one_error_line(env, missing, docs_data, tmp_path,
+                                                                          monkeypatch):
+    for name in ("MASTER_ADDR", "MASTER_PORT"):  # of a shell that has them
+        monkeypatch.delenv(name, raising=False)
+    assert_user_error(run_main("train", *train_args(tmp_path / "run", docs_data), env=env),
+                      f"RANK is set but {missing} not", "HINT: start it with torchrun, or unset RANK")
     assert not (tmp_path / "run").exists()
 
 
