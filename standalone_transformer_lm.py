@@ -479,9 +479,13 @@ def check_encoding(path: str) -> None:
     if kind and (bad or b"\x00" in head):  # binary after the magic bytes: not a text that happens to start so
         fix = f"`{tool} {path}` and pass the text file" if tool else "write its text one document per line"
         raise UserError(f"corpus {path!r} is binary ({kind}), not text. HINT: {fix}")
-    if head.startswith((b"\xff\xfe", b"\xfe\xff")) or head.count(b"\x00") > len(head) // 100:
-        raise UserError(f"corpus {path!r} looks like UTF-16 or UTF-32 (a byte order mark or many NUL bytes), not "
-                        f"UTF-8. {hint.replace('LATIN1', 'UTF-16')}")
+    if head.startswith((b"\xff\xfe", b"\xfe\xff")):
+        raise UserError(f"corpus {path!r} is UTF-16 or UTF-32 (it starts with a byte order mark), not UTF-8. "
+                        f"{hint.replace('LATIN1', 'UTF-16')}")
+    if (nul := head.count(b"\x00")) > len(head) // 100:  # a token file, a model, a database; or UTF-16 without a mark
+        raise UserError(f"corpus {path!r} is not UTF-8 text: {nul / len(head):.0%} of its first {len(head):,} bytes "
+                        f"are NUL (a binary file, or UTF-16 or UTF-32 text). HINT: pass a text file, one document per "
+                        f"line; convert UTF-16 with `iconv -f UTF-16 -t UTF-8 {path} > corpus.utf8.txt`")
     if bad > max(10, len(head) // 1000):  # a few bad bytes are repaired and counted in the stats
         raise UserError(f"corpus {path!r} is not UTF-8: {bad:,} invalid sequences in its first {len(head):,} bytes "
                         f"(Latin-1 or Windows-1252?). {hint}")

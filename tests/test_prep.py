@@ -269,7 +269,10 @@ def test_token_dtype_never_wraps():
     ("vocab_negative", "out of range"),
     ("vocab_absurd", "out of range"),
     ("one_line", "split"),
-    ("utf16", "looks like UTF-16"),
+    ("utf16", "is UTF-16 or UTF-32 (it starts with a byte order mark), not UTF-8. HINT: convert it, e.g. `iconv -f "
+              "UTF-16"),
+    ("utf16_no_mark", "bytes are NUL (a binary file, or UTF-16 or UTF-32 text). HINT: pass a text file"),
+    ("token_file", "bytes are NUL (a binary file, or UTF-16 or UTF-32 text). HINT: pass a text file"),  # train.bin
     ("latin1", "is not UTF-8"),
     ("gzip", "is binary (gzip), not text. HINT: `gunzip -k"),
     ("cr_only", "\\r alone"),
@@ -292,6 +295,10 @@ def test_bad_input_is_refused_and_good_outputs_survive(case, needle, docs_data, 
         text_path.write_text(" ".join(docs_lines()[:400]) + "\n", encoding="utf-8")
     elif case == "utf16":
         text_path.write_bytes("\n".join(docs_lines()[:300]).encode("utf-16"))
+    elif case == "utf16_no_mark":
+        text_path.write_bytes("\n".join(docs_lines()[:300]).encode("utf-16-le"))
+    elif case == "token_file":
+        shutil.copy(docs_data / "train.bin", text_path)
     elif case == "gzip":  # a corpus downloaded compressed
         text_path.write_bytes(gzip.compress(("\n".join(docs_lines()[:300]) + "\n").encode()))
     elif case == "latin1":
