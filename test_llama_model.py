@@ -18,6 +18,10 @@ from standalone_transformer_lm import HelpFormatter, Parser, UserError, check_fl
 
 
 def run(args) -> None:
+    if os.path.isfile(os.path.join(args.folder, "ckpt_last.pt")):  # train's --out_dir: its config.json is ours
+        raise UserError(f"{args.folder!r} is a training run's folder, not a converted one. HINT: run `python "
+                        f"convert_to_llama.py --ckpt {os.path.join(args.folder, 'ckpt_last.pt')} --out {DEFAULT_OUT}` "
+                        f"first and pass {DEFAULT_OUT}")
     if not os.path.isfile(os.path.join(args.folder, "config.json")):
         raise UserError(f"{args.folder!r} is not a converted model folder (no config.json). HINT: run "
                         f"`python convert_to_llama.py --ckpt CKPT --out {args.folder}` first, or pass the folder")

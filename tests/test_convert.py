@@ -352,6 +352,8 @@ def test_test_llama_model_generates_and_compares(converted, tmp_path, spm_path, 
     assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
     assert r.stderr.splitlines()[-1].startswith("error:") and "does not load with transformers" in r.stderr
 
+    assert_user_error(run_main(str(run_dir), main=T.main), f"{str(run_dir)!r} is a training run's folder, not a "
+                      f"converted one. HINT: run `python convert_to_llama.py --ckpt {run_dir / 'ckpt_last.pt'} --out")
     other = make_run(tmp_path / "other", spm_path, vocab_size=VOCAB + 8, seq_len=32)  # not the folder's checkpoint
     r = run_main(str(out), "--ckpt", str(other / "ckpt_last.pt"), main=T.main)
     assert_user_error(r, "was not converted from", ": vocabulary 2000 against 2008, context 64 against 32 (the folder")
