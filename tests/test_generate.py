@@ -518,3 +518,46 @@ def test_a_checkpoint_whose_weights_do_not_fit_its_config_is_one_error_line(trai
         shutil.copy(tmp_path / "ckpt.pt", run / "ckpt_last.pt")
         args = train_args(run, docs_data, max_steps=30)
         assert_user_error(run_main("train", *args), "do not fit together", "HINT: copy ckpt_best.pt over it")
+
+
+def test_a_prompt_prefilled_in_chunks_gives_the_logits_of_the_whole_prompt_at_once(model):
+    """forward() with positions past the cache's first slot (a prompt fed in parts): each chunk's queries see the
+    slots before them and their own chunk causally, as a forward over the whole sequence does, and so does every
+    layer's cache that a later step reads."""
+    m = copy.deepcopy(model)
+    for block in m.layers:
+        block.self_attn.cache = lm.KVCache(1, 64, m.cfg, torch.float64, "cpu")
+    ids = torch.randint(4, 300, (1, 13), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        full = m(ids)[0][0]  # (13, vocab)
+        m(ids[:, :5], pos=torch.arange(5))
+        torch.testing.assert_close(m(ids[:, 5:12], pos=torch.arange(5, 12))[0][0, -1], full[11])
+        torch.testing.assert_close(m(ids[:, 12:], pos=torch.tensor([12]))[0][0, -1], full[12])
+
+
+def test_each_batch_of_cli_samples_has_a_seed_of_its_own_and_the_first_has_seed_itself(trained, monkeypatch):
+    """--num_samples 33 decodes three batches of 11: the first with --seed as given (what generate(seed=...) gives),
+    each later one with a seed of its own, so that no batch repeats another's samples."""
+    seeds, real = [], lm.generate
+    monkeypatch.setattr(lm, "generate", lambda *a, seed=None, **kw: seeds.append(seed) or real(*a, seed=seed, **kw))
+    args = ["generate", "--ckpt", str(trained / "ckpt_last.pt"), "--prompt", "The", "--max_new_tokens", "8",
+            "--temperature", "1.0", "--seed", "3", "--num_samples", "33"]
+    texts = lm.cmd_generate(lm.build_parser().parse_args(args))
+    assert len(seeds) == 3 and seeds[0] == 3 and len(set(seeds)) == 3
+    assert len(texts) == 33 and len(set(texts)) == 33  # 8 sampled tokens: no two texts alike by chance
+
+
+def test_a_top_k_of_the_whole_vocabulary_or_more_samples_as_top_k_0():
+    logits = torch.randn(3, 50, generator=torch.Generator().manual_seed(0))
+    seen, args = torch.zeros(3, 50, dtype=torch.bool), dict(temperature=1.0, top_p=1.0, repetition_penalty=1.0)
+    draw = [torch.cat([lm.sample_next(logits, seen, top_k=k, generator=torch.Generator().manual_seed(i), **args)
+                       for i in range(30)]) for k in (0, 50, 80)]
+    assert torch.equal(draw[0], draw[1]) and torch.equal(draw[0], draw[2])
+
+
+def test_a_tokenizer_with_more_tokens_than_the_model_is_refused_by_its_size(trained, tmp_path):
+    from conftest import docs_lines
+    bigger = tmp_path / "bigger.model"  # its ids past 999 would index past the model's embedding
+    bigger.write_bytes(lm.train_tokenizer(docs_lines(), 1200))
+    assert_user_error(run_main("generate", "--ckpt", trained / "ckpt_last.pt", "--spm", bigger),
+                      "has 1200 tokens but the model has 1000", "HINT: pass the tokenizer.model the model was trained")
