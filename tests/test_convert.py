@@ -654,3 +654,36 @@ def test_sigterm_stops_a_conversion_and_removes_the_folder_it_was_building(conve
     assert proc.returncode == 130 and err.strip().splitlines()[-1] == "error: interrupted", err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["hf"]
     assert (out / "model.safetensors").read_bytes() == (ref / "model.safetensors").read_bytes()
+
+
+def test_a_tokenizer_with_more_pieces_than_the_model_has_ids_for_is_refused(tmp_path, spm_path, capsys):
+    """Its ids past the model's vocabulary would index past the embedding: refused as one with fewer is."""
+    run_dir = make_run(tmp_path / "run", spm_path, vocab_size=VOCAB - 8)  # tokenizer.model beside it: the same file
+    with pytest.raises(SystemExit) as e:
+        convert(run_dir, tmp_path / "hf")
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "has 2000 pieces but the model's vocabulary is 1992" in err, err
+    assert not (tmp_path / "hf").exists()
+
+
+def test_test_llama_model_names_the_layers_width_and_ffn_of_another_checkpoint(converted, tmp_path, spm_path):
+    import test_llama_model as T
+    for shape, want in (({"n_layer": 1}, ": layers 2 against 1 ("), ({"ffn_mult": 2.0}, ": FFN width 192 against 96 ("),
+                        ({"d_model": 128, "head_dim": 16}, ": d_model 64 against 128, FFN width 192 against 352 (")):
+        other = make_run(tmp_path / str(shape), spm_path, **shape)
+        assert_user_error(run_main(str(converted[1]), "--ckpt", str(other / "ckpt_last.pt"), main=T.main),
+                          "was not converted from", want)
+
+
+def test_test_llama_model_compares_logits_over_the_prompt_and_its_greedy_continuation(converted, sp, monkeypatch):
+    import test_llama_model as T
+    run_dir, out = converted
+    compared = []
+    monkeypatch.setattr(T, "max_logit_diff", lambda folder, model, ids: compared.append(ids) or 0.0)
+    r = run_main(str(out), "--ckpt", str(run_dir / "ckpt_last.pt"), "--max_new_tokens", "6", "--temperature", "0",
+                 main=T.main)
+    assert r.returncode == 0, r.stderr
+    [ids] = compared
+    prompt = [sp.bos_id()] + sp.encode("The sun is")
+    assert ids.shape == (1, len(prompt) + 6) and ids[0, :len(prompt)].tolist() == prompt, ids
+    assert f"greedy : {sp.decode(ids[0, 1:].tolist())}\n" in r.stdout and f"on {len(prompt) + 6} tokens" in r.stdout
