@@ -569,3 +569,54 @@ def test_workers_default_to_the_cores_this_process_may_use_and_the_corpus_is_nev
     assert_user_error(run_main("prep", "--text_path", corpus, "--out_dir", tmp_path / "d", "--vocab_size", 400),
                       "is one of the files prep writes into --out_dir")
     assert corpus.read_bytes() == docs_corpus.read_bytes()
+
+
+def test_only_the_cr_of_a_crlf_goes_and_every_byte_order_mark_at_a_line_start():
+    stats = Counter()  # a CR of the text itself before the CRLF stays; `cat` of a file that had two marks
+    assert lm.clean_lines("a\r\r\n\ufeff\ufeffb\r\nc\ufeff\n".encode(), False, stats) == ["a\r", "b", "c\ufeff"]
+    assert stats["CRLF line ends"] == 2 and stats["byte order marks removed"] == 1
+
+
+def test_the_tokenizer_sample_holds_sample_lines_lines_each_line_as_likely_as_any(tmp_path):
+    lines = [f"line number {i}" for i in range(10)]
+    path = tmp_path / "c.txt"
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    size = path.stat().st_size
+    picks = [lm.tokenizer_sample(str(path), size, 4, seed, False, False, False) for seed in range(400)]
+    assert all(len(p) == len(set(p)) == 4 and set(p) <= set(lines) for p in picks)
+    counts = Counter(line for p in picks for line in p)  # 160 each expected; the binomial's sd is about 10
+    assert all(120 < counts[line] < 200 for line in lines), counts
+    assert lm.tokenizer_sample(str(path), size, 20, 0, False, False, False) == lines  # fewer lines than asked: all
+
+
+def test_meta_json_records_the_special_ids_the_tokenizer_and_the_options_of_the_run(tmp_path):
+    corpus = tmp_path / "c.txt"
+    corpus.write_text("\n".join(docs_lines()[:300]) + "\n", encoding="utf-8")
+    meta = lm.prep(str(corpus), str(tmp_path / "d"), vocab_size=400, val_fraction=0.1, seed=7, sample_lines=1000,
+                   dedup=True, normalize_whitespace=True, num_workers=1, progress=False)
+    assert json.loads((tmp_path / "d" / "meta.json").read_text()) == meta
+    sp = spm.SentencePieceProcessor(model_file=str(tmp_path / "d" / "tokenizer.model"))
+    assert meta["special_ids"] == {"unk": sp.unk_id(), "bos": sp.bos_id(), "eos": sp.eos_id(), "pad": sp.pad_id()}
+    assert (meta["vocab_size"], meta["dtype"]) == (400, "uint16")
+    assert meta["tokenizer_sha256"] == hashlib.sha256((tmp_path / "d" / "tokenizer.model").read_bytes()).hexdigest()
+    assert meta["options"] == {"text_path": str(corpus), "vocab_size": 400, "val_fraction": 0.1, "seed": 7,
+                               "sample_lines": 1000, "dedup": True, "normalize_whitespace": True,
+                               "sp_trainer": lm.SP_TRAINER_OPTIONS}
+    assert [meta[split]["tokens"] * 2 for split in ("train", "val")] == \
+        [(tmp_path / "d" / name).stat().st_size for name in ("train.bin", "val.bin")]
+
+
+def test_a_text_with_a_stray_nul_byte_is_text_and_a_one_byte_corpus_is_all_val(tmp_path):
+    path = tmp_path / "c.txt"
+    path.write_bytes(b"plain text line\n" * 1000 + b"a stray \x00 byte\n")  # not UTF-16's NUL in every other byte
+    lm.check_encoding(str(path))
+    path.write_bytes(b"a")  # the cut falls at byte 0: no line before it
+    assert lm.split_offset(str(path), 1, 0.005) == 0
+
+
+def test_a_corpus_whose_val_split_would_be_empty_is_refused_before_its_tokenizer_is_trained(tmp_path, monkeypatch):
+    corpus = tmp_path / "c.txt"
+    corpus.write_text(" ".join(docs_lines()[:400]) + "\n", encoding="utf-8")  # one line: none starts in the tail
+    monkeypatch.setattr(lm, "train_tokenizer", lambda *a: pytest.fail("trained a tokenizer for a corpus it refuses"))
+    with pytest.raises(lm.UserError, match=r"the val split of .* is empty: no line starts in its last 0\.005\. HINT"):
+        lm.prep(str(corpus), str(tmp_path / "d"), vocab_size=400, num_workers=1, progress=False)
