@@ -12,9 +12,10 @@
 # benchmark may then take all but the last 45 s, and it stops starting variants 2 minutes before that (one started
 # just then may compile for a minute or two more; the JSON keeps every variant finished); the profile gets what is
 # left. A Python without torch and the other packages, or whose torch cannot use the GPU that is here, is an error at
-# once (exit 2).
+# once (exit 2), as is a machine without a GPU unless BENCH_ARGS is set (the script's own test runs it on a CPU).
 # BENCH_ARGS replaces "--size 138m" (e.g. "--size 350m --only trainer"), PROFILE_ARGS adds to the profile's flags,
-# PYTHON names the interpreter (default python3). Exit status: the benchmark's, else the tests'.
+# PYTHON names the interpreter (default python3). Exit status: the benchmark's (1 when a variant failed), else the
+# tests'.
 set -uo pipefail
 py=${PYTHON:-python3}
 cd "$(dirname "$0")/.."
@@ -31,6 +32,12 @@ if ! "$py" -c "import numpy, pytest, sentencepiece, torch, tqdm, transformers" 2
 fi
 if nvidia-smi -L >/dev/null 2>&1 && ! "$py" -c "import sys, torch; sys.exit(not torch.cuda.is_available())"; then
   echo "error: a GPU is here, but the torch of $py cannot use it (a CPU build?): install the CUDA build" \
+    | tee "$out/machine.txt"
+  exit 2
+fi
+if [ -z "${BENCH_ARGS:-}" ] && ! "$py" -c "import sys, torch; sys.exit(not torch.cuda.is_available())"; then
+  echo "error: no GPU that torch can use here, and this script benchmarks the 138m preset on one. HINT: on a CPU run" \
+    "\`python bench/benchmark.py\` (the quick size); set BENCH_ARGS (e.g. \"--size tiny\") to try this script" \
     | tee "$out/machine.txt"
   exit 2
 fi

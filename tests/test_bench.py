@@ -144,6 +144,17 @@ def test_the_gpu_check_stops_at_once_without_the_packages(tmp_path):
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["machine.txt"]  # no benchmark was started
 
 
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="a machine without a GPU")
+def test_the_gpu_check_stops_at_once_without_a_gpu(tmp_path):
+    """Run where no GPU is, by mistake, it does not spend minutes failing the GPU tests and benchmarking 138m on the
+    CPU: one error line that points to the CPU benchmark, exit 2 (with BENCH_ARGS set, as above, it runs)."""
+    env = {k: v for k, v in os.environ.items() if k != "BENCH_ARGS"}
+    proc = subprocess.run(["bash", os.path.join(ROOT, "bench", "gpu_check.sh"), str(tmp_path / "out"), "300"],
+                          capture_output=True, text=True, timeout=60, env={**env, "PYTHON": sys.executable})
+    assert proc.returncode == 2 and proc.stdout.startswith("error: no GPU") and "bench/benchmark.py" in proc.stdout
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["machine.txt"]
+
+
 # ----------------------------------------------------------------------------------------------------------------------
 # The figures the README quotes, computed from timings given here (in this process: seconds, no compiling)
 
@@ -226,6 +237,9 @@ def test_targets_table():
         ("138m train ours compiled / HF eager", 1.6, 1.6, None, "yes"),
         ("138m train ours compiled / HF compiled", 1.1, 1.15, None, "NO"),
         ("138m decode batch 1, ours compiled / HF", 5.0, 5.0, None, "yes")]
+    gpu["env"] = {"probe_ms": [10.0, 11.5]}  # the machine's speed moved by 15 % during the run: said at each target
+    assert [t["met"] for t in B.check_targets(gpu, torch.device("cuda"))][:2] == ["yes (machine speed moved)",
+                                                                                  "not run"]
 
 
 def test_trainer_over_step_reads_the_bare_step_of_the_same_setting():
@@ -259,6 +273,21 @@ def test_generate_table_figures(monkeypatch):
     assert [r["ours"]["tok_s"], r["ours"]["ms_step"], r["hf"]["tok_s"], r["hf"]["ms_step"]] == pytest.approx(
         [40.0, 50.0, 16.0, 125.0])  # 2 x 4 tokens in 0.2 s and in 0.5 s
     assert r["ours"]["ours/HF"] == pytest.approx(2.5) and r["hf"]["tokens_vs_ours"] == "same"
+
+
+def test_decoding_is_timed_for_as_many_tokens_as_the_context_holds_and_a_skip_is_listed_once(monkeypatch):
+    """At tiny's context of 64, 16 prompt tokens leave 48 new ones: ours stops there, so HF is timed on as many."""
+    import argparse
+    import torch
+    B = bench_module()
+    asked = []
+    monkeypatch.setattr(B, "time_generate", lambda *a: asked.append((a[7].new_tokens, a[4], a[9])) or [])
+    args = argparse.Namespace(new_tokens=128, prompt_tokens=16, gen_batch=[1])
+    budget = B.Budget(0)
+    B.bench_generate(args, torch.device("cpu"), budget, "tiny", B.SIZES["tiny"][0], lambda rows: None)
+    assert asked == [(48, 1, budget)] * 2 and args.new_tokens == 128  # greedy, sampled; the caller's args kept
+    spent = B.Budget(1e-9)
+    assert not spent.allows("x") and not spent.allows("x") and spent.skipped == ["x"]  # (asked in each round)
 
 
 def test_trainer_row_skips_the_compiling_window_and_stops_at_the_budget(monkeypatch):
@@ -330,6 +359,20 @@ def test_a_spent_budget_skips_every_variant_and_the_result_file_is_named_by_its_
         # the CPU targets are set for quick: its run has the table (nothing measured), tiny's has none
         assert [t["met"] for t in results.get("targets", [])] == ["not run"] * 2 * ("quick" in sizes)
     assert budgets == [0, 420]  # quick among the sizes: no budget; presets' sizes (and tiny): 420 s
+
+
+def test_a_failed_variant_is_listed_and_the_benchmark_exits_1_after_writing_the_others(tmp_path, monkeypatch):
+    from conftest import run_main
+    B = bench_module()
+
+    def broken(*args):
+        raise RuntimeError("no C compiler")
+    monkeypatch.setattr(B, "bench_trainer", broken)
+    monkeypatch.setattr(B.torch.cuda, "is_available", lambda: False)
+    r = run_main("--only", "trainer", "--size", "tiny", "--out", tmp_path, main=B.main)
+    [path] = tmp_path.iterdir()
+    assert r.returncode == 1 and "failed:\n  trainer tiny: RuntimeError: no C compiler" in r.stdout, r.stdout[-2000:]
+    assert json.loads(path.read_text())["failed"] == ["trainer tiny: RuntimeError: no C compiler"]
 
 
 def test_prep_figures_read_from_prep_s_own_line(docs_corpus, tmp_path, monkeypatch, capsys):
