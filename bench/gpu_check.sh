@@ -30,16 +30,17 @@ if ! "$py" -c "import numpy, pytest, sentencepiece, torch, tqdm, transformers" 2
     | tee "$out/machine.txt"
   exit 2
 fi
-if nvidia-smi -L >/dev/null 2>&1 && ! "$py" -c "import sys, torch; sys.exit(not torch.cuda.is_available())"; then
-  echo "error: a GPU is here, but the torch of $py cannot use it (a CPU build?): install the CUDA build" \
-    | tee "$out/machine.txt"
-  exit 2
-fi
-if [ -z "${BENCH_ARGS:-}" ] && ! "$py" -c "import sys, torch; sys.exit(not torch.cuda.is_available())"; then
-  echo "error: no GPU that torch can use here, and this script benchmarks the 138m preset on one. HINT: on a CPU run" \
-    "\`python bench/benchmark.py\` (the quick size); set BENCH_ARGS (e.g. \"--size tiny\") to try this script" \
-    | tee "$out/machine.txt"
-  exit 2
+if ! "$py" -c "import sys, torch; sys.exit(not torch.cuda.is_available())"; then
+  if nvidia-smi -L >/dev/null 2>&1; then
+    echo "error: a GPU is here, but the torch of $py cannot use it (a CPU build?): install the CUDA build" \
+      | tee "$out/machine.txt"
+    exit 2
+  elif [ -z "${BENCH_ARGS:-}" ]; then
+    echo "error: no GPU that torch can use here, and this script benchmarks the 138m preset on one. HINT: on a CPU" \
+      "run \`python bench/benchmark.py\` (the quick size); set BENCH_ARGS (e.g. \"--size tiny\") to try this script" \
+      | tee "$out/machine.txt"
+    exit 2
+  fi
 fi
 command -v cc >/dev/null || echo "warning: no C compiler (cc): every torch.compile variant will fail"
 {
