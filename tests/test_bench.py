@@ -430,3 +430,38 @@ def test_prep_peak_memory_is_in_mib():
     with open("/proc/self/status") as f:
         rss = int(re.search(r"^VmRSS:\s+(\d+) kB", f.read(), re.M).group(1)) / 1024
     assert rss / 10 < B.tree_pss_mib(os.getpid()) <= rss * 1.05  # this process's share of its resident set
+
+
+def test_the_crash_check_resumes_killed_runs_into_the_uninterrupted_one_and_names_what_differs(tmp_path):
+    """bench/crash_check.py, for a user to run on their own filesystem and GPU: here 2 kills of a CPU run, each
+    resumed, and the end is the uninterrupted run's; then its comparison, shown a weight off by one bit, an AdamW
+    moment, a metrics row and a temporary file left behind, names each of them."""
+    import torch
+    out = tmp_path / "check"
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "bench", "crash_check.py"), "--out", str(out),
+                           "--device", "cpu", "--kills", "2", "--max_steps", "24"],
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    kills = re.findall(r"^ +\d +(\d+) +(\d+) +(\d+)$", proc.stdout, re.M)  # logged step, resumed from, steps lost
+    assert len(kills) == 2 and all(int(logged) - int(resumed) == int(lost) <= 3 for logged, resumed, lost in kills)
+    assert "no temporary file left: yes" in proc.stdout
+
+    sys.path.insert(0, os.path.join(ROOT, "bench"))
+    import crash_check
+    full, killed = out / "full", out / "killed"
+    assert crash_check.compare(str(full), str(killed)) == []
+    ckpt = torch.load(killed / "ckpt_last.pt", weights_only=True)
+    weight = ckpt["model"]["norm.weight"]
+    weight[0] = torch.nextafter(weight[0], torch.tensor(math.inf))
+    ckpt["optimizer"]["state"][1]["exp_avg"].mul_(2)
+    torch.save(ckpt, killed / "new.pt")
+    os.replace(killed / "new.pt", killed / "ckpt_last.pt")  # (not through ckpt_best.pt, which may be a link to it)
+    rows = (killed / "metrics.jsonl").read_text().splitlines()
+    row = json.loads(rows[4])
+    rows[4] = json.dumps({**row, "loss": row["loss"] + 1e-5})
+    (killed / "metrics.jsonl").write_text("\n".join(rows) + "\n")
+    (killed / ".ckpt_last.pt.tmp4194303").write_bytes(b"")
+    assert crash_check.compare(str(full), str(killed)) == [
+        "ckpt_last.pt.model.norm.weight", "ckpt_last.pt.optimizer.state.1.exp_avg",
+        "metrics.jsonl from row 5 (24 rows uninterrupted, 24 killed and resumed)",
+        ".ckpt_last.pt.tmp4194303 left behind"]
