@@ -104,7 +104,7 @@ def compare(full: str, killed: str) -> list[str]:
     problems = tensors_differ({k: a[k] for k in ("step", "model", "optimizer", "scaler", "rng", "best_val_loss")},
                               {k: b[k] for k in ("step", "model", "optimizer", "scaler", "rng", "best_val_loss")},
                               "ckpt_last.pt")
-    (a, b) = load["ckpt_best.pt"]
+    a, b = load["ckpt_best.pt"]
     problems += tensors_differ({k: a[k] for k in ("step", "model")}, {k: b[k] for k in ("step", "model")},
                                "ckpt_best.pt")
     rows_a, rows_b = logged_rows(full), logged_rows(killed)
@@ -171,8 +171,8 @@ def main(argv=None) -> int:
                 break
             kill_tree(proc)
             logged = max((r["step"] for r in logged_rows(killed)), default=0)
-            kills.append((target, logged, saved_step(killed)))
-            print(f"kill {len(kills)}: after step {logged} was logged; ckpt_last.pt holds step {kills[-1][2]}",
+            kills.append((logged, saved_step(killed)))
+            print(f"kill {len(kills)}: after step {logged} was logged; ckpt_last.pt holds step {kills[-1][1]}",
                   flush=True)
     if proc.returncode:
         sys.exit(f"the resumed run failed with exit status {proc.returncode}: see {log.name}")
@@ -180,10 +180,10 @@ def main(argv=None) -> int:
     print(f"\n{len(kills)} kills of `train` ({args.nproc} process(es), device {args.device}, compile {args.compile}, "
           f"a save every {SAVE_INTERVAL} steps), each resumed, against one uninterrupted run of {args.max_steps} steps")
     print(" kill  logged step  resumed from  steps lost")
-    for i, (_, logged, resumed) in enumerate(kills, 1):
+    for i, (logged, resumed) in enumerate(kills, 1):
         print(f"{i:5d}  {logged:11d}  {resumed:12d}  {logged - resumed:10d}")
     problems = compare(full, killed)
-    lost = [logged - resumed for _, logged, resumed in kills]
+    lost = [logged - resumed for logged, resumed in kills]
     if max(lost, default=0) > SAVE_INTERVAL:
         problems.append(f"a kill lost {max(lost)} logged steps, more than the {SAVE_INTERVAL} since a save")
     print("the same as the uninterrupted run (weights, AdamW, scaler, RNG states, best checkpoint, "
