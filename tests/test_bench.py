@@ -443,7 +443,8 @@ def test_the_crash_check_resumes_killed_runs_into_the_uninterrupted_one_and_name
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     kills = re.findall(r"^ +\d +(\d+) +(\d+) +(\d+)$", proc.stdout, re.M)  # logged step, resumed from, steps lost
-    assert len(kills) == 2 and all(int(logged) - int(resumed) == int(lost) <= 3 for logged, resumed, lost in kills)
+    # (a kill meant for the last steps is dropped when the run ends first, which a loaded machine may see)
+    assert 1 <= len(kills) <= 2 and all(int(logged) - int(resumed) == int(lost) <= 3 for logged, resumed, lost in kills)
     assert "no temporary file left: yes" in proc.stdout
 
     sys.path.insert(0, os.path.join(ROOT, "bench"))
