@@ -76,6 +76,11 @@ def logged_rows(out_dir: str) -> list[dict]:
     return rows
 
 
+def last_line(path: str) -> str:
+    with open(path, errors="replace") as f:
+        return next((line.strip() for line in reversed(f.readlines()) if line.strip()), "no output")
+
+
 def saved_step(out_dir: str) -> int:
     path = os.path.join(out_dir, "ckpt_last.pt")
     return torch.load(path, map_location="cpu", weights_only=True)["step"] if os.path.exists(path) else 0
@@ -131,6 +136,8 @@ def main(argv=None) -> int:
         p.error("this check finds the processes to kill through /proc (Linux)")
     if args.kills < 0 or args.max_steps < 2 * SAVE_INTERVAL or args.nproc < 1:
         p.error(f"--kills must be 0 or more, --max_steps at least {2 * SAVE_INTERVAL}, --nproc at least 1")
+    if os.path.exists(args.out) and not os.path.isdir(args.out):
+        p.error(f"--out {args.out} is a file: pass a folder")
     if os.path.exists(args.out) and os.listdir(args.out) and not os.path.exists(os.path.join(args.out, MARK)):
         p.error(f"--out {args.out} holds files that this check did not write: pass a new folder")
     os.makedirs(args.out, exist_ok=True)
@@ -149,7 +156,7 @@ def main(argv=None) -> int:
 
     with open(os.path.join(args.out, "full.log"), "w") as log:
         if subprocess.run(train_command(args, full), stdout=log, stderr=subprocess.STDOUT).returncode:
-            sys.exit(f"the uninterrupted run failed: see {log.name}")
+            sys.exit(f"the uninterrupted run failed: {last_line(log.name)} (all of it in {log.name})")
     with open(os.path.join(full, "metrics.jsonl")) as f:
         step_s = statistics.median(json.loads(line)["ms_per_step"] for line in f) / 1000
     print(f"uninterrupted run: {args.max_steps} steps, {step_s * 1000:.0f} ms a step", flush=True)
@@ -175,7 +182,8 @@ def main(argv=None) -> int:
             print(f"kill {len(kills)}: after step {logged} was logged; ckpt_last.pt holds step {kills[-1][1]}",
                   flush=True)
     if proc.returncode:
-        sys.exit(f"the resumed run failed with exit status {proc.returncode}: see {log.name}")
+        sys.exit(f"a resumed run failed with exit status {proc.returncode}: {last_line(log.name)} (all of it in "
+                 f"{log.name})")
 
     print(f"\n{len(kills)} kills of `train` ({args.nproc} process(es), device {args.device}, compile {args.compile}, "
           f"a save every {SAVE_INTERVAL} steps), each resumed, against one uninterrupted run of {args.max_steps} steps")
