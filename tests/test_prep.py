@@ -113,6 +113,32 @@ def test_deterministic_whatever_the_number_of_workers(docs_corpus, tmp_path, mon
     assert digest(tmp_path / "a") == digest(tmp_path / "b")
 
 
+def test_packed_tokens_follow_the_rules_for_a_random_corpus_read_in_blocks_smaller_than_its_lines(tmp_path,
+                                                                                                   monkeypatch):
+    """The token files, computed again from the corpus bytes by the rules prep states (split at the first line that
+    starts at or after the cut, invalid UTF-8 replaced, CR of CRLF and leading byte order marks dropped, blank
+    lines out, --dedup across both splits, [bos] + SentencePiece ids + [eos] per line), for seeded random text read
+    in 64-byte blocks by 2 workers: most lines cross a block's end, and a block ends in the middle of them."""
+    rng = random.Random(1)
+    words = ["the", "fox", "café", "中文", "😀", "12345", "3.14", "\u2581", "a\tb", "x" * 150]
+    lines = [rng.choice(["", " ", "\t ", "\ufeff" + rng.choice(words), "repeated line", "  repeated  "])
+             if rng.random() < 0.25 else " ".join(rng.choices(words, k=rng.randint(1, 12))) for _ in range(300)]
+    raw = b"".join(line.encode() + (b"\xff\n" if i % 50 == 7 else rng.choice([b"\n", b"\r\n"]))
+                   for i, line in enumerate(lines))
+    (tmp_path / "c.txt").write_bytes(raw)
+    monkeypatch.setattr(lm, "BLOCK_BYTES", 64)
+    lm.prep(str(tmp_path / "c.txt"), str(tmp_path / "d"), vocab_size=300, val_fraction=0.3, num_workers=2, dedup=True,
+            progress=False)
+    sp = spm.SentencePieceProcessor(model_file=str(tmp_path / "d" / "tokenizer.model"))
+    cut = raw.index(b"\n", int(len(raw) * 0.7) - 1) + 1
+    seen = set()
+    for split, part in (("train", raw[:cut]), ("val", raw[cut:])):
+        texts = [line.removesuffix("\r").lstrip("\ufeff") for line in part.decode(errors="replace").split("\n")[:-1]]
+        texts = [t for t in texts if t.strip() and not (t in seen or seen.add(t))]
+        want = [i for t in texts for i in (lm.BOS_ID, *sp.encode(t), lm.EOS_ID)]
+        assert np.fromfile(tmp_path / "d" / f"{split}.bin", dtype=np.uint16).tolist() == want, split
+
+
 def test_dedup_and_whitespace_normalisation(tmp_path):
     lines = docs_lines()[:2000]
     corpus = tmp_path / "c.txt"
