@@ -408,6 +408,9 @@ def test_bad_flags_and_a_file_in_the_way(docs_corpus, tmp_path):
     assert (tmp_path / "file").read_text() == "keep me"
     assert_user_error(run_main("prep", "--text_path", docs_corpus, "--out_dir", tmp_path / "d", "--num_workers", -1),
                       "--num_workers -1")
+    for fraction in (0, 0.5, "nan"):  # (nan compares false with every bound)
+        assert_user_error(run_main("prep", "--text_path", docs_corpus, "--out_dir", tmp_path / "d", "--val_fraction",
+                                   fraction), f"--val_fraction {float(fraction)} must be in (0, 0.5)")
     # a vocabulary too big for the corpus is known only after the folder is made: the folders made for it go again
     assert_user_error(run_main("prep", "--text_path", docs_corpus, "--out_dir", tmp_path / "d" / "sub", "--vocab_size",
                               50000, "--sample_lines", 2000), "too small for --vocab_size 50000")
