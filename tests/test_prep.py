@@ -408,6 +408,10 @@ def test_bad_flags_and_a_file_in_the_way(docs_corpus, tmp_path):
     assert (tmp_path / "file").read_text() == "keep me"
     assert_user_error(run_main("prep", "--text_path", docs_corpus, "--out_dir", tmp_path / "d", "--num_workers", -1),
                       "--num_workers -1")
+    blank_head = tmp_path / "blank_head.txt"  # the train split all blank lines, the text in the val split
+    blank_head.write_text("\n" * 200_000 + "\n".join(docs_lines()[:300]) + "\n", encoding="utf-8")
+    assert_user_error(run_main("prep", "--text_path", blank_head, "--out_dir", tmp_path / "d", "--val_fraction", 0.3,
+                               "--vocab_size", 400), "the train split of", "bytes, --val_fraction 0.3)")
     for fraction in (0, 0.5, "nan"):  # (nan compares false with every bound)
         assert_user_error(run_main("prep", "--text_path", docs_corpus, "--out_dir", tmp_path / "d", "--val_fraction",
                                    fraction), f"--val_fraction {float(fraction)} must be in (0, 0.5)")
