@@ -687,3 +687,20 @@ def test_test_llama_model_compares_logits_over_the_prompt_and_its_greedy_continu
     prompt = [sp.bos_id()] + sp.encode("The sun is")
     assert ids.shape == (1, len(prompt) + 6) and ids[0, :len(prompt)].tolist() == prompt, ids
     assert f"greedy : {sp.decode(ids[0, 1:].tolist())}\n" in r.stdout and f"on {len(prompt) + 6} tokens" in r.stdout
+
+
+def test_verify_names_a_tokenizer_or_a_model_that_is_not_the_checkpoints(converted, sp, tmp_path):
+    run_dir, folder = converted
+    ours, _ = C.load_our_model(str(run_dir / "ckpt_last.pt"))
+    copy = tmp_path / "hf"
+    shutil.copytree(folder, copy)
+    tok = json.loads((copy / "tokenizer.json").read_text(encoding="utf-8"))
+    tok["normalizer"] = None  # no dummy prefix, spaces not escaped: other ids from the first word on
+    (copy / "tokenizer.json").write_text(json.dumps(tok), encoding="utf-8")
+    with pytest.raises(C.VerificationError, match="^AutoTokenizer disagrees with SentencePiece: the converted "
+                                                  "tokenizer gives"):
+        C.verify(str(copy), ours, sp, 1e-3)
+    other = S.Transformer(S.ModelConfig(**{**TINY, "vocab_size": 1000}))  # another checkpoint's model
+    with pytest.raises(C.VerificationError, match=r"gives logits of shape \(1, 8, 2000\), our checkpoint \(1, 8, "
+                                                  r"1000\): the folder was not converted from this checkpoint"):
+        C.max_logit_diff(str(folder), other, torch.zeros(1, 8, dtype=torch.long))
