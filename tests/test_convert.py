@@ -264,7 +264,7 @@ def test_non_empty_out_needs_force_and_failed_verify_keeps_old_folder(converted,
                                      "vocab-mismatch", "out-is-file", "bad-flag-value", "other-tokenizer",
                                      "out-holds-the-run", "float16-overflow", "config-not-json", "config-types",
                                      "config-other-shape", "config-ties-two-matrices", "bin-other-tokenizer",
-                                     "tol-nan"])
+                                     "tol-nan", "out-under-a-file"])
 def test_user_mistakes_give_one_error_line(converted, tmp_path, spm_path, capsys, mistake):
     run_dir, _ = converted
     ckpt, out, extra = run_dir / "ckpt_last.pt", tmp_path / "hf", []
@@ -290,6 +290,9 @@ def test_user_mistakes_give_one_error_line(converted, tmp_path, spm_path, capsys
         ckpt = make_run(tmp_path / "run", spm_path, vocab_size=VOCAB + 8) / "ckpt_last.pt"
     elif mistake == "out-is-file":
         out.write_text("")
+    elif mistake == "out-under-a-file":
+        (tmp_path / "file").write_text("keep")
+        out = tmp_path / "file" / "hf"
     elif mistake == "bad-flag-value":
         extra = ["--tol", "small"]
     elif mistake == "tol-nan":  # no difference is within it: all the work, then a failed check
@@ -323,7 +326,7 @@ def test_user_mistakes_give_one_error_line(converted, tmp_path, spm_path, capsys
               "config-not-json": "is not the config.json that `train` wrote",
               "config-types": "do not fit together (TypeError", "config-other-shape": "size mismatch for",
               "config-ties-two-matrices": "the config ties lm_head to the embedding",
-              "tol-nan": "--tol must be 0 or more, got nan"}
+              "tol-nan": "--tol must be 0 or more, got nan", "out-under-a-file": "cannot be written (Not a directory)"}
     assert needle[mistake] in err, err
     assert mistake in ("out-is-file", "out-holds-the-run") or not out.exists()
     assert mistake != "out-holds-the-run" or ckpt.exists()
