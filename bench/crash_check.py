@@ -76,6 +76,10 @@ def logged_rows(out_dir: str) -> list[dict]:
     return rows
 
 
+def last_logged(out_dir: str) -> int:
+    return max((row["step"] for row in logged_rows(out_dir)), default=0)
+
+
 def last_line(path: str) -> str:
     with open(path, errors="replace") as f:
         return next((line.strip() for line in reversed(f.readlines()) if line.strip()), "no output")
@@ -168,8 +172,7 @@ def main(argv=None) -> int:
             target = None
             if len(kills) < args.kills and start + 1 < args.max_steps:  # the kills spread over the steps left
                 target = start + rng.randint(1, max(1, (args.max_steps - 1 - start) // (args.kills - len(kills))))
-            while proc.poll() is None and (target is None or max((r["step"] for r in logged_rows(killed)),
-                                                                 default=0) < target):
+            while proc.poll() is None and (target is None or last_logged(killed) < target):
                 time.sleep(0.005)
             if proc.poll() is not None:
                 break
@@ -177,7 +180,7 @@ def main(argv=None) -> int:
             if proc.poll() is not None:
                 break
             kill_tree(proc)
-            logged = max((r["step"] for r in logged_rows(killed)), default=0)
+            logged = last_logged(killed)
             kills.append((logged, saved_step(killed)))
             print(f"kill {len(kills)}: after step {logged} was logged; ckpt_last.pt holds step {kills[-1][1]}",
                   flush=True)
@@ -197,7 +200,7 @@ def main(argv=None) -> int:
     print("the same as the uninterrupted run (weights, AdamW, scaler, RNG states, best checkpoint, "
           f"{len(logged_rows(full))} metrics rows), no temporary file left: " + ("yes" if not problems else "NO"))
     for problem in problems[:10]:
-        print(f"  differs: {problem}")
+        print(f"  - {problem}")
     if len(problems) > 10:
         print(f"  and {len(problems) - 10} more")
     return 1 if problems else 0
