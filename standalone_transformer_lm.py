@@ -1443,8 +1443,8 @@ def train(tc: TrainConfig, args, device: torch.device, rank: int, world: int, he
                     "train_config": dataclasses.asdict(tc), "data": train_data.state_dict(), "rng": states,
                     "tokenizer_sha256": meta["tokenizer_sha256"]}
             save_checkpoint(tc.out_dir, names, ckpt, tokenizer)
-        if ddp:
-            dist.barrier()
+        if ddp:  # on this process's GPU: NCCL would otherwise guess one, and warn that it did
+            dist.barrier(device_ids=[device.index] if device.type == "cuda" else None)
 
     @torch.no_grad()
     def evaluate() -> float:
