@@ -1443,7 +1443,7 @@ def train(tc: TrainConfig, args, device: torch.device, rank: int, world: int, he
                     "train_config": dataclasses.asdict(tc), "data": train_data.state_dict(), "rng": states,
                     "tokenizer_sha256": meta["tokenizer_sha256"]}
             save_checkpoint(tc.out_dir, names, ckpt, tokenizer)
-        if ddp:  # on this process's GPU: NCCL would otherwise guess one, and warn that it did
+        if ddp:  # the GPU named: else NCCL's barrier takes the current one, and warns at every run's first save
             dist.barrier(device_ids=[device.index] if device.type == "cuda" else None)
 
     @torch.no_grad()
