@@ -490,10 +490,12 @@ def step_floor_pieces(cfg: lm.ModelConfig, batch: int, device: torch.device) -> 
     q = torch.randn(batch, cfg.n_head, cfg.seq_len, cfg.head_dim, device=device, dtype=dtype, requires_grad=True)
     k, v = (torch.randn(batch, cfg.n_kv_head, cfg.seq_len, cfg.head_dim, device=device, dtype=dtype,
                         requires_grad=True) for _ in range(2))
-    attention = lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True,  # noqa: E731
-                                                       enable_gqa=cfg.n_kv_head != cfg.n_head).sum().backward()
+    grad = torch.randn_like(q)  # given, as the step's backward gets it: `.sum().backward()` would add a reduction,
+    # an expanded gradient that SDPA copies first, and (from the second call on) the accumulation into q/k/v.grad
+    attention = lambda: torch.autograd.grad(F.scaled_dot_product_attention(  # noqa: E731
+        q, k, v, is_causal=True, enable_gqa=cfg.n_kv_head != cfg.n_head), (q, k, v), grad)
     pieces["attention"] = cfg.n_layer * timed_min(attention, device, reps=2) * 1e3
-    del q, k, v
+    del q, k, v, grad
     free_memory(device)
     return pieces
 
@@ -574,7 +576,7 @@ def bench_trainer(args, device: torch.device, budget: Budget, size: str, fields:
     rest on it: a spent time budget cuts the comparisons of bare steps instead. It is stopped once its third window is
     logged, before its final save (at 700m, 12 GB written that measure nothing), and when the time budget is spent.
     --deterministic adds a run with `--deterministic 1`, for what bit-identical resumes cost."""
-    compiled, rows = int(device.type == "cuda"), []
+    compiled, rows, accum = int(device.type == "cuda"), [], getattr(args, "grad_accum_steps", 1)
     cfg = lm.ModelConfig(**fields)
     for deterministic in (0, 1) if args.deterministic else (0,):
         name = "ours trainer" + " det" * deterministic
@@ -583,11 +585,11 @@ def bench_trainer(args, device: torch.device, budget: Budget, size: str, fields:
         with tempfile.TemporaryDirectory() as tmp:
             data, out = os.path.join(tmp, "data"), os.path.join(tmp, "run")
             os.makedirs(data)
-            token_folder(data, cfg.vocab_size, (3 * args.steps * batch + 1) * (cfg.seq_len + 1))
+            token_folder(data, cfg.vocab_size, (3 * args.steps * batch * accum + 1) * (cfg.seq_len + 1))
             arch = [str(a) for k in ("n_layer", "n_head", "d_model", "ffn_mult", "seq_len")
                     for a in (f"--{k}", getattr(cfg, k))]
             cmd = [sys.executable, lm.__file__, "train", "--data_dir", data, "--out_dir", out, "--batch_size",
-                   str(batch), "--grad_accum_steps", "1", "--max_steps", str(3 * args.steps), "--log_interval",
+                   str(batch), "--grad_accum_steps", str(accum), "--max_steps", str(3 * args.steps), "--log_interval",
                    str(args.steps), "--warmup_steps", "1", "--eval_interval", str(10**9), "--eval_iters", "1",
                    "--save_interval", str(10**9), "--compile", str(compiled), "--deterministic", str(deterministic),
                    *arch]
@@ -609,7 +611,8 @@ def bench_trainer(args, device: torch.device, budget: Budget, size: str, fields:
                                        f"{', --time_budget spent' if time.perf_counter() >= budget.end else ''}): "
                                        f"{(text.strip().splitlines() or [''])[-1]}")
         best = min((r for r in logs if r["step"] > args.steps), key=lambda r: r["ms_per_step"])
-        rows.append({"size": size, "model": name, "compile": compiled, "batch": batch, "ms_step": best["ms_per_step"],
+        rows.append({"size": size, "model": name, "compile": compiled, "batch": batch, "accum": accum,
+                     "ms_step": best["ms_per_step"],
                      "tok_s": best["tokens_per_s"], "mfu": best.get("mfu"), "wall_s": wall, "loss_last": best["loss"],
                      "losses": [r["loss"] for r in logs]})
         progress(rows)
@@ -625,8 +628,11 @@ def logged(metrics_path: str) -> list[dict]:
 
 def trainer_over_step(results: dict) -> None:
     """`trainer/step`: the train table's bare step, at its median (its fastest would flatter it on a busy CPU, where
-    steps vary by 2x), over the trainer's step at the same size, batch and compile setting."""
+    steps vary by 2x), over the trainer's step at the same size, batch and compile setting (without accumulation: a
+    step of 4 micro-batches is not one bare step)."""
     for row in results.get("trainer", []):
+        if row.get("accum", 1) != 1:
+            continue
         step = next((r for r in results.get("train", []) if r["model"] == "ours" and
                      all(r[k] == row[k] for k in ("size", "compile", "batch"))), None)
         if step:
@@ -779,6 +785,10 @@ def main(argv=None) -> None:
     p.add_argument("--vocab_size", type=int, help="vocabulary of the model sizes (default 32000; tiny 512)")
     p.add_argument("--prep_mb", type=int, default=1024, help="synthetic prep corpus size (default 1024)")
     p.add_argument("--cache_dir", default=CACHE_DIR, help="where the synthetic corpus is kept between runs")
+    p.add_argument("--batch", type=int, help="training batch of the train and trainer parts (default: the size's, 16 "
+                                             "for the presets, 8 for quick)")
+    p.add_argument("--grad_accum_steps", type=int, default=1, help="the trainer part's --grad_accum_steps (default 1; "
+                   "the user's guide trains 138m with 4)")
     p.add_argument("--warmup", type=int, default=3, help="untimed training steps, the first compiles (default 3)")
     p.add_argument("--steps", type=int, default=10, help="timed training steps (default 10)")
     p.add_argument("--queued_steps", type=int, help="training steps also timed back to back without a sync between "
@@ -827,9 +837,9 @@ def main(argv=None) -> None:
     except ValueError:
         p.error(f"--gen_batch: expected comma-separated integers, got {args.gen_batch!r}")
     if min(args.warmup, args.steps, args.rounds, args.gen_reps, args.prompt_tokens, args.new_tokens,
-           *args.gen_batch) < 1:
-        p.error("--warmup, --steps, --rounds, --gen_reps, --prompt_tokens, --new_tokens and --gen_batch must be at "
-                "least 1")
+           *args.gen_batch, args.batch or 1, args.grad_accum_steps) < 1:
+        p.error("--warmup, --steps, --rounds, --gen_reps, --prompt_tokens, --new_tokens, --gen_batch, --batch and "
+                "--grad_accum_steps must be at least 1")
     if args.vocab_size is not None and args.vocab_size < lm.MIN_VOCAB:
         p.error(f"--vocab_size must be at least {lm.MIN_VOCAB}, as for prep")
     budget = Budget(args.time_budget if args.time_budget is not None else 420 if presets else 0)
@@ -844,9 +854,11 @@ def main(argv=None) -> None:
                          "train/generate peak memory: above what was in use before the variant (CPU: resident set)"]}
     os.makedirs(args.out, exist_ok=True)
     slug = re.sub(r"[^a-z0-9]+", "-", env["device"].lower()).strip("-")
-    vocab = f"-vocab{args.vocab_size}" if args.vocab_size else ""
-    vocab += f"-{args.allocator}" if device.type == "cpu" and args.allocator != "as_run" else ""
-    path = os.path.join(args.out, f"{slug}-{'-'.join(sizes)}{vocab}-{time.strftime('%Y%m%d-%H%M%S')}.json")
+    tag = f"-vocab{args.vocab_size}" if args.vocab_size else ""  # what differs from the size's defaults
+    tag += f"-{args.allocator}" if device.type == "cpu" and args.allocator != "as_run" else ""
+    tag += (f"-batch{args.batch}" if args.batch else "") + (f"-accum{args.grad_accum_steps}"
+                                                            if args.grad_accum_steps != 1 else "")
+    path = os.path.join(args.out, f"{slug}-{'-'.join(sizes)}{tag}-{time.strftime('%Y%m%d-%H%M%S')}.json")
     t_start = time.perf_counter()
 
     def save() -> None:  # after every variant: a run cut short by a time limit or a crash keeps what it measured
@@ -873,6 +885,7 @@ def main(argv=None) -> None:
         save()
     for i, size in enumerate(sizes):  # size by size: a spent budget cuts the largest
         fields, batch = SIZES[size]
+        batch = args.batch or batch
         fields = dict(fields, vocab_size=args.vocab_size or fields["vocab_size"])
         # The parts that the GPU targets of every size rest on (end-to-end MFU, decoding) before the comparison of
         # bare training steps, whose targets are set for 138m alone: a spent time budget cuts that last.

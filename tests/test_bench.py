@@ -248,10 +248,13 @@ def test_trainer_over_step_reads_the_bare_step_of_the_same_setting():
                          {"size": "138m", "model": "hf", "compile": 1, "batch": 16, "step_ms_all": [9, 9, 9]},
                          {"size": "138m", "model": "ours", "compile": 1, "batch": 16, "step_ms_all": [50, 70, 60]}],
                "trainer": [{"size": "138m", "model": "ours trainer", "compile": 1, "batch": 16, "ms_step": 75.0},
-                           {"size": "138m", "model": "ours trainer", "compile": 1, "batch": 8, "ms_step": 75.0}]}
+                           {"size": "138m", "model": "ours trainer", "compile": 1, "batch": 8, "ms_step": 75.0},
+                           {"size": "138m", "model": "ours trainer", "compile": 1, "batch": 16, "accum": 4,
+                            "ms_step": 240.0}]}
     B.trainer_over_step(results)
     assert results["trainer"][0]["trainer/step"] == 60 / 75  # the median bare step over the trainer's
     assert "trainer/step" not in results["trainer"][1]  # no bare step at that batch
+    assert "trainer/step" not in results["trainer"][2]  # a step of 4 micro-batches is not one bare step
 
 
 def test_generate_table_figures(monkeypatch):
@@ -296,11 +299,14 @@ def test_trainer_row_skips_the_compiling_window_and_stops_at_the_budget(monkeypa
     import argparse
     import torch
     B = bench_module()
-    polls = []
+    polls, runs = [], []
 
     class Train:  # `train` as a process: it logs three windows at once, or (logs=False) none before it is killed
         def __init__(self, cmd, logs, **kwargs):
             out, steps = cmd[cmd.index("--out_dir") + 1], int(cmd[cmd.index("--log_interval") + 1])
+            data, flag = cmd[cmd.index("--data_dir") + 1], lambda name: int(cmd[cmd.index(name) + 1])
+            runs.append((flag("--batch_size"), flag("--grad_accum_steps"), flag("--max_steps"),
+                         os.path.getsize(os.path.join(data, "train.bin")) // 2))  # uint16 tokens
             os.makedirs(out)
             with open(os.path.join(out, "metrics.jsonl"), "w") as f:
                 for i, ms in enumerate([5.0, 30.0, 20.0] if logs else []):
@@ -323,6 +329,12 @@ def test_trainer_row_skips_the_compiling_window_and_stops_at_the_budget(monkeypa
     [row] = B.bench_trainer(args, torch.device("cpu"), B.Budget(0), "tiny", fields, batch, lambda rows: None)
     assert (row["ms_step"], row["tok_s"], row["mfu"], row["loss_last"], row["losses"]) == (20.0, 50.0, 0.2, 4.0,
                                                                                           [6.0, 5.0, 4.0])
+    seq = fields["seq_len"]  # 3 windows of 2 steps, each of batch x accumulation sequences of seq + 1 tokens
+    args.grad_accum_steps = 4
+    [row] = B.bench_trainer(args, torch.device("cpu"), B.Budget(0), "tiny", fields, batch, lambda rows: None)
+    assert row["accum"] == 4 and runs == [(batch, 1, 6, (6 * batch + 1) * (seq + 1)),
+                                          (batch, 4, 6, (6 * batch * 4 + 1) * (seq + 1))]
+    del args.grad_accum_steps
     monkeypatch.setattr(B.subprocess, "Popen", lambda cmd, **kw: Train(cmd, logs=False, **kw))
     with pytest.raises(RuntimeError, match="stopped after 0 of 3 log windows .*--time_budget spent"):
         B.bench_trainer(args, torch.device("cpu"), B.Budget(0.5), "tiny", fields, batch, lambda rows: None)
@@ -345,7 +357,9 @@ def test_a_spent_budget_skips_every_variant_and_the_result_file_is_named_by_its_
     monkeypatch.setattr(B.torch.cuda, "is_available", lambda: False)  # the CPU's defaults, on a GPU machine too
     for n, (flags, name) in enumerate([(["--size", "tiny,quick"], r"tiny-quick"),
                                        (["--size", "tiny", "--vocab_size", "300", "--allocator", "kept"],
-                                        r"tiny-vocab300-kept")]):
+                                        r"tiny-vocab300-kept"),
+                                       (["--size", "tiny", "--batch", "2", "--grad_accum_steps", "4"],
+                                        r"tiny-batch2-accum4")]):
         out = tmp_path / str(n)
         r = run_main("--only", "trainer", "--out", out, *flags, main=B.main)
         assert r.returncode == 0, r.stderr
@@ -358,7 +372,7 @@ def test_a_spent_budget_skips_every_variant_and_the_result_file_is_named_by_its_
         assert results["args"]["rounds"] == 2  # on a CPU
         # the CPU targets are set for quick: its run has the table (nothing measured), tiny's has none
         assert [t["met"] for t in results.get("targets", [])] == ["not run"] * 2 * ("quick" in sizes)
-    assert budgets == [0, 420]  # quick among the sizes: no budget; presets' sizes (and tiny): 420 s
+    assert budgets == [0, 420, 420]  # quick among the sizes: no budget; presets' sizes (and tiny): 420 s
 
 
 def test_a_failed_variant_is_listed_and_the_benchmark_exits_1_after_writing_the_others(tmp_path, monkeypatch):
