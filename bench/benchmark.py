@@ -72,6 +72,7 @@ def environment(device: torch.device) -> dict:
             "sentencepiece": sentencepiece.__version__, "numpy": np.__version__,
             "cuda": torch.version.cuda if device.type == "cuda" else None,
             "malloc_env": {k: v for k, v in os.environ.items() if k.startswith("MALLOC_")},  # moves CPU figures 20 %
+            "inductor_env": {k: v for k, v in os.environ.items() if k.startswith("TORCHINDUCTOR_")},
             "load_avg_at_start": os.getloadavg()}  # other work on the machine skews CPU figures: this shows it
 
 
@@ -408,7 +409,8 @@ class Budget:
         self.end, self.skipped, self.failed = time.perf_counter() + seconds if seconds > 0 else float("inf"), [], []
 
     def failure(self, what: str, e: Exception) -> None:
-        traceback.print_exc()
+        if sys.exc_info()[0]:  # (raised, rather than made to be reported)
+            traceback.print_exc()
         self.failed.append(f"{what}: {type(e).__name__}: {(str(e).strip().splitlines() or [''])[0][:300]}")
         print(f"  FAILED {self.failed[-1]}; going on")
 
@@ -568,6 +570,14 @@ def token_folder(path: str, vocab_size: int, tokens: int) -> None:
                    "tokenizer_sha256": hashlib.sha256(proto).hexdigest()}, f)
 
 
+# Levers for the compiled step's elementwise work, the part a GPU profile leaves beside the products (bench/README,
+# Results, H200): --levers runs the trainer once more with each, a row each. name: (--grad_accum_steps or None for
+# the run's own, environment)
+LEVERS = {"accum4": (4, {}),  # the user's guide's 138m command: AdamW and the clipping once per 4 micro-batches
+          "cd_tuning": (None, {"TORCHINDUCTOR_COORDINATE_DESCENT_TUNING": "1"}),  # inductor tunes its kernels' blocks
+          "cudagraphs": (None, {"TORCHINDUCTOR_CUDAGRAPHS": "1"})}  # the compiled forward and backward as CUDA graphs
+
+
 def bench_trainer(args, device: torch.device, budget: Budget, size: str, fields: dict, batch: int,
                   progress) -> list[dict]:
     """`standalone_transformer_lm.py train` as a user runs it (compiled on a GPU, eager on a CPU), for three log
@@ -575,11 +585,14 @@ def bench_trainer(args, device: torch.device, budget: Budget, size: str, fields:
     ms/step, tokens/s and MFU, averaged over a window. It runs first for each size, since the GPU's MFU targets
     rest on it: a spent time budget cuts the comparisons of bare steps instead. It is stopped once its third window is
     logged, before its final save (at 700m, 12 GB written that measure nothing), and when the time budget is spent.
-    --deterministic adds a run with `--deterministic 1`, for what bit-identical resumes cost."""
+    --deterministic adds a run with `--deterministic 1`, for what bit-identical resumes cost; --levers a run with each
+    of LEVERS. A run that fails is listed under `failed`, and the others go on."""
     compiled, rows, accum = int(device.type == "cuda"), [], getattr(args, "grad_accum_steps", 1)
     cfg = lm.ModelConfig(**fields)
-    for deterministic in (0, 1) if args.deterministic else (0,):
-        name = "ours trainer" + " det" * deterministic
+    variants = [("ours trainer", 0, accum, {})] + [("ours trainer det", 1, accum, {})] * bool(args.deterministic)
+    variants += [(f"ours trainer {k}", 0, a or accum, env) for k, (a, env) in LEVERS.items()
+                 if getattr(args, "levers", False)]
+    for name, deterministic, accum, env in variants:
         if not budget.allows(f"{name} {size} compile={compiled}"):
             break
         with tempfile.TemporaryDirectory() as tmp:
@@ -595,7 +608,8 @@ def bench_trainer(args, device: torch.device, budget: Budget, size: str, fields:
                    *arch]
             t0, metrics = time.perf_counter(), os.path.join(out, "metrics.jsonl")
             with tempfile.TemporaryFile("w+") as output:
-                proc = subprocess.Popen(cmd, stdout=output, stderr=subprocess.STDOUT, text=True)
+                proc = subprocess.Popen(cmd, stdout=output, stderr=subprocess.STDOUT, text=True,
+                                        env={**os.environ, **env})
                 try:
                     while proc.poll() is None and len(logged(metrics)) < 3 and time.perf_counter() < budget.end:
                         time.sleep(0.2)
@@ -603,17 +617,19 @@ def bench_trainer(args, device: torch.device, budget: Budget, size: str, fields:
                     proc.kill()
                     proc.wait()
                 wall, logs = time.perf_counter() - t0, logged(metrics)
-                if len(logs) < 3:  # main() reports it as a failed part, and goes on
+                if len(logs) < 3:
                     output.seek(0)
                     text = output.read()
                     print(text[-3000:])
-                    raise RuntimeError(f"train stopped after {len(logs)} of 3 log windows (status {proc.returncode}"
-                                       f"{', --time_budget spent' if time.perf_counter() >= budget.end else ''}): "
-                                       f"{(text.strip().splitlines() or [''])[-1]}")
+                    spent = ", --time_budget spent" if time.perf_counter() >= budget.end else ""
+                    budget.failure(f"{name} {size} compile={compiled}", RuntimeError(
+                        f"train stopped after {len(logs)} of 3 log windows (status {proc.returncode}{spent}): "
+                        f"{(text.strip().splitlines() or [''])[-1]}"))
+                    continue
         best = min((r for r in logs if r["step"] > args.steps), key=lambda r: r["ms_per_step"])
         rows.append({"size": size, "model": name, "compile": compiled, "batch": batch, "accum": accum,
-                     "ms_step": best["ms_per_step"],
-                     "tok_s": best["tokens_per_s"], "mfu": best.get("mfu"), "wall_s": wall, "loss_last": best["loss"],
+                     **({"env": env} if env else {}), "ms_step": best["ms_per_step"], "tok_s": best["tokens_per_s"],
+                     "mfu": best.get("mfu"), "wall_s": wall, "loss_last": best["loss"],
                      "losses": [r["loss"] for r in logs]})
         progress(rows)
     return rows
@@ -631,7 +647,7 @@ def trainer_over_step(results: dict) -> None:
     steps vary by 2x), over the trainer's step at the same size, batch and compile setting (without accumulation: a
     step of 4 micro-batches is not one bare step)."""
     for row in results.get("trainer", []):
-        if row.get("accum", 1) != 1:
+        if row.get("accum", 1) != 1 or row.get("env"):  # (a lever's run: the bare step runs without it)
             continue
         step = next((r for r in results.get("train", []) if r["model"] == "ours" and
                      all(r[k] == row[k] for k in ("size", "compile", "batch"))), None)
@@ -800,6 +816,8 @@ def main(argv=None) -> None:
                         "as `train` and `generate` do, HF's runs with glibc's defaults as a user's own loop does; "
                         "kept: both keep it; default: glibc's settings as the process started (default as_run)")
     p.add_argument("--deterministic", action="store_true", help="also run the trainer with --deterministic 1")
+    p.add_argument("--levers", action="store_true", help="also run the trainer with each lever for the compiled "
+                   "step's elementwise work: --grad_accum_steps 4, inductor's coordinate descent tuning, CUDA graphs")
     p.add_argument("--gen_reps", type=int, help="timed generate calls, the fastest kept (default 5; 3 for presets: "
                                                 "a GPU varies little, and HF's eager decoding takes seconds a call)")
     p.add_argument("--prompt_tokens", type=int, default=16, help="prompt length for generate (default 16)")
@@ -858,6 +876,7 @@ def main(argv=None) -> None:
     tag += f"-{args.allocator}" if device.type == "cpu" and args.allocator != "as_run" else ""
     tag += (f"-batch{args.batch}" if args.batch else "") + (f"-accum{args.grad_accum_steps}"
                                                             if args.grad_accum_steps != 1 else "")
+    tag += "-levers" if args.levers else ""
     path = os.path.join(args.out, f"{slug}-{'-'.join(sizes)}{tag}-{time.strftime('%Y%m%d-%H%M%S')}.json")
     t_start = time.perf_counter()
 

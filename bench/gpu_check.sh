@@ -2,20 +2,22 @@
 # Every GPU check in one command that ends within a time limit, for a GPU lent for a few minutes: first the tests that
 # hold on a GPU (loss falls, a killed compiled run resumes bit-identical with --deterministic 1, bf16 <-> fp16, the
 # compiled decode step with CUDA graphs samples what eager does), then the benchmark at the 138m preset (the issue's
-# figures: MFU, ours / HF, decoding), then a profile of the compiled step in the time left. Everything lands in
-# OUT_DIR: machine.txt, tests.log, bench.log, the benchmark's JSON, profile-138m-compile1.txt.
+# figures: MFU, ours / HF, decoding), then a profile of the compiled step, then the trainer with each lever of
+# `benchmark.py --levers`, in the time left. Everything lands in OUT_DIR: machine.txt, tests.log, bench.log, the
+# benchmark's JSON, profile-138m-compile1.txt, levers.log and its JSON.
 #
 #   bash bench/gpu_check.sh OUT_DIR [SECONDS]      # default 570: within a 10-minute slot, with time to copy back
 #
 # The tests come first with a cap of their own (TEST_SECONDS, default 120; stopped by SIGINT at the cap, so that
 # pytest still prints what passed): a benchmark run first would leave them nothing when its compiles run long. The
 # benchmark may then take all but the last 45 s, and it stops starting variants 2 minutes before that (one started
-# just then may compile for a minute or two more; the JSON keeps every variant finished); the profile gets what is
-# left. A Python without torch and the other packages, or whose torch cannot use the GPU that is here, is an error at
-# once (exit 2), as is a machine without a GPU unless BENCH_ARGS is set (the script's own test runs it on a CPU).
+# just then may compile for a minute or two more; the JSON keeps every variant finished); the profile, then the
+# levers (from 90 s left), get what is left. A Python without torch and the other packages, or whose torch cannot
+# use the GPU that is here, is an error at once (exit 2), as is a machine without a GPU unless BENCH_ARGS is set (the
+# script's own test runs it on a CPU).
 # BENCH_ARGS replaces "--size 138m" (e.g. "--size 350m --only trainer"), PROFILE_ARGS adds to the profile's flags,
-# PYTHON names the interpreter (default python3). Exit status: the benchmark's (1 when a variant failed), else the
-# tests'.
+# LEVER_ARGS replaces the levers' "--size 138m", PYTHON names the interpreter (default python3). Exit status: the
+# benchmark's (1 when a variant failed), else the tests' (the levers' runs are reported in levers.log only).
 set -uo pipefail
 py=${PYTHON:-python3}
 cd "$(dirname "$0")/.."
@@ -78,6 +80,15 @@ if [ "$left" -ge 30 ]; then
   # shellcheck disable=SC2086
   PYTHONUNBUFFERED=1 timeout --kill-after=5 "$left" "$py" bench/profile_step.py ${PROFILE_ARGS:-} --out "$out" 2>&1 \
     | tail -n 25
+fi
+
+# The levers for the compiled step's elementwise work (bench/README, Results), in the time left: the trainer at 138m
+# as it runs, then once with each lever, a row each (levers.log, and a JSON named ...-levers-...)
+left=$((limit - (SECONDS - start) - 5))
+if [ "$left" -ge 90 ]; then
+  # shellcheck disable=SC2086
+  PYTHONUNBUFFERED=1 timeout --signal=TERM --kill-after=10 "$left" "$py" bench/benchmark.py ${LEVER_ARGS:---size 138m} \
+    --only trainer --levers --time_budget $((left - 20)) --out "$out" 2>&1 | tee "$out/levers.log" | tail -n 12
 fi
 echo "benchmark exit $bench, tests exit $tests, $((SECONDS - start)) s"
 [ "$bench" -ne 0 ] && exit "$bench"

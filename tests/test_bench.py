@@ -116,16 +116,20 @@ def test_the_step_profile_accounts_for_the_step(tmp_path):
 
 def test_the_gpu_check_runs_every_part_and_keeps_its_files(tmp_path):
     """bench/gpu_check.sh, the one command for a GPU lent for minutes, here on a CPU at the tiny size: the benchmark,
-    the GPU tests and the profile each run and leave their file, few enough to come back from a lent machine, and
+    the GPU tests, the profile and the levers each run and leave their file, few enough to come back from a lent
+    machine (8 at most), and
     the GPU tests' failure for want of a GPU is the script's exit status, not hidden."""
     env = {**os.environ, "PYTHON": sys.executable, "BENCH_ARGS": "--size tiny --only trainer --steps 1",
-           "PROFILE_ARGS": "--size tiny --steps 1"}
+           "PROFILE_ARGS": "--size tiny --steps 1", "LEVER_ARGS": "--size tiny --steps 1"}
     proc = subprocess.run(["bash", os.path.join(ROOT, "bench", "gpu_check.sh"), str(tmp_path), "300"],
                           capture_output=True, text=True, timeout=600, env=env)
-    [result] = tmp_path.glob("*-tiny-*.json")
-    names = sorted(p.name for p in tmp_path.iterdir() if p != result)
-    assert names == ["bench.log", "machine.txt", "profile-tiny-compile0.txt", "tests.log"], names
+    [result] = tmp_path.glob("*-tiny-2*.json")
+    [levers] = tmp_path.glob("*-tiny-levers-*.json")
+    names = sorted(p.name for p in tmp_path.iterdir() if p not in (result, levers))
+    assert names == ["bench.log", "levers.log", "machine.txt", "profile-tiny-compile0.txt", "tests.log"], names
     assert json.loads(result.read_text())["failed"] == []
+    rows = json.loads(levers.read_text())["trainer"]
+    assert [r["model"] for r in rows] == ["ours trainer"] + [f"ours trainer {k}" for k in bench_module().LEVERS]
     assert f"torch {__import__('torch').__version__}" in (tmp_path / "machine.txt").read_text()
     tests = (tmp_path / "tests.log").read_text()
     assert "4 failed" in tests and "cannot use a GPU" in tests, tests[-2000:]
@@ -295,24 +299,28 @@ def test_decoding_is_timed_for_as_many_tokens_as_the_context_holds_and_a_skip_is
 
 def test_trainer_row_skips_the_compiling_window_and_stops_at_the_budget(monkeypatch):
     """bench_trainer keeps the faster of the trainer's 2nd and 3rd log windows (the 1st compiles), and stops waiting
-    for a run once the time budget is spent."""
+    for a run once the time budget is spent. --levers runs it again with each lever, a row each, and a run that
+    fails is listed while the others go on."""
     import argparse
     import torch
     B = bench_module()
-    polls, runs = [], []
+    polls, runs, envs = [], [], []
 
     class Train:  # `train` as a process: it logs three windows at once, or (logs=False) none before it is killed
-        def __init__(self, cmd, logs, **kwargs):
+        def __init__(self, cmd, logs, env, **kwargs):
             out, steps = cmd[cmd.index("--out_dir") + 1], int(cmd[cmd.index("--log_interval") + 1])
             data, flag = cmd[cmd.index("--data_dir") + 1], lambda name: int(cmd[cmd.index(name) + 1])
             runs.append((flag("--batch_size"), flag("--grad_accum_steps"), flag("--max_steps"),
                          os.path.getsize(os.path.join(data, "train.bin")) // 2))  # uint16 tokens
+            envs.append({k: v for k, v in env.items() if k in ("TORCHINDUCTOR_COORDINATE_DESCENT_TUNING",
+                                                               "TORCHINDUCTOR_CUDAGRAPHS")})
+            failed = env.get("TORCHINDUCTOR_CUDAGRAPHS") == "1"  # (that lever's run fails here, at once)
             os.makedirs(out)
             with open(os.path.join(out, "metrics.jsonl"), "w") as f:
-                for i, ms in enumerate([5.0, 30.0, 20.0] if logs else []):
+                for i, ms in enumerate([5.0, 30.0, 20.0] if logs and not failed else []):
                     f.write(json.dumps({"step": steps * (i + 1), "ms_per_step": ms, "tokens_per_s": 1000 / ms,
                                         "mfu": ms / 100, "loss": 6.0 - i}) + "\n")
-            self.returncode = None
+            self.returncode = 1 if failed else None
 
         def poll(self):
             polls.append(1)
@@ -335,9 +343,22 @@ def test_trainer_row_skips_the_compiling_window_and_stops_at_the_budget(monkeypa
     assert row["accum"] == 4 and runs == [(batch, 1, 6, (6 * batch + 1) * (seq + 1)),
                                           (batch, 4, 6, (6 * batch * 4 + 1) * (seq + 1))]
     del args.grad_accum_steps
+    runs.clear(), envs.clear()
+    args.levers, budget = True, B.Budget(0)
+    rows = B.bench_trainer(args, torch.device("cpu"), budget, "tiny", fields, batch, lambda rows: None)
+    assert [(r["model"], r["accum"], r.get("env")) for r in rows] == [
+        ("ours trainer", 1, None), ("ours trainer accum4", 4, None),
+        ("ours trainer cd_tuning", 1, {"TORCHINDUCTOR_COORDINATE_DESCENT_TUNING": "1"})]
+    assert [r[1] for r in runs] == [1, 4, 1, 1] and envs[2:] == [{"TORCHINDUCTOR_COORDINATE_DESCENT_TUNING": "1"},
+                                                                 {"TORCHINDUCTOR_CUDAGRAPHS": "1"}]
+    assert len(budget.failed) == 1 and budget.failed[0].startswith("ours trainer cudagraphs tiny compile=0: "
+                                                                   "RuntimeError: train stopped after 0 of 3")
+    args.levers = False
     monkeypatch.setattr(B.subprocess, "Popen", lambda cmd, **kw: Train(cmd, logs=False, **kw))
-    with pytest.raises(RuntimeError, match="stopped after 0 of 3 log windows .*--time_budget spent"):
-        B.bench_trainer(args, torch.device("cpu"), B.Budget(0.5), "tiny", fields, batch, lambda rows: None)
+    polls.clear()
+    budget = B.Budget(0.5)
+    assert B.bench_trainer(args, torch.device("cpu"), budget, "tiny", fields, batch, lambda rows: None) == []
+    assert re.search("stopped after 0 of 3 log windows .*--time_budget spent", budget.failed[0])
     assert len(polls) < 20  # 0.5 s at a poll every 0.2 s, not until the run ended by itself
 
 
@@ -358,8 +379,8 @@ def test_a_spent_budget_skips_every_variant_and_the_result_file_is_named_by_its_
     for n, (flags, name) in enumerate([(["--size", "tiny,quick"], r"tiny-quick"),
                                        (["--size", "tiny", "--vocab_size", "300", "--allocator", "kept"],
                                         r"tiny-vocab300-kept"),
-                                       (["--size", "tiny", "--batch", "2", "--grad_accum_steps", "4"],
-                                        r"tiny-batch2-accum4")]):
+                                       (["--size", "tiny", "--batch", "2", "--grad_accum_steps", "4", "--levers"],
+                                        r"tiny-batch2-accum4-levers")]):
         out = tmp_path / str(n)
         r = run_main("--only", "trainer", "--out", out, *flags, main=B.main)
         assert r.returncode == 0, r.stderr
