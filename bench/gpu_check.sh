@@ -16,8 +16,9 @@
 # use the GPU that is here, is an error at once (exit 2), as is a machine without a GPU unless BENCH_ARGS is set (the
 # script's own test runs it on a CPU).
 # BENCH_ARGS replaces "--size 138m" (e.g. "--size 350m --only trainer"), PROFILE_ARGS adds to the profile's flags,
-# LEVER_ARGS replaces the levers' "--size 138m", PYTHON names the interpreter (default python3). Exit status: the
-# benchmark's (1 when a variant failed), else the tests' (the levers' runs are reported in levers.log only).
+# LEVER_ARGS replaces the levers' "--size 138m" (with BENCH_ARGS set, the levers run only if it is set), PYTHON
+# names the interpreter (default python3). Exit status: the benchmark's (1 when a variant failed), else the tests'
+# (the levers' runs are reported in levers.log only).
 set -uo pipefail
 py=${PYTHON:-python3}
 cd "$(dirname "$0")/.."
@@ -83,9 +84,10 @@ if [ "$left" -ge 30 ]; then
 fi
 
 # The levers for the compiled step's elementwise work (bench/README, Results), in the time left: the trainer at 138m
-# as it runs, then once with each lever, a row each (levers.log, and a JSON named ...-levers-...)
+# as it runs, then once with each lever, a row each (levers.log, and a JSON named ...-levers-...). Not with BENCH_ARGS
+# set alone: another benchmark was asked for (or this is a CPU, where 138m would take the time left for nothing)
 left=$((limit - (SECONDS - start) - 5))
-if [ "$left" -ge 90 ]; then
+if [ "$left" -ge 90 ] && { [ -z "${BENCH_ARGS:-}" ] || [ -n "${LEVER_ARGS:-}" ]; }; then
   # shellcheck disable=SC2086
   PYTHONUNBUFFERED=1 timeout --signal=TERM --kill-after=10 "$left" "$py" bench/benchmark.py ${LEVER_ARGS:---size 138m} \
     --only trainer --levers --time_budget $((left - 20)) --out "$out" 2>&1 | tee "$out/levers.log" | tail -n 12

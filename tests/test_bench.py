@@ -148,6 +148,29 @@ def test_the_gpu_check_stops_at_once_without_the_packages(tmp_path):
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["machine.txt"]  # no benchmark was started
 
 
+def test_the_gpu_check_runs_the_levers_for_the_default_benchmark_or_when_asked(tmp_path):
+    """Its stages in order, with a Python that records its arguments (and has a GPU): the levers at 138m after the
+    default benchmark, with LEVER_ARGS when it is set, and not after another benchmark that BENCH_ARGS asked for."""
+    fake, calls = tmp_path / "python", tmp_path / "calls"
+    fake.write_text(f"#!/bin/sh\necho \"$*\" >>{calls}\n")
+    fake.chmod(0o755)
+
+    def stages(**env):
+        calls.unlink(missing_ok=True)
+        proc = subprocess.run(["bash", os.path.join(ROOT, "bench", "gpu_check.sh"), str(tmp_path / "out"), "570"],
+                              capture_output=True, text=True, timeout=60,
+                              env={**os.environ, "PYTHON": str(fake), **env})
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+        return [line.split(" --time_budget")[0].split(" tests/")[0] for line in calls.read_text().splitlines()
+                if line.startswith(("-m pytest", "bench/"))]  # (not the checks of the packages and the GPU)
+    benchmark, profile, levers = "bench/benchmark.py", "bench/profile_step.py", "--only trainer --levers"
+    assert stages(BENCH_ARGS="", LEVER_ARGS="") == ["-m pytest -q -p no:cacheprovider", f"{benchmark} --size 138m",
+                                                    f"{profile} --out {tmp_path / 'out'}",
+                                                    f"{benchmark} --size 138m {levers}"]
+    assert stages(BENCH_ARGS="--size 350m")[-1].startswith(profile)
+    assert stages(BENCH_ARGS="--size 350m", LEVER_ARGS="--size 350m")[-1] == f"{benchmark} --size 350m {levers}"
+
+
 @pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="a machine without a GPU")
 def test_the_gpu_check_stops_at_once_without_a_gpu(tmp_path):
     """Run where no GPU is, by mistake, it does not spend minutes failing the GPU tests and benchmarking 138m on the
