@@ -1394,6 +1394,12 @@ def train(tc: TrainConfig, args, device: torch.device, rank: int, world: int, he
                             f"{everyone[r][k]} in process {r}. HINT: run the same command, with the same data, on "
                             f"every node")
     model = torch.compile(raw_model) if tc.compile else raw_model
+    # With inductor's CUDA graphs (TORCHINDUCTOR_CUDAGRAPHS=1) a gradient that autograd takes as a parameter's .grad
+    # lies in the graphs' memory, which the next micro-step's replay overwrites: the gradients are then made here and
+    # kept, and each micro-step adds into them in place. (DDP keeps its own, in its buckets.)
+    keep_grads = ddp or os.environ.get("TORCHINDUCTOR_CUDAGRAPHS") == "1"
+    for p in raw_model.parameters() if keep_grads and not ddp else ():
+        p.grad = torch.zeros_like(p)
     if ddp:  # the gradients become views into DDP's all-reduce buckets, not a second copy of them (with
         # zero_grad(set_to_none=False) below, which keeps the views): one gradient's size less memory per process
         # The only buffers, the RoPE tables, are the same on every rank: not sent again at each forward. (torch 2.13
@@ -1513,7 +1519,7 @@ def train(tc: TrainConfig, args, device: torch.device, rank: int, world: int, he
                                 f"(lr {lr:.3g}); {kept} with a lower --lr or more --warmup_steps")
             scaler.step(optimizer)
             scaler.update()
-            optimizer.zero_grad(set_to_none=not ddp)  # alone: free them until the next backward
+            optimizer.zero_grad(set_to_none=not keep_grads)  # alone: free them until the next backward
             step += 1
             steps_since_log += 1
             bar.update(1)

@@ -571,11 +571,12 @@ def token_folder(path: str, vocab_size: int, tokens: int) -> None:
 
 
 # Levers for the compiled step's elementwise work, the part a GPU profile leaves beside the products (bench/README,
-# Results, H200): --levers runs the trainer once more with each, a row each. name: (--grad_accum_steps or None for
-# the run's own, environment)
-LEVERS = {"accum4": (4, {}),  # the user's guide's 138m command: AdamW and the clipping once per 4 micro-batches
-          "cd_tuning": (None, {"TORCHINDUCTOR_COORDINATE_DESCENT_TUNING": "1"}),  # inductor tunes its kernels' blocks
-          "cudagraphs": (None, {"TORCHINDUCTOR_CUDAGRAPHS": "1"})}  # the compiled forward and backward as CUDA graphs
+# Results, H200): --levers runs the trainer once more with each, a row each. name: (--batch_size, --grad_accum_steps,
+# environment), None for the run's own
+LEVERS = {"accum4": (None, 4, {}),  # the user's guide's 138m command: AdamW and the clipping once per 4 micro-batches
+          "cudagraphs": (None, None, {"TORCHINDUCTOR_CUDAGRAPHS": "1"}),  # the forward and backward as CUDA graphs
+          "all": (None, 4, {"TORCHINDUCTOR_CUDAGRAPHS": "1"}),  # both
+          "batch32_accum2": (32, 2, {})}  # the guide's tokens per step in bigger micro-batches, where memory allows
 
 
 def bench_trainer(args, device: torch.device, budget: Budget, size: str, fields: dict, batch: int,
@@ -589,10 +590,11 @@ def bench_trainer(args, device: torch.device, budget: Budget, size: str, fields:
     of LEVERS. A run that fails is listed under `failed`, and the others go on."""
     compiled, rows, accum = int(device.type == "cuda"), [], getattr(args, "grad_accum_steps", 1)
     cfg = lm.ModelConfig(**fields)
-    variants = [("ours trainer", 0, accum, {})] + [("ours trainer det", 1, accum, {})] * bool(args.deterministic)
-    variants += [(f"ours trainer {k}", 0, a or accum, env) for k, (a, env) in LEVERS.items()
+    variants = [("ours trainer", 0, batch, accum, {})] + [("ours trainer det", 1, batch, accum, {})] * bool(
+        args.deterministic)
+    variants += [(f"ours trainer {k}", 0, b or batch, a or accum, env) for k, (b, a, env) in LEVERS.items()
                  if getattr(args, "levers", False)]
-    for name, deterministic, accum, env in variants:
+    for name, deterministic, batch, accum, env in variants:
         if not budget.allows(f"{name} {size} compile={compiled}"):
             break
         with tempfile.TemporaryDirectory() as tmp:
@@ -817,7 +819,8 @@ def main(argv=None) -> None:
                         "kept: both keep it; default: glibc's settings as the process started (default as_run)")
     p.add_argument("--deterministic", action="store_true", help="also run the trainer with --deterministic 1")
     p.add_argument("--levers", action="store_true", help="also run the trainer with each lever for the compiled "
-                   "step's elementwise work: --grad_accum_steps 4, inductor's coordinate descent tuning, CUDA graphs")
+                   "step's elementwise work: --grad_accum_steps 4, inductor's CUDA graphs, both; and --batch_size 32 "
+                   "--grad_accum_steps 2")
     p.add_argument("--gen_reps", type=int, help="timed generate calls, the fastest kept (default 5; 3 for presets: "
                                                 "a GPU varies little, and HF's eager decoding takes seconds a call)")
     p.add_argument("--prompt_tokens", type=int, default=16, help="prompt length for generate (default 16)")
@@ -876,7 +879,7 @@ def main(argv=None) -> None:
     tag += f"-{args.allocator}" if device.type == "cpu" and args.allocator != "as_run" else ""
     tag += (f"-batch{args.batch}" if args.batch else "") + (f"-accum{args.grad_accum_steps}"
                                                             if args.grad_accum_steps != 1 else "")
-    tag += "-levers" if args.levers else ""
+    tag += ("-det" if args.deterministic else "") + ("-levers" if args.levers else "")
     path = os.path.join(args.out, f"{slug}-{'-'.join(sizes)}{tag}-{time.strftime('%Y%m%d-%H%M%S')}.json")
     t_start = time.perf_counter()
 

@@ -335,9 +335,8 @@ def test_trainer_row_skips_the_compiling_window_and_stops_at_the_budget(monkeypa
             data, flag = cmd[cmd.index("--data_dir") + 1], lambda name: int(cmd[cmd.index(name) + 1])
             runs.append((flag("--batch_size"), flag("--grad_accum_steps"), flag("--max_steps"),
                          os.path.getsize(os.path.join(data, "train.bin")) // 2))  # uint16 tokens
-            envs.append({k: v for k, v in env.items() if k in ("TORCHINDUCTOR_COORDINATE_DESCENT_TUNING",
-                                                               "TORCHINDUCTOR_CUDAGRAPHS")})
-            failed = env.get("TORCHINDUCTOR_CUDAGRAPHS") == "1"  # (that lever's run fails here, at once)
+            envs.append({k: v for k, v in env.items() if k == "TORCHINDUCTOR_CUDAGRAPHS"})
+            failed = env.get("TORCHINDUCTOR_CUDAGRAPHS") == "1" and runs[-1][1] > 1  # (fails here, at once)
             os.makedirs(out)
             with open(os.path.join(out, "metrics.jsonl"), "w") as f:
                 for i, ms in enumerate([5.0, 30.0, 20.0] if logs and not failed else []):
@@ -369,12 +368,14 @@ def test_trainer_row_skips_the_compiling_window_and_stops_at_the_budget(monkeypa
     runs.clear(), envs.clear()
     args.levers, budget = True, B.Budget(0)
     rows = B.bench_trainer(args, torch.device("cpu"), budget, "tiny", fields, batch, lambda rows: None)
-    assert [(r["model"], r["accum"], r.get("env")) for r in rows] == [
-        ("ours trainer", 1, None), ("ours trainer accum4", 4, None),
-        ("ours trainer cd_tuning", 1, {"TORCHINDUCTOR_COORDINATE_DESCENT_TUNING": "1"})]
-    assert [r[1] for r in runs] == [1, 4, 1, 1] and envs[2:] == [{"TORCHINDUCTOR_COORDINATE_DESCENT_TUNING": "1"},
-                                                                 {"TORCHINDUCTOR_CUDAGRAPHS": "1"}]
-    assert len(budget.failed) == 1 and budget.failed[0].startswith("ours trainer cudagraphs tiny compile=0: "
+    assert [(r["model"], r["batch"], r["accum"], r.get("env")) for r in rows] == [
+        ("ours trainer", batch, 1, None), ("ours trainer accum4", batch, 4, None),
+        ("ours trainer cudagraphs", batch, 1, {"TORCHINDUCTOR_CUDAGRAPHS": "1"}),
+        ("ours trainer batch32_accum2", 32, 2, None)]
+    assert [r[:2] for r in runs] == [(batch, 1), (batch, 4), (batch, 1), (batch, 4), (32, 2)]
+    assert envs == [{}, {}] + [{"TORCHINDUCTOR_CUDAGRAPHS": "1"}] * 2 + [{}]
+    assert runs[-1][3] == (6 * 32 * 2 + 1) * (seq + 1)  # the lever's batch in the tokens made for it
+    assert len(budget.failed) == 1 and budget.failed[0].startswith("ours trainer all tiny compile=0: "
                                                                    "RuntimeError: train stopped after 0 of 3")
     args.levers = False
     monkeypatch.setattr(B.subprocess, "Popen", lambda cmd, **kw: Train(cmd, logs=False, **kw))
@@ -402,8 +403,8 @@ def test_a_spent_budget_skips_every_variant_and_the_result_file_is_named_by_its_
     for n, (flags, name) in enumerate([(["--size", "tiny,quick"], r"tiny-quick"),
                                        (["--size", "tiny", "--vocab_size", "300", "--allocator", "kept"],
                                         r"tiny-vocab300-kept"),
-                                       (["--size", "tiny", "--batch", "2", "--grad_accum_steps", "4", "--levers"],
-                                        r"tiny-batch2-accum4-levers")]):
+                                       (["--size", "tiny", "--batch", "2", "--grad_accum_steps", "4",
+                                         "--deterministic", "--levers"], r"tiny-batch2-accum4-det-levers")]):
         out = tmp_path / str(n)
         r = run_main("--only", "trainer", "--out", out, *flags, main=B.main)
         assert r.returncode == 0, r.stderr

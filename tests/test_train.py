@@ -531,6 +531,29 @@ def test_halving_the_batch_and_doubling_accumulation_on_resume_continues_the_sam
         assert [r[key] for r in rows[0]] == pytest.approx([r[key] for r in rows[1]], abs=1e-4), key
 
 
+def test_gradients_kept_for_cuda_graphs_train_the_same_run(docs_data, tmp_path, monkeypatch):
+    """With inductor's CUDA graphs asked for (TORCHINDUCTOR_CUDAGRAPHS=1), a graph's replay would overwrite gradients
+    that autograd took from its memory, so `train` makes them before the first step, keeps them, and zeroes them in
+    place; each micro-step adds into them. That trains the run it trains without (here on a CPU, where the variable
+    changes nothing else), bit for bit."""
+    set_to_none = []
+    zero_grad = torch.optim.AdamW.zero_grad
+    monkeypatch.setattr(torch.optim.AdamW, "zero_grad",
+                        lambda self, set_to_none_=True, **kw: set_to_none.append(kw.get("set_to_none", set_to_none_))
+                        or zero_grad(self, **kw))
+    run_main("train", *train_args(tmp_path / "one", docs_data, max_steps=6, eval_interval=3, dropout=0.1),
+             check=True)
+    assert set(set_to_none) == {True}
+    set_to_none.clear()
+    run_main("train", *train_args(tmp_path / "kept", docs_data, max_steps=6, eval_interval=3, dropout=0.1),
+             env={"TORCHINDUCTOR_CUDAGRAPHS": "1"}, check=True)
+    assert set(set_to_none) == {False} and len(set_to_none) == 6
+    assert_same_weights(tmp_path / "one", tmp_path / "kept")
+    untimed = [[{k: v for k, v in r.items() if k not in ("ms_per_step", "tokens_per_s")} for r in metrics(out)]
+               for out in (tmp_path / "one", tmp_path / "kept")]
+    assert untimed[0] == untimed[1] and len(untimed[0]) == 3
+
+
 # two "nodes" of one process each, started as the README starts several nodes (a torchrun per node, c10d rendezvous).
 # Compiled: d_model 384 makes 17 MB of weights, two of DDP's gradient buckets, so dynamo splits the compiled graph at
 # the bucket boundary (TORCH_LOGS=ddp_graphs shows submod_0 and submod_1) and each bucket's all-reduce must still see
