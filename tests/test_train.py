@@ -144,9 +144,9 @@ def test_logged_step_times_leave_out_checkpoint_saves_and_the_first_step(docs_da
     assert max(r["ms_per_step"] for r in rows[resumed:]) < 1000, rows  # either counted: 20,000 ms more
 
 
-@pytest.mark.parametrize("bad_step", [1, 3])
+@pytest.mark.parametrize("bad_step, grad_clip", [(1, 0.5), (3, 0.5), (3, 0)])  # --grad_clip 0: no clipping
 def test_grad_clip_is_applied_and_a_non_finite_grad_norm_stops_a_float32_run(docs_data, tmp_path, monkeypatch, capsys,
-                                                                             bad_step):
+                                                                             bad_step, grad_clip):
     clip, max_norms = torch.nn.utils.clip_grad_norm_, []
 
     def infinite_at_bad_step(params, max_norm):  # a finite loss with an overflowing gradient: no scaler skips it
@@ -155,8 +155,9 @@ def test_grad_clip_is_applied_and_a_non_finite_grad_norm_stops_a_float32_run(doc
         return norm * math.inf if len(max_norms) == bad_step else norm
     monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", infinite_at_bad_step)
     with pytest.raises(SystemExit) as stopped:
-        lm.main(["train", *train_args(tmp_path / "run", docs_data, max_steps=10, save_interval=2, grad_clip=0.5)])
-    assert stopped.value.code == 2 and max_norms == [0.5] * bad_step
+        lm.main(["train", *train_args(tmp_path / "run", docs_data, max_steps=10, save_interval=2,
+                                      grad_clip=grad_clip)])
+    assert stopped.value.code == 2 and max_norms == [grad_clip or math.inf] * bad_step
     err = capsys.readouterr().err
     assert f"error: training diverged at step {bad_step}: loss " in err
     if bad_step == 1:  # before the first save: nothing to resume
