@@ -38,6 +38,9 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 import standalone_transformer_lm as lm  # noqa: E402  (after the path insert)
 
+# The settings the run was started with, read before a compile puts inductor's own cache folder in the environment
+STARTED_ENV = {k: v for k, v in os.environ.items() if k.startswith(("MALLOC_", "TORCHINDUCTOR_"))}
+
 # Model sizes: ModelConfig fields and batch size. "quick" is the 2-core CPU size the CPU targets refer to; "tiny"
 # runs in seconds, for the test that keeps this script working between the days a GPU is at hand.
 SIZES = {"tiny": (dict(lm.PRESETS["tiny"], vocab_size=512), 4),
@@ -71,8 +74,8 @@ def environment(device: torch.device) -> dict:
             "torch": torch.__version__, "transformers": transformers.__version__,
             "sentencepiece": sentencepiece.__version__, "numpy": np.__version__,
             "cuda": torch.version.cuda if device.type == "cuda" else None,
-            "malloc_env": {k: v for k, v in os.environ.items() if k.startswith("MALLOC_")},  # moves CPU figures 20 %
-            "inductor_env": {k: v for k, v in os.environ.items() if k.startswith("TORCHINDUCTOR_")},
+            "malloc_env": {k: v for k, v in STARTED_ENV.items() if k.startswith("MALLOC_")},  # moves CPU figures 20 %
+            "inductor_env": {k: v for k, v in STARTED_ENV.items() if k.startswith("TORCHINDUCTOR_")},
             "load_avg_at_start": os.getloadavg()}  # other work on the machine skews CPU figures: this shows it
 
 

@@ -101,10 +101,12 @@ def test_a_stopped_benchmark_stops_the_training_run_it_started(tmp_path):
 def test_the_step_profile_accounts_for_the_step(tmp_path):
     """bench/profile_step.py, run in the same call as the GPU benchmark, explains a step's time: its table's operators
     add up to the profiled steps' wall time (on a CPU, where every operator runs in the step's own thread), and the
-    matrix products are found as such."""
+    matrix products are found as such. Its header names the inductor settings it was started with, and only those (a
+    compile adds inductor's own cache folder to the environment)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TORCHINDUCTOR_")}
     proc = subprocess.run([sys.executable, os.path.join(ROOT, "bench", "profile_step.py"), "--size", "tiny",
                            "--compile", "0", "--steps", "2", "--out", str(tmp_path)],
-                          capture_output=True, text=True, timeout=300)
+                          capture_output=True, text=True, timeout=300, env={**env, "TORCHINDUCTOR_COMPILE_THREADS": "1"})
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     text = (tmp_path / "profile-tiny-compile0.txt").read_text()
     steps = [float(t) for t in text.split("profiled steps (ms, with the profiler on): ")[1].split("\n")[0].split(", ")]
@@ -112,6 +114,7 @@ def test_the_step_profile_accounts_for_the_step(tmp_path):
     # (the shorter step: a stall between operators, another process's time slice, lengthens one step, not its ops)
     assert len(steps) == 2 and 0.5 * min(steps) < total <= sum(steps) / 2 * 1.05
     assert "matrix products" in text and "  aten::mm\n" in text
+    assert "| inductor_env {'TORCHINDUCTOR_COMPILE_THREADS': '1'} |" in text.split("\n")[0]
 
 
 def test_the_gpu_check_runs_every_part_and_keeps_its_files(tmp_path):
