@@ -564,10 +564,27 @@ def encode_corpus(text_path: str, splits: dict, spm_path: str, dtype, num_worker
 # Prep: corpus -> tokenizer.model, train.bin, val.bin, meta.json
 
 
-def prep(text_path: str, out_dir: str, vocab_size: int = 32000, val_fraction: float = 0.005, seed: int = 1337,
+def reuse_tokenizer(path: str, vocab_size: int | None) -> tuple[bytes, int]:
+    """An earlier prep's tokenizer.model (or a run's copy of it), to encode more text as that run's was encoded."""
+    sp, ids = load_tokenizer(path), (UNK_ID, BOS_ID, EOS_ID, PAD_ID)
+    if (theirs := (sp.unk_id(), sp.bos_id(), sp.eos_id(), sp.pad_id())) != ids:
+        raise UserError(f"tokenizer {path!r} has the special ids unk/bos/eos/pad {'/'.join(map(str, theirs))}, where "
+                        f"prep's token files use {'/'.join(map(str, ids))}. HINT: pass a tokenizer.model that prep "
+                        f"wrote, or drop --spm to train one")
+    if vocab_size not in (None, sp.vocab_size()):
+        raise UserError(f"--vocab_size {vocab_size} differs from the {sp.vocab_size()} tokens of --spm {path!r}. "
+                        f"HINT: drop --vocab_size")
+    with open(path, "rb") as f:
+        return f.read(), sp.vocab_size()
+
+
+def prep(text_path: str, out_dir: str, vocab_size: int | None = None, val_fraction: float = 0.005, seed: int = 1337,
          num_workers: int = 0, sample_lines: int = 300_000, dedup: bool = False, normalize_whitespace: bool = False,
-         progress: bool = True) -> dict:
+         spm_path: str | None = None, progress: bool = True) -> dict:
+    """vocab_size: of the tokenizer trained here (None: 32000); spm_path: encode with this one instead."""
     require_file(text_path, "corpus", "pass --text_path with one UTF-8 text file, one sample per line")
+    # (read now: it may be the very tokenizer.model in out_dir that this prep replaces)
+    given, vocab_size = reuse_tokenizer(spm_path, vocab_size) if spm_path else (None, vocab_size or 32000)
     if not MIN_VOCAB <= vocab_size <= MAX_VOCAB:
         raise UserError(f"--vocab_size {vocab_size} is out of range. HINT: use {MIN_VOCAB} to {MAX_VOCAB} (32000 is "
                         f"LLaMA's; small corpora need a few thousand)")
@@ -601,7 +618,8 @@ def prep(text_path: str, out_dir: str, vocab_size: int = 32000, val_fraction: fl
     if cut >= size:  # known now, not after the encoding
         raise UserError(f"the val split of {text_path!r} is empty: no line starts in its last {val_fraction:g}. "
                         f"HINT: use a corpus with more lines, or a larger --val_fraction")
-    print0(f"training a {vocab_size}-token BPE tokenizer on {len(sample):,} sampled lines")
+    print0(f"encoding with {spm_path} ({vocab_size} tokens)" if given else
+           f"training a {vocab_size}-token BPE tokenizer on {len(sample):,} sampled lines")
     # What the corpus looks like, said before the long work: from the sample, where long lines are cut to 4 kB
     if sum(line.startswith('{"') for line in sample) > 0.9 * len(sample):  # JSON Lines
         print0("  note: the lines are JSON objects, so the model will learn JSON syntax too. If the text is in a field "
@@ -610,7 +628,7 @@ def prep(text_path: str, out_dir: str, vocab_size: int = 32000, val_fraction: fl
         print0(f"  note: lines average {average:.0f} characters. Each line is one sample, ended by eos, so the model "
                f"learns to stop after about that much text; if your documents are wrapped over several lines, write "
                f"each one (or each paragraph) on a line of its own first")
-    model_proto = train_tokenizer(sample, vocab_size)
+    model_proto = given or train_tokenizer(sample, vocab_size)
     del sample
 
     # Everything goes to temporary names first, each synced, and is renamed into place once all of it is written,
@@ -646,7 +664,8 @@ def prep(text_path: str, out_dir: str, vocab_size: int = 32000, val_fraction: fl
             "stats": dict(sorted(stats.items())),
             "options": {"text_path": os.path.abspath(text_path), "vocab_size": vocab_size,
                         "val_fraction": val_fraction, "seed": seed, "sample_lines": sample_lines, "dedup": dedup,
-                        "normalize_whitespace": normalize_whitespace, "sp_trainer": SP_TRAINER_OPTIONS},
+                        "normalize_whitespace": normalize_whitespace, "sp_trainer": SP_TRAINER_OPTIONS,
+                        "spm": spm_path and os.path.abspath(spm_path)},
         }
         write_synced(tmp["meta.json"], lambda f: f.write((json.dumps(meta, indent=2) + "\n").encode()))
         for name in final:
@@ -1682,7 +1701,7 @@ def cmd_prep(args) -> dict:
     made = make_dir(args.out_dir, "--out_dir")
     try:
         return prep(args.text_path, args.out_dir, args.vocab_size, args.val_fraction, args.seed, args.num_workers,
-                    args.sample_lines, bool(args.dedup), bool(args.normalize_whitespace))
+                    args.sample_lines, bool(args.dedup), bool(args.normalize_whitespace), args.spm)
     except BaseException:  # e.g. a vocabulary the corpus cannot support: the folders made for it go again if empty
         folder = os.path.abspath(args.out_dir)
         with contextlib.suppress(OSError):  # (rmdir refuses a folder that is not empty)
@@ -1843,7 +1862,9 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("prep", help="train the tokenizer and pack the corpus into token files", formatter_class=fmt)
     s.add_argument("--text_path", required=True, help="UTF-8 text, one sample per line")
     s.add_argument("--out_dir", default="./data", help="folder for tokenizer.model, train.bin, val.bin, meta.json")
-    s.add_argument("--vocab_size", type=int, default=32000, help="BPE vocabulary, special and byte tokens included")
+    s.add_argument("--vocab_size", type=int, help="BPE vocabulary, special and byte tokens included (default 32000)")
+    s.add_argument("--spm", help="encode with this tokenizer.model, from an earlier prep or a run's folder, instead of "
+                                 "training one: more text for that run (default: train one)")
     s.add_argument("--val_fraction", type=float, default=0.005, help="share of the corpus (its tail) for val.bin")
     s.add_argument("--num_workers", type=int, default=0, help="encoding processes; 0 = every core this process may use")
     s.add_argument("--seed", type=int, default=1337, help="seeds the tokenizer's sample of lines")

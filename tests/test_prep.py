@@ -15,6 +15,7 @@ from collections import Counter
 import numpy as np
 import pytest
 import sentencepiece as spm
+import torch
 
 import standalone_transformer_lm as lm
 from conftest import ROOT, assert_user_error, docs_lines, run_cli, run_main, spy_on_syncs
@@ -305,6 +306,9 @@ def test_token_dtype_never_wraps():
     ("fifo", "not a regular file"),
     ("too_many_characters", "distinct characters"),
     ("repeated", "--dedup 1 dropped each of its lines as a repeat"),  # `cat a.txt a.txt`: no val_fraction helps
+    ("spm_missing", "none.model' does not exist"),
+    ("spm_other_vocab", "--vocab_size 500 differs from the 1000 tokens of --spm"),
+    ("spm_other_ids", "has the special ids unk/bos/eos/pad 0/1/2/-1, where prep's token files use 0/1/2/3"),
 ])
 def test_bad_input_is_refused_and_good_outputs_survive(case, needle, docs_data, tmp_path):
     out = tmp_path / "data"
@@ -339,15 +343,52 @@ def test_bad_input_is_refused_and_good_outputs_survive(case, needle, docs_data, 
                              encoding="utf-8")
     elif case == "repeated":
         text_path.write_text(("\n".join(docs_lines()[:300]) + "\n") * 2, encoding="utf-8")
+    elif case.startswith("spm"):  # --spm: the folder's own tokenizer, none, or one with SentencePiece's default ids
+        text_path.write_text("\n".join(docs_lines()[:300]) + "\n", encoding="utf-8")
+        spm_path = {"spm_missing": tmp_path / "none.model", "spm_other_vocab": out / "tokenizer.model",
+                    "spm_other_ids": tmp_path / "other.model"}[case]
+        if case == "spm_other_ids":
+            with open(spm_path, "wb") as f:
+                spm.SentencePieceTrainer.train(sentence_iterator=iter(docs_lines()[:2000]), model_writer=f,
+                                               vocab_size=400, minloglevel=2)
     elif case != "missing":
         text_path.write_text("\n".join(docs_lines()[:300]) + "\n", encoding="utf-8")
         vocab = {"vocab_too_big": 50000, "vocab_negative": -5, "vocab_absurd": 10**9}[case]
-    dedup = ["--dedup", 1, "--val_fraction", 0.4] if case == "repeated" else []
+    extra = ["--dedup", 1, "--val_fraction", 0.4] if case == "repeated" else []
+    extra += ["--spm", spm_path] if case.startswith("spm") else []
     proc = run_main("prep", "--text_path", text_path, "--out_dir", out, "--vocab_size", vocab, "--num_workers", 1,
-                    *dedup)
+                    *extra)
     assert_user_error(proc, needle)
     assert digest(out) == before
     assert sorted(os.listdir(out)) == ["meta.json", "tokenizer.model", "train.bin", "val.bin"]  # no temp files left
+
+
+def test_more_text_is_packed_with_an_earlier_prep_s_tokenizer_and_its_run_resumes_on_it(docs_data, tmp_path,
+                                                                                        monkeypatch):
+    """--spm: another corpus packed with the tokenizer of an earlier prep (here a run's copy of it), with no tokenizer
+    trained: the same bytes and hash, so the run trained on the first corpus resumes on the second. Into the first
+    prep's own folder too, whose tokenizer.model prep reads before it replaces it."""
+    run = tmp_path / "run"
+    run_main("train", "--out_dir", run, "--data_dir", docs_data, "--preset", "tiny", "--batch_size", 4,
+             "--grad_accum_steps", 1, "--max_steps", 4, "--eval_interval", 4, "--eval_iters", 1, check=True)
+    monkeypatch.setattr(lm, "train_tokenizer", lambda *args: pytest.fail("prep trained a tokenizer"))
+    lines = TRICKY + docs_lines()[::-3]  # other text, in another order
+    corpus, more, again = tmp_path / "more.txt", tmp_path / "more", tmp_path / "again"
+    corpus.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    shutil.copytree(docs_data, again)
+    for out, tokenizer in ((more, run / "tokenizer.model"), (again, again / "tokenizer.model")):
+        run_main("prep", "--text_path", corpus, "--out_dir", out, "--spm", tokenizer, "--val_fraction", 0.1,
+                 "--num_workers", 1, check=True)
+        assert (out / "tokenizer.model").read_bytes() == (docs_data / "tokenizer.model").read_bytes()
+        meta = json.loads((out / "meta.json").read_text())
+        assert meta["vocab_size"] == 1000 and meta["options"]["spm"] == str(tokenizer.resolve())
+        sp = spm.SentencePieceProcessor(model_file=str(docs_data / "tokenizer.model"))
+        assert samples(out, "train") + samples(out, "val") == [sp.encode(line) for line in lines]
+    assert digest(again)["train.bin"] == digest(more)["train.bin"] != digest(docs_data)["train.bin"]
+    proc = run_main("train", "--out_dir", run, "--data_dir", more, "--preset", "tiny", "--batch_size", 4,
+                    "--grad_accum_steps", 1, "--max_steps", 6, "--eval_interval", 6, "--eval_iters", 1, check=True)
+    assert "resuming" in proc.stdout and "train.bin is not the one this run trained on" in proc.stdout
+    assert torch.load(run / "ckpt_last.pt", weights_only=True)["step"] == 6
 
 
 def test_byte_order_marks_at_line_starts_are_dropped(tmp_path):
@@ -656,7 +697,7 @@ def test_meta_json_records_the_special_ids_the_tokenizer_and_the_options_of_the_
     assert meta["tokenizer_sha256"] == hashlib.sha256((tmp_path / "d" / "tokenizer.model").read_bytes()).hexdigest()
     assert meta["options"] == {"text_path": str(corpus), "vocab_size": 400, "val_fraction": 0.1, "seed": 7,
                                "sample_lines": 1000, "dedup": True, "normalize_whitespace": True,
-                               "sp_trainer": lm.SP_TRAINER_OPTIONS}
+                               "sp_trainer": lm.SP_TRAINER_OPTIONS, "spm": None}  # None: trained here
     assert [meta[split]["tokens"] * 2 for split in ("train", "val")] == \
         [(tmp_path / "d" / name).stat().st_size for name in ("train.bin", "val.bin")]
 
