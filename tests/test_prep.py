@@ -294,6 +294,7 @@ def test_token_dtype_never_wraps():
     ("blank", "has no text"),
     ("vocab_too_big", "too small for --vocab_size 50000"),
     ("vocab_negative", "out of range"),
+    ("vocab_zero", "--vocab_size 0 is out of range"),  # not taken for "unset"
     ("vocab_absurd", "out of range"),
     ("one_line", "split"),
     ("utf16", "is UTF-16 or UTF-32 (it starts with a byte order mark), not UTF-8. HINT: convert it, e.g. `iconv -f "
@@ -353,7 +354,7 @@ def test_bad_input_is_refused_and_good_outputs_survive(case, needle, docs_data, 
                                                vocab_size=400, minloglevel=2)
     elif case != "missing":
         text_path.write_text("\n".join(docs_lines()[:300]) + "\n", encoding="utf-8")
-        vocab = {"vocab_too_big": 50000, "vocab_negative": -5, "vocab_absurd": 10**9}[case]
+        vocab = {"vocab_too_big": 50000, "vocab_negative": -5, "vocab_zero": 0, "vocab_absurd": 10**9}[case]
     extra = ["--dedup", 1, "--val_fraction", 0.4] if case == "repeated" else []
     extra += ["--spm", spm_path] if case.startswith("spm") else []
     proc = run_main("prep", "--text_path", text_path, "--out_dir", out, "--vocab_size", vocab, "--num_workers", 1,
