@@ -1862,7 +1862,7 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("prep", help="train the tokenizer and pack the corpus into token files", formatter_class=fmt)
     s.add_argument("--text_path", required=True, help="UTF-8 text, one sample per line")
     s.add_argument("--out_dir", default="./data", help="folder for tokenizer.model, train.bin, val.bin, meta.json")
-    s.add_argument("--vocab_size", type=int, help="BPE vocabulary, special and byte tokens included (default 32000)")
+    s.add_argument("--vocab_size", type=int, help="BPE vocabulary, special and byte tokens included (default: 32000)")
     s.add_argument("--spm", help="encode with this tokenizer.model, from an earlier prep or a run's folder, instead of "
                                  "training one: more text for that run (default: train one)")
     s.add_argument("--val_fraction", type=float, default=0.005, help="share of the corpus (its tail) for val.bin")
