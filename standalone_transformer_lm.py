@@ -584,7 +584,8 @@ def prep(text_path: str, out_dir: str, vocab_size: int | None = None, val_fracti
     """vocab_size: of the tokenizer trained here (None: 32000); spm_path: encode with this one instead."""
     require_file(text_path, "corpus", "pass --text_path with one UTF-8 text file, one sample per line")
     # (read now: it may be the very tokenizer.model in out_dir that this prep replaces)
-    given, vocab_size = reuse_tokenizer(spm_path, vocab_size) if spm_path else (None, 32000 if vocab_size is None else vocab_size)
+    given, vocab_size = (reuse_tokenizer(spm_path, vocab_size) if spm_path else
+                         (None, 32000 if vocab_size is None else vocab_size))
     if not MIN_VOCAB <= vocab_size <= MAX_VOCAB:
         raise UserError(f"--vocab_size {vocab_size} is out of range. HINT: use {MIN_VOCAB} to {MAX_VOCAB} (32000 is "
                         f"LLaMA's; small corpora need a few thousand)")

@@ -106,7 +106,8 @@ def test_the_step_profile_accounts_for_the_step(tmp_path):
     env = {k: v for k, v in os.environ.items() if not k.startswith("TORCHINDUCTOR_")}
     proc = subprocess.run([sys.executable, os.path.join(ROOT, "bench", "profile_step.py"), "--size", "tiny",
                            "--compile", "0", "--steps", "2", "--out", str(tmp_path)],
-                          capture_output=True, text=True, timeout=300, env={**env, "TORCHINDUCTOR_COMPILE_THREADS": "1"})
+                          capture_output=True, text=True, timeout=300,
+                          env={**env, "TORCHINDUCTOR_COMPILE_THREADS": "1"})
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     text = (tmp_path / "profile-tiny-compile0.txt").read_text()
     steps = [float(t) for t in text.split("profiled steps (ms, with the profiler on): ")[1].split("\n")[0].split(", ")]
@@ -373,7 +374,8 @@ def test_trainer_row_skips_the_compiling_window_and_stops_at_the_budget(monkeypa
     rows = B.bench_trainer(args, torch.device("cpu"), budget, "tiny", fields, batch, lambda rows: None)
     assert [(r["model"], r["batch"], r["accum"], r.get("env")) for r in rows] == [
         ("ours trainer", batch, 1, None), ("ours trainer batch32_accum2", 32, 2, None),
-        ("ours trainer accum4", batch, 4, None), ("ours trainer cudagraphs", batch, 1, {"TORCHINDUCTOR_CUDAGRAPHS": "1"})]
+        ("ours trainer accum4", batch, 4, None),
+        ("ours trainer cudagraphs", batch, 1, {"TORCHINDUCTOR_CUDAGRAPHS": "1"})]
     assert [r[:2] for r in runs] == [(batch, 1), (batch, 4), (32, 2), (batch, 4), (batch, 1)]  # "all" the 2nd
     assert envs == [{}, {"TORCHINDUCTOR_CUDAGRAPHS": "1"}, {}, {}, {"TORCHINDUCTOR_CUDAGRAPHS": "1"}]
     assert runs[2][3] == (6 * 32 * 2 + 1) * (seq + 1)  # the lever's batch in the tokens made for it
