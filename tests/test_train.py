@@ -130,7 +130,7 @@ def test_logged_step_times_leave_out_checkpoint_saves_and_the_first_step(docs_da
     # 100 s, and the first step 100 s more
     clock, calls, first = [0.0], itertools.count(), [100.0]
     save, clip = lm.save_checkpoint, torch.nn.utils.clip_grad_norm_
-    monkeypatch.setattr(time, "time", lambda: clock[0] + next(calls) * 1e-6)
+    monkeypatch.setattr(time, "perf_counter", lambda: clock[0] + next(calls) * 1e-6)
     monkeypatch.setattr(lm, "save_checkpoint", lambda *a: (save(*a), clock.__setitem__(0, clock[0] + 100.0)))
 
     def slow_first(*a):
