@@ -1069,11 +1069,12 @@ def test_resume_notes_train_data_prepped_again_with_the_same_tokenizer(docs_data
     assert "resuming" in out and "prepped again" not in out
 
 
-def test_resume_accepts_new_max_steps_lr_and_dropout(docs_data, tmp_path):
+def test_resume_accepts_new_max_steps_lr_dropout_and_batch(docs_data, tmp_path):
     run_main("train", *train_args(tmp_path / "run", docs_data, max_steps=10), check=True)
-    out = run_main("train", *train_args(tmp_path / "run", docs_data, max_steps=20, lr=1e-3, dropout=0.1),
-                   check=True).stdout
+    out = run_main("train", *train_args(tmp_path / "run", docs_data, max_steps=20, lr=1e-3, dropout=0.1,
+                                        batch_size=2), check=True).stdout
     assert "max_steps 10 -> 20" in out and "lr 0.003 -> 0.001" in out and "dropout 0.0 -> 0.1" in out
+    assert "note: the global batch is now 4 sequences (was 8), so batches from here differ" in out
     assert "cosine from lr 0.001 to 0.0001 at step 20" in out
     assert load(tmp_path / "run" / "ckpt_last.pt")["step"] == 20
 
