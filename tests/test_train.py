@@ -646,8 +646,11 @@ def test_a_live_run_keeps_a_second_out_and_repeated_sigterm_saves_and_exits_clea
     gone = subprocess.Popen([sys.executable, "-c", ""])
     gone.wait()
     (tmp_path / "run").mkdir()
-    stale, live = tmp_path / "run" / f".ckpt_last.pt.tmp{gone.pid}", tmp_path / "run" / f".config.json.tmp{os.getpid()}"
-    stale.write_text("left by a run killed while it saved")
+    names = ("ckpt_last.pt", "ckpt_best.pt", "pytorch_model.bin", "config.json", "tokenizer.model", "metrics.jsonl")
+    stale = [tmp_path / "run" / f".{name}.tmp{gone.pid}" for name in names]  # every file a run writes
+    live = tmp_path / "run" / f".config.json.tmp{os.getpid()}"
+    for path in stale:
+        path.write_text("left by a run killed while it saved")
     live.write_text("being written by a live process")
     cmd = [sys.executable, SCRIPT, "train", *train_args(tmp_path / "run", docs_data, max_steps=100000,
                                                         save_interval=100000, eval_interval=100000)]
@@ -671,7 +674,7 @@ def test_a_live_run_keeps_a_second_out_and_repeated_sigterm_saves_and_exits_clea
     ckpt = load(tmp_path / "run" / "ckpt_last.pt")
     assert 5 <= ckpt["step"] < 100000 and f"stopped by signal at step {ckpt['step']:,}" in stdout
     assert metrics(tmp_path / "run")[-1]["step"] == ckpt["step"]
-    assert not stale.exists() and live.exists()
+    assert not [path.name for path in stale if path.exists()] and live.exists()
 
 
 def torchrun(*args, nproc=2):
