@@ -3,6 +3,7 @@ import gzip
 import hashlib
 import json
 import os
+import pathlib
 import random
 import re
 import shutil
@@ -543,6 +544,52 @@ def test_a_few_bad_bytes_are_repaired_and_counted_a_literal_replacement_characte
     stats = Counter()
     assert lm.clean_lines("\ufffd ok \n".encode() + b"\xff\n", False, stats) == ["\ufffd ok ", "\ufffd"]
     assert stats["invalid UTF-8 sequences replaced"] == 1
+
+
+def children(pid: int) -> list[int]:
+    """The processes whose parent is pid (Linux)."""
+    found = []
+    for stat in pathlib.Path("/proc").glob("[0-9]*/stat"):
+        with contextlib.suppress(OSError):  # a process that ended meanwhile
+            if stat.read_text().rsplit(")", 1)[1].split()[1] == str(pid):  # "pid (name) state ppid ..."
+                found.append(int(stat.parent.name))
+    return found
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="workers are forked on Linux, and found in /proc")
+@pytest.mark.parametrize("to", ["workers", "group"])
+def test_ctrl_c_while_encoding_is_prep_s_to_handle_not_its_workers(docs_corpus, tmp_path, to):
+    """A terminal's Ctrl-C signals every process of the group. The encoding workers leave it to prep: signalled alone,
+    they encode on and prep finishes; with the whole group, prep stops the pool, says so in one line and removes what
+    it made (a worker that took the signal would die with a traceback, and prep would blame a dead worker)."""
+    big = tmp_path / "big.txt"
+    big.write_text(docs_corpus.read_text() * 40)  # about 20 MB: a second or more of encoding
+    proc = subprocess.Popen([sys.executable, ROOT + "/standalone_transformer_lm.py", "prep", "--text_path", str(big),
+                             "--out_dir", str(tmp_path / "d"), "--vocab_size", "400", "--num_workers", "2",
+                             "--sample_lines", "2000"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    try:
+        deadline = time.time() + 120
+        while not any(p.name.startswith(".train.bin.tmp") and p.stat().st_size for p in (tmp_path / "d").glob(".*")):
+            assert proc.poll() is None and time.time() < deadline, "prep never started encoding"
+            time.sleep(0.01)
+        if to == "group":
+            os.killpg(proc.pid, signal.SIGINT)
+        else:
+            workers = children(proc.pid)  # (Python before 3.11 may start the second when the first is busy)
+            assert 1 <= len(workers) <= 2
+            for pid in workers:
+                os.kill(pid, signal.SIGINT)
+        _, err = proc.communicate(timeout=120)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+    if to == "group":
+        assert proc.returncode == 130 and err.strip() == "error: interrupted", (proc.returncode, err)
+        assert not (tmp_path / "d").exists()
+    else:
+        assert proc.returncode == 0 and "Traceback" not in err, err
+        assert sorted(os.listdir(tmp_path / "d")) == ["meta.json", "tokenizer.model", "train.bin", "val.bin"]
 
 
 def test_sigterm_stops_prep_like_ctrl_c_and_removes_what_it_made(docs_corpus, tmp_path):
