@@ -1213,6 +1213,18 @@ def test_flops_per_token_is_palms_count(tie):
     assert m.flops_per_token() == 6 * sum(matrices.values()) + attention
 
 
+def test_logged_mfu_is_palm_s_flops_of_the_tokens_trained_against_the_peak(docs_data, tmp_path, monkeypatch):
+    """The log's MFU (issue figures rest on it): flops_per_token() x tokens/s over the device's peak. A CPU has no
+    peak, so one is given here."""
+    monkeypatch.setattr(lm, "peak_bf16_flops", lambda device: 1e11)  # about 0.5 here
+    run_main("train", *train_args(tmp_path / "run", docs_data, max_steps=10), check=True)
+    per_token = lm.Transformer(lm.ModelConfig(**lm.PRESETS["tiny"], vocab_size=1000)).flops_per_token()
+    rows = metrics(tmp_path / "run")
+    assert len(rows) == 2 and all(row["mfu"] > 0 for row in rows)
+    for row in rows:  # (the log rounds MFU to 4 decimals, tokens/s to an integer)
+        assert math.isclose(row["mfu"], per_token * row["tokens_per_s"] / 1e11, abs_tol=1e-4), row
+
+
 def test_mfu_uses_the_peak_of_the_gpus_own_variant(monkeypatch):
     for name, peak in (("NVIDIA H100 PCIe", 756e12), ("NVIDIA H100 80GB HBM3", 989e12), ("NVIDIA H200 NVL", 835e12),
                        ("NVIDIA L40S", 362e12), ("NVIDIA L40", 181e12)):
