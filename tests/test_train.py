@@ -1214,8 +1214,8 @@ def test_flops_per_token_is_palms_count(tie):
 
 
 def test_logged_mfu_is_palm_s_flops_of_the_tokens_trained_against_the_peak(docs_data, tmp_path, monkeypatch):
-    """The log's MFU (issue figures rest on it): flops_per_token() x tokens/s over the device's peak. A CPU has no
-    peak, so one is given here."""
+    """The log's MFU (the README's MFU figures rest on it): flops_per_token() x tokens/s over the device's peak. A
+    CPU has no peak, so one is given here."""
     monkeypatch.setattr(lm, "peak_bf16_flops", lambda device: 1e11)  # about 0.5 here
     run_main("train", *train_args(tmp_path / "run", docs_data, max_steps=10), check=True)
     per_token = lm.Transformer(lm.ModelConfig(**lm.PRESETS["tiny"], vocab_size=1000)).flops_per_token()
