@@ -1416,9 +1416,9 @@ def train(tc: TrainConfig, args, device: torch.device, rank: int, world: int, he
     model = torch.compile(raw_model) if tc.compile else raw_model
     # With inductor's CUDA graphs (TORCHINDUCTOR_CUDAGRAPHS=1) a gradient that autograd takes as a parameter's .grad
     # lies in the graphs' memory, which the next micro-step's replay overwrites: the gradients are then made here and
-    # kept, and each micro-step adds into them in place. (DDP keeps its own, in its buckets.)
+    # kept, and each micro-step adds into them in place. DDP makes them views into its all-reduce buckets.
     keep_grads = ddp or os.environ.get("TORCHINDUCTOR_CUDAGRAPHS") == "1"
-    for p in raw_model.parameters() if keep_grads and not ddp else ():
+    for p in raw_model.parameters() if keep_grads else ():
         p.grad = torch.zeros_like(p)
     if ddp:  # the gradients become views into DDP's all-reduce buckets, not a second copy of them (with
         # zero_grad(set_to_none=False) below, which keeps the views): one gradient's size less memory per process
@@ -1500,6 +1500,15 @@ def train(tc: TrainConfig, args, device: torch.device, rank: int, world: int, he
     bar = tqdm(total=tc.max_steps, initial=step, desc="train", unit="step", mininterval=1.0,
                disable=rank != 0 or not sys.stderr.isatty())  # no bar in log files
     x, y = train_data.get(step, rows(0), device)
+    if ddp and step < tc.max_steps:  # A forward and backward that change nothing (a zero loss, the RNG put back): DDP
+        # lays its buckets out anew after its first backward, and from 3 processes on an all-reduce's sums depend on
+        # where a gradient lies in them. Every step, a resumed run's first too, then sums in the same layout.
+        rng = rng_state(device)
+        with ctx:
+            _, loss = model(x, y)
+        (loss * 0).backward()
+        optimizer.zero_grad(set_to_none=False)
+        set_rng_state(rng, device)
     t_log, steps_since_log, first_step = time.perf_counter(), 0, step
     try:
         while step < tc.max_steps:

@@ -607,14 +607,16 @@ def test_a_rank_added_on_resume_draws_its_own_dropout_masks(docs_data, tmp_path)
     assert len(rng) == 2 and not torch.equal(rng[0]["torch"], rng[1]["torch"])  # not a copy of rank 0's stream
 
 
-def test_two_ranks_stopped_and_resumed_with_dropout_train_what_their_uninterrupted_run_trains(docs_data, tmp_path):
+def test_three_ranks_stopped_and_resumed_with_dropout_train_what_their_uninterrupted_run_trains(docs_data, tmp_path):
     """Each rank resumes its own RNG stream (its dropout masks), not rank 0's nor a fresh one. The warmup covers every
-    step, so the learning rate does not depend on --max_steps: a run to 2 resumed to 4 is the run to 4, step by step."""
+    step, so the learning rate does not depend on --max_steps: a run to 2 resumed to 4 is the run to 4, step by step.
+    Three ranks, with accumulation: from three on, an all-reduce's sums depend on where each gradient lies in DDP's
+    buckets, and a resumed process's first step must use the layout that the uninterrupted run's step used."""
     def start(out, max_steps):
-        args = train_args(out, docs_data, grad_accum_steps=1, max_steps=max_steps, warmup_steps=4, dropout=0.1,
+        args = train_args(out, docs_data, grad_accum_steps=2, max_steps=max_steps, warmup_steps=4, dropout=0.1,
                           eval_interval=2, save_interval=2, log_interval=1)
         log = open(tmp_path / f"{out.name}{max_steps}.log", "w")
-        return subprocess.Popen(torchrun(SCRIPT, "train", *args), stdout=log, stderr=subprocess.STDOUT,
+        return subprocess.Popen(torchrun(SCRIPT, "train", *args, nproc=3), stdout=log, stderr=subprocess.STDOUT,
                                 env={**os.environ, "OMP_NUM_THREADS": "1"}), log
 
     def wait(*started):
@@ -630,7 +632,7 @@ def test_two_ranks_stopped_and_resumed_with_dropout_train_what_their_uninterrupt
     wait(start(tmp_path / "resumed", 4))
     assert_same_weights(tmp_path / "full", tmp_path / "resumed")
     full, resumed = load(tmp_path / "full" / "ckpt_last.pt"), load(tmp_path / "resumed" / "ckpt_last.pt")
-    assert len(resumed["rng"]) == 2 and not torch.equal(resumed["rng"][0]["torch"], resumed["rng"][1]["torch"])
+    assert len(resumed["rng"]) == 3 and not torch.equal(resumed["rng"][0]["torch"], resumed["rng"][1]["torch"])
     assert all(torch.equal(a["torch"], b["torch"]) for a, b in zip(full["rng"], resumed["rng"], strict=True))
     assert [r["loss"] for r in metrics(tmp_path / "full")] == [r["loss"] for r in metrics(tmp_path / "resumed")]
 
