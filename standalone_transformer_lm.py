@@ -1809,7 +1809,14 @@ def cmd_demo(args) -> None:
     import pydoc_data.topics
     check_flags(args, [("max_steps", args.max_steps >= 1, "at least 1"),  # before anything is written
                        ("vocab_size", MIN_VOCAB <= args.vocab_size <= MAX_VOCAB, f"{MIN_VOCAB} to {MAX_VOCAB}")])
-    out = args.out_dir
+    out, corpus = args.out_dir, os.path.join(args.out_dir, "corpus.txt")
+    # One topic per line: a line is one sample, and the docs' lines of 70 characters would teach the model to stop there
+    text = "\n".join(" ".join(topic.split()) for _, topic in sorted(pydoc_data.topics.topics.items())).encode()
+    earlier = os.path.isfile(corpus) and os.path.getsize(corpus) == len(text)  # (a user's big corpus is not read)
+    earlier = earlier and file_sha256(corpus) == hashlib.sha256(text).hexdigest()
+    if os.path.isdir(out) and os.listdir(out) and not earlier:
+        raise UserError(f"--out_dir {out!r} is not empty and holds no earlier demo (of this Python), whose corpus.txt, "
+                        f"data/ and run/ it would replace. HINT: pass a new or empty folder, e.g. --out_dir runs/demo")
     make_dir(out, "--out_dir")
     data_dir, run_dir = os.path.join(out, "data"), os.path.join(out, "run")
     ckpt = os.path.join(run_dir, "ckpt_last.pt")
@@ -1818,10 +1825,7 @@ def cmd_demo(args) -> None:
         if vocab != args.vocab_size:
             raise UserError(f"{out} holds a demo run with a {vocab}-token vocabulary. HINT: pass --vocab_size "
                             f"{vocab} to run it again, or a new --out_dir")
-    corpus = os.path.join(out, "corpus.txt")
-    # One topic per line: a line is one sample, and the docs' lines of 70 characters would teach the model to stop there
-    text = "\n".join(" ".join(topic.split()) for _, topic in sorted(pydoc_data.topics.topics.items()))
-    atomic_write(corpus, lambda f: f.write(text.encode()))
+    atomic_write(corpus, lambda f: f.write(text))
     print(f"== 1/3 prep: {corpus} ({len(text) / 1e6:.1f} MB, Python's own documentation) ==")
     prep(corpus, data_dir, vocab_size=args.vocab_size, val_fraction=0.05)
     print(f"== 2/3 train: {run_dir} ==")

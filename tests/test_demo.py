@@ -42,3 +42,15 @@ def test_a_signal_stops_the_demo_after_its_save_not_just_its_training(tmp_path):
     out, err = proc.communicate(timeout=120)
     assert proc.returncode == 0, err
     assert "stopped by signal at step" in out and "== 3/3 generate ==" not in out and "done:" not in out, out
+
+
+def test_a_folder_of_the_users_own_is_refused_and_left_as_it_was(tmp_path):
+    """`demo --out_dir .` in a project folder: its corpus.txt and data/ would be replaced by the demo's."""
+    (tmp_path / "data").mkdir()
+    files = {tmp_path / "corpus.txt": b"my own corpus\n", tmp_path / "data" / "meta.json": b"{}"}
+    for path, content in files.items():
+        path.write_bytes(content)
+    proc = run_main("demo", "--out_dir", tmp_path, "--max_steps", 1, "--vocab_size", 500, "--device", "cpu")
+    assert_user_error(proc, "is not empty and holds no earlier demo", "HINT: pass a new or empty folder")
+    assert sorted(p.name for p in tmp_path.rglob("*")) == ["corpus.txt", "data", "meta.json"]
+    assert all(path.read_bytes() == content for path, content in files.items())
