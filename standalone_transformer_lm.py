@@ -282,7 +282,8 @@ def check_flags(args, checks) -> None:
 
 def out_of_memory(e: Exception) -> tuple[str, str] | None:
     """("out of GPU memory", " (Tried to allocate 2.00 GiB)") when e is a failed allocation; compile wraps them."""
-    cpu = "DefaultCPUAllocator: can't allocate memory" in str(e)  # (mostly the kernel's OOM killer ends it first)
+    # (mostly the kernel's OOM killer ends it first); MemoryError: numpy's, or Python's
+    cpu = isinstance(e, MemoryError) or "DefaultCPUAllocator: can't allocate memory" in str(e)
     if not (isinstance(e, torch.cuda.OutOfMemoryError) or "CUDA out of memory" in str(e) or cpu):
         return None
     detail = re.search(r"[Tt]ried to allocate [\d.]+ \w+", str(e))
@@ -609,8 +610,10 @@ def prep(text_path: str, out_dir: str, vocab_size: int | None = None, val_fracti
     remove_stale_tmp(out_dir, final)
     check_encoding(text_path)
     size = os.path.getsize(text_path)
-    if not num_workers:  # every core this process may use (taskset, Slurm), not every core of the machine
-        num_workers = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    # every core this process may use (taskset, Slurm), not every core of the machine; more workers would encode no
+    # faster (and a pool starts them all at once)
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    num_workers = min(num_workers or cores, cores)
     sample = tokenizer_sample(text_path, size, sample_lines, seed, dedup, normalize_whitespace, progress)
     if not sample:
         raise UserError(f"corpus {text_path!r} has no text (it is empty or only blank lines). HINT: pass a UTF-8 "
@@ -1073,7 +1076,7 @@ def load_checkpoint(path: str, hint: str = "pass the ckpt_last.pt or ckpt_best.p
                         f"ckpt_last.pt or ckpt_best.pt that `train` wrote (pytorch_model.bin holds the weights alone, "
                         f"for convert_to_llama.py)")
     if ckpt.get("version") != CKPT_VERSION:
-        raise UserError(f"{path!r} has checkpoint version {ckpt.get('version')}, this script reads {CKPT_VERSION}")
+        raise UserError(f"{path!r} has checkpoint version {ckpt.get('version')!r}, this script reads {CKPT_VERSION}")
     return ckpt
 
 
@@ -1317,12 +1320,12 @@ def set_rng_state(state: dict, device: torch.device) -> None:
 def train(tc: TrainConfig, args, device: torch.device, rank: int, world: int, held: contextlib.ExitStack) -> dict:
     ddp = world > 1
     counts = ("batch_size", "grad_accum_steps", "max_steps", "log_interval", "eval_interval", "eval_iters",
-              "save_interval")
+              "save_interval", "dist_timeout")
     check_flags(tc, [(name, getattr(tc, name) >= 1, "at least 1") for name in counts] + [
-        ("dropout", 0 <= tc.dropout < 1, "in [0, 1)"), ("lr", tc.lr > 0, "above 0"),
+        ("dropout", 0 <= tc.dropout < 1, "in [0, 1)"), ("lr", 0 < tc.lr < math.inf, "above 0 and finite"),
         ("min_lr", tc.min_lr is None or tc.min_lr <= tc.lr, f"at most --lr ({tc.lr:g})"),
         ("seed", tc.seed < 1 << 63, "below 2**63")] + [
-        (name, getattr(tc, name) is None or getattr(tc, name) >= 0, "0 or more")
+        (name, getattr(tc, name) is None or 0 <= getattr(tc, name) < math.inf, "0 or more, and finite")
         for name in ("warmup_steps", "min_lr", "weight_decay", "grad_clip", "seed")])
     meta, tokenizer = read_meta(tc.data_dir)
     prepped = next((n for n in ("meta.json", "train.bin") if os.path.exists(os.path.join(tc.out_dir, n))), None)
@@ -1880,7 +1883,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--spm", help="encode with this tokenizer.model, from an earlier prep or a run's folder, instead of "
                                  "training one: more text for that run (default: train one)")
     s.add_argument("--val_fraction", type=float, default=0.005, help="share of the corpus (its tail) for val.bin")
-    s.add_argument("--num_workers", type=int, default=0, help="encoding processes; 0 = every core this process may use")
+    s.add_argument("--num_workers", type=int, default=0,
+                   help="encoding processes, at most the cores this process may use; 0 = all of them")
     s.add_argument("--seed", type=int, default=1337, help="seeds the tokenizer's sample of lines")
     s.add_argument("--sample_lines", type=int, default=300_000, help="lines sampled to train the tokenizer")
     s.add_argument("--dedup", default=0, help="drop exact duplicate lines", **flag)

@@ -693,11 +693,13 @@ def test_a_tokenizer_at_a_path_that_is_not_utf8_loads(docs_data, tmp_path):
         model_file=str(docs_data / "tokenizer.model")).encode("The sun")
 
 
-def test_workers_default_to_the_cores_this_process_may_use_and_the_corpus_is_never_an_output(docs_corpus, tmp_path,
-                                                                                           monkeypatch, capsys):
+def test_workers_are_at_most_the_cores_this_process_may_use_and_the_corpus_is_never_an_output(docs_corpus, tmp_path,
+                                                                                            monkeypatch, capsys):
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {1}, raising=False)  # `taskset -c 1`, of more cores
     lm.prep(str(docs_corpus), str(tmp_path / "d"), vocab_size=400, progress=False)
     assert capsys.readouterr().out.rstrip().splitlines()[-2].endswith("on 1 worker(s)")
+    lm.prep(str(docs_corpus), str(tmp_path / "d"), vocab_size=400, num_workers=3, progress=False)  # (a typo of
+    assert capsys.readouterr().out.rstrip().splitlines()[-2].endswith("on 1 worker(s)")  # 100,000 starts no more)
     corpus = tmp_path / "d" / "train.bin"  # a corpus saved under a name prep writes
     corpus.write_bytes(docs_corpus.read_bytes())
     assert_user_error(run_main("prep", "--text_path", corpus, "--out_dir", tmp_path / "d", "--vocab_size", 400),

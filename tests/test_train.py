@@ -257,9 +257,10 @@ def test_help_shows_the_default_of_every_flag_that_has_one(command, capsys):
 
 
 def test_a_checkpoint_of_another_version_is_refused(tmp_path):
-    torch.save({"format": lm.CKPT_FORMAT, "version": 99}, tmp_path / "ckpt.pt")
-    with pytest.raises(lm.UserError, match="has checkpoint version 99, this script reads 1"):
-        lm.load_checkpoint(str(tmp_path / "ckpt.pt"))
+    for version, shown in ((99, "99"), ("1", "'1'")):  # (a string: not "version 1, this script reads 1")
+        torch.save({"format": lm.CKPT_FORMAT, "version": version}, tmp_path / "ckpt.pt")
+        with pytest.raises(lm.UserError, match=f"has checkpoint version {shown}, this script reads 1"):
+            lm.load_checkpoint(str(tmp_path / "ckpt.pt"))
 
 
 @pytest.mark.parametrize("tie", [0, 1])
@@ -792,11 +793,13 @@ CPU_OOM = ("[enforce fail at alloc_cpu.cpp:121] data. DefaultCPUAllocator: can't
            "allocate 2147483648 bytes. Error code 12 (Cannot allocate memory)")
 
 
-@pytest.mark.parametrize("error, message, device", [(torch.cuda.OutOfMemoryError, GPU_OOM, "GPU"),
-                                                    (RuntimeError, GPU_OOM, "GPU"),  # RuntimeError: compile's wrapper
-                                                    (RuntimeError, CPU_OOM, "CPU")])
+@pytest.mark.parametrize("error, message, device, detail", [
+    (torch.cuda.OutOfMemoryError, GPU_OOM, "GPU", " (Tried to allocate 2.00 GiB)"),
+    (RuntimeError, GPU_OOM, "GPU", " (Tried to allocate 2.00 GiB)"),  # RuntimeError: compile's wrapper
+    (RuntimeError, CPU_OOM, "CPU", " (tried to allocate 2147483648 bytes)"),
+    (MemoryError, "Unable to allocate 3.64 TiB for an array", "CPU", ";")])  # numpy's: a batch of a huge --batch_size
 def test_out_of_memory_is_one_line_with_the_fix_and_keeps_the_checkpoint(docs_data, tmp_path, monkeypatch, capsys,
-                                                                          error, message, device):
+                                                                          error, message, device, detail):
     run_main("train", *train_args(tmp_path / "run", docs_data, max_steps=4, save_interval=2), check=True)
     before = (tmp_path / "run" / "ckpt_last.pt").read_bytes()
 
@@ -807,8 +810,7 @@ def test_out_of_memory_is_one_line_with_the_fix_and_keeps_the_checkpoint(docs_da
         lm.main(["train", *train_args(tmp_path / "run", docs_data, max_steps=8)])
     err = capsys.readouterr().err.strip().splitlines()
     assert e.value.code == 2 and len(err) == 1, err
-    allocation = "Tried to allocate 2.00 GiB" if device == "GPU" else "tried to allocate 2147483648 bytes"
-    assert err[0].startswith(f"error: out of {device} memory at --batch_size 4 ({allocation})"), err
+    assert err[0].startswith(f"error: out of {device} memory at --batch_size 4{detail}"), err
     assert "halve --batch_size and double --grad_accum_steps" in err[0]
     assert (tmp_path / "run" / "ckpt_last.pt").read_bytes() == before
 
@@ -1117,7 +1119,10 @@ def test_bad_train_input(docs_data, tmp_path):
                                 ("seed", 1 << 63, "--seed must be below 2**63"),
                                 ("dropout", 1.5, "--dropout must be in [0, 1)"),
                                 ("lr", -1e-3, "--lr must be above 0"), ("grad_clip", -1, "--grad_clip must be 0"),
-                                ("seed", -1, "--seed must be 0 or more, got -1"),
+                                ("seed", -1, "--seed must be 0 or more, and finite, got -1"),
+                                ("weight_decay", "inf", "--weight_decay must be 0 or more, and finite, got inf"),
+                                ("lr", "inf", "--lr must be above 0 and finite"),
+                                ("dist_timeout", 0, "--dist_timeout must be at least 1, got 0"),
                                 ("batch_size", "x", "invalid int value"),
                                 ("n_kv_head", 3, "n_head 4 is not a multiple of n_kv_head 3"),
                                 ("head_dim", 15, "head_dim 15 must be even")):
