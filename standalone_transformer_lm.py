@@ -701,9 +701,10 @@ class Batches:
     continues the stream where it stopped.
     """
 
-    def __init__(self, path: str, dtype, seq_len: int, seed: int, global_batch: int):
+    def __init__(self, path: str, dtype, seq_len: int, seed: int, global_batch: int, vocab_size: int = 1 << 32):
         self.data = np.memmap(path, dtype=dtype, mode="r")
-        self.seq_len, self.seed, self.global_batch = seq_len, seed, global_batch
+        self.path, self.seq_len, self.seed, self.global_batch = path, seq_len, seed, global_batch
+        self.vocab_size = vocab_size  # ids from it on are refused: a damaged file
         if len(self.data) <= seq_len:
             raise UserError(f"{path} holds {len(self.data):,} tokens, not one sequence of --seq_len {seq_len} + 1. "
                             f"HINT: use a shorter --seq_len, a bigger corpus, or for val.bin a larger --val_fraction "
@@ -722,7 +723,11 @@ class Batches:
         return self.data[start:start + self.seq_len + 1]
 
     def get(self, step: int, rows: range, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-        xy = torch.from_numpy(np.stack([self.window(step * self.global_batch + g) for g in rows]).astype(np.int64))
+        xy = np.stack([self.window(step * self.global_batch + g) for g in rows])
+        if xy.max() >= self.vocab_size:  # (on a GPU the embedding would stop the process with a device-side assert)
+            raise UserError(f"{self.path} holds token id {xy.max()}, beyond the {self.vocab_size}-token vocabulary of "
+                            f"its meta.json: the file is damaged. HINT: run prep again")
+        xy = torch.from_numpy(xy.astype(np.int64))
         if device.type == "cuda":  # pinned + non_blocking: the host queues the copy behind the step, not waiting
             xy = xy.pin_memory().to(device, non_blocking=True)
         return xy[:, :-1], xy[:, 1:]  # (B, T) inputs, (B, T) targets
@@ -1368,9 +1373,10 @@ def train(tc: TrainConfig, args, device: torch.device, rank: int, world: int, he
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
     global_batch = tc.batch_size * tc.grad_accum_steps * world
     tok_dtype = np.dtype(meta["dtype"])
-    train_data = Batches(os.path.join(tc.data_dir, "train.bin"), tok_dtype, cfg.seq_len, tc.seed, global_batch)
+    train_data = Batches(os.path.join(tc.data_dir, "train.bin"), tok_dtype, cfg.seq_len, tc.seed, global_batch,
+                         cfg.vocab_size)
     val_data = Batches(os.path.join(tc.data_dir, "val.bin"), tok_dtype, cfg.seq_len, tc.seed + 1,
-                       tc.batch_size * world)
+                       tc.batch_size * world, cfg.vocab_size)
     step, best_val = 0, float("inf")
     if ckpt:
         optimizer.load_state_dict(ckpt["optimizer"])

@@ -1147,6 +1147,10 @@ def test_bad_train_input(docs_data, tmp_path):
     (tmp_path / "data" / "val.bin").write_bytes((docs_data / "val.bin").read_bytes()[:-2])  # a prep killed mid-way
     assert_user_error(run_main("train", *train_args(tmp_path / "r", tmp_path / "data")),
                       "not the ones its meta.json describes")
+    (tmp_path / "data" / "val.bin").write_bytes(b"\xff" * (docs_data / "val.bin").stat().st_size)  # bits gone bad
+    assert_user_error(run_main("train", *train_args(tmp_path / "r", tmp_path / "data", max_steps=2, eval_interval=1)),
+                      "val.bin holds token id 65535, beyond the 1000-token vocabulary", "HINT: run prep again")
+    (tmp_path / "data" / "val.bin").write_bytes((docs_data / "val.bin").read_bytes())
     assert_user_error(run_main("train", *train_args(tmp_path / "r", docs_data, n_head=5, d_model=64)),
                       "not divisible", "head count that divides it (4 or 8)", "--head_dim")
     (tmp_path / "corpus.txt").write_text("a line of text\n")  # the corpus, where its prepped folder goes
