@@ -1085,6 +1085,19 @@ def load_checkpoint(path: str, hint: str = "pass the ckpt_last.pt or ckpt_best.p
     return ckpt
 
 
+def check_resumable(ckpt: dict, path: str) -> None:
+    """What a resume reads, of the kinds `train` saves: an edited file fails here, not mid-way with a traceback."""
+    kinds = {"model_config": dict, "model": dict, "optimizer": dict, "scaler": dict, "step": int, "best_val_loss": float,
+             "train_config": dict, "data": dict, "rng": list}
+    odd = [k for k, kind in kinds.items() if type(ckpt.get(k)) is not kind or k == "step" and ckpt[k] < 0]
+    if "model_config" not in odd:  # its sizes are numbers, or None for a default
+        odd += [f"model_config[{k!r}]" for k, v in ckpt["model_config"].items() if not isinstance(v, (int, float))
+                and v is not None]
+    if odd:
+        raise UserError(f"{path!r} holds other values than `train` saves ({', '.join(odd)}): was it edited? HINT: copy "
+                        f"ckpt_best.pt over it, or pass a new --out_dir")
+
+
 def save_checkpoint(out_dir: str, names: list[str], ckpt: dict, tokenizer: bytes) -> None:
     """Rank 0 only: the export (pytorch_model.bin, config.json, tokenizer.model), then the checkpoint files in the
     order named, each after the first a hard link to its bytes. ckpt_last.pt comes last: a kill anywhere before its
@@ -1350,6 +1363,8 @@ def train(tc: TrainConfig, args, device: torch.device, rank: int, world: int, he
                                       "tokenizer.model", "metrics.jsonl"))
     ckpt = load_checkpoint(last_path, "to resume from the best checkpoint, copy ckpt_best.pt over it; or pass a new "
                                       "--out_dir") if os.path.exists(last_path) else None
+    if ckpt:
+        check_resumable(ckpt, last_path)
     if ckpt and ckpt.get("tokenizer_sha256") != meta["tokenizer_sha256"]:
         raise UserError(f"{last_path} was trained with another tokenizer than {tc.data_dir}/tokenizer.model. HINT: "
                         f"resume with the --data_dir it was trained on, or start a new --out_dir")
@@ -1379,7 +1394,14 @@ def train(tc: TrainConfig, args, device: torch.device, rank: int, world: int, he
                        tc.batch_size * world, cfg.vocab_size)
     step, best_val = 0, float("inf")
     if ckpt:
-        optimizer.load_state_dict(ckpt["optimizer"])
+        try:  # (a moment of another shape than its parameter would crash the fused step, even the process)
+            optimizer.load_state_dict(ckpt["optimizer"])
+            if any(v.shape != p.shape for p, st in optimizer.state.items() for v in st.values() if torch.is_tensor(v)
+                   and v.dim()):
+                raise ValueError("a moment of another shape than its parameter")
+        except (ValueError, KeyError, TypeError) as e:
+            raise UserError(f"{last_path!r} holds an optimizer state that does not fit the model ({e}). HINT: copy "
+                            f"ckpt_best.pt over it, or pass a new --out_dir") from None
         if device.type == "cpu":  # its state was left as views of the mapped file, which would then stay on disk, held,
             for state in optimizer.state.values():  # after the next save renamed a new ckpt_last.pt over it
                 state.update({k: v.clone() for k, v in state.items() if torch.is_tensor(v)})

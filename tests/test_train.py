@@ -1,5 +1,6 @@
 import argparse
 import contextlib
+import copy
 import dataclasses
 import errno
 import io
@@ -1010,6 +1011,28 @@ def test_resume_refuses_another_architecture_or_tokenizer(docs_corpus, docs_data
     assert run_main("train", *train_args(tmp_path / "run8", docs_data, max_steps=10, n_head=8),
                     check=True).returncode == 0
     assert lm.load_checkpoint(str(last))["step"] == 10
+
+
+def test_a_checkpoint_edited_by_hand_is_refused_on_resume_and_the_run_left_as_it_was(docs_data, tmp_path):
+    run_main("train", *train_args(tmp_path / "run", docs_data, max_steps=4, save_interval=2), check=True)
+    last, log = tmp_path / "run" / "ckpt_last.pt", tmp_path / "run" / "metrics.jsonl"
+    saved, logged = load(last), log.read_bytes()
+
+    def moment_of_another_shape(c):
+        c["optimizer"]["state"][0]["exp_avg"] = torch.zeros(3)  # (the fused step crashed the process)
+    edits = {"optimizer": lambda c: c.pop("optimizer"), "step": lambda c: c.update(step=-100),
+             "best_val_loss": lambda c: c.update(best_val_loss="low"), "rng": lambda c: c.update(rng="x"),
+             "model_config['n_layer']": lambda c: c["model_config"].update(n_layer="2"),
+             "an optimizer state that does not fit the model (a moment": moment_of_another_shape}
+    for needle, edit in edits.items():
+        edited = copy.deepcopy(saved)
+        edit(edited)
+        last.unlink()  # (a hard link to ckpt_best.pt's bytes)
+        torch.save(edited, last)
+        before = last.read_bytes()
+        assert_user_error(run_main("train", *train_args(tmp_path / "run", docs_data, max_steps=6)), needle,
+                          "HINT: copy ckpt_best.pt over it")
+        assert last.read_bytes() == before and log.read_bytes() == logged
 
 
 def test_each_save_copies_the_tokenizer_the_run_started_with(docs_data, tmp_path, monkeypatch):
