@@ -221,6 +221,10 @@ def require_file(path: str, what: str, hint: str) -> None:
     if os.path.isdir(path):
         raise UserError(f"{what} {path!r} is a directory, expected a file. HINT: {hint}")
     if not os.path.exists(path):
+        folder = os.path.dirname(os.path.abspath(path))
+        if os.path.isdir(folder) and not os.access(folder, os.R_OK | os.X_OK):  # (then nothing in it seems to exist)
+            raise UserError(f"{what} {path!r} cannot be read: the folder's permissions do not let this user in. HINT: "
+                            f"check them (`ls -ld {folder}`), or run as its owner")
         raise UserError(f"{what} {path!r} does not exist. HINT: {hint}")
     if not os.path.isfile(path):
         raise UserError(f"{what} {path!r} is not a regular file (a pipe or a device?); it is read more than once. "

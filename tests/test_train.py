@@ -1129,6 +1129,14 @@ def test_the_training_forward_is_one_graph_compiled_once(tie, n_kv_head, dropout
     assert all(p.grad is not None for p in model.parameters())
 
 
+def test_a_file_in_a_folder_this_user_may_not_open_is_not_said_to_be_missing(tmp_path, monkeypatch):
+    # (as `chmod 000 data` does to a user other than root: then nothing in it seems to exist)
+    monkeypatch.setattr(os, "access", lambda path, mode: os.fspath(path) != str(tmp_path))
+    with pytest.raises(lm.UserError, match=r"meta.json' cannot be read: the folder's permissions do not let this user "
+                                           r"in. HINT: check them \(`ls -ld "):
+        lm.require_file(str(tmp_path / "meta.json"), "data file", "run prep first")
+
+
 def test_bad_train_input(docs_data, tmp_path):
     assert_user_error(run_cli("train", *train_args(tmp_path / "r", tmp_path / "nothing"), check=False),
                       "does not exist", "prep")
