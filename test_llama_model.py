@@ -47,6 +47,13 @@ def run(args) -> None:
     except Exception as e:  # a missing or torn file: transformers and safetensors raise many kinds
         raise UserError(f"{args.folder!r} does not load with transformers ({type(e).__name__}: "
                         f"{(str(e).strip().splitlines() or [''])[0][:200]}). HINT: convert it again") from None
+    # (else: an index error in the embedding, or no token to sample)
+    if len(tok) > model.config.vocab_size:
+        raise UserError(f"{args.folder!r} holds a tokenizer of {len(tok)} tokens beside a model of "
+                        f"{model.config.vocab_size}: its files come from two conversions. HINT: convert it again")
+    if bad := next((name for name, p in model.named_parameters() if not torch.isfinite(p).all()), None):
+        raise UserError(f"{args.folder!r} holds non-finite weights (nan or inf in {bad}). HINT: convert it again, "
+                        f"from a checkpoint before the run diverged")
     if ours is not None:
         c, h = ours.cfg, model.config
         sizes = {"vocabulary": (h.vocab_size, c.vocab_size), "layers": (h.num_hidden_layers, c.n_layer),

@@ -370,6 +370,19 @@ def test_test_llama_model_generates_and_compares(converted, tmp_path, spm_path, 
     assert_user_error(r, "the model's context is 64")
     assert len(r.stderr.strip().splitlines()) == 1, r.stderr
 
+    damaged = tmp_path / "damaged"  # a nan weight; then another conversion's tokenizer, of a larger vocabulary
+    shutil.copytree(out, damaged)
+    w = load_file(damaged / "model.safetensors")
+    w["model.norm.weight"][0] = math.nan
+    save_file(w, damaged / "model.safetensors", metadata={"format": "pt"})
+    assert_user_error(run_main(str(damaged), main=T.main), "holds non-finite weights (nan or inf in model.norm.weight)")
+    shutil.copy(out / "model.safetensors", damaged / "model.safetensors")
+    tokenizer = json.loads((damaged / "tokenizer.json").read_text())
+    tokenizer["model"]["vocab"]["<an extra piece>"] = VOCAB
+    (damaged / "tokenizer.json").write_text(json.dumps(tokenizer))
+    assert_user_error(run_main(str(damaged), main=T.main), f"holds a tokenizer of {VOCAB + 1} tokens beside a model "
+                      f"of {VOCAB}")
+
     broken = tmp_path / "broken"  # the comparison must notice a wrong weight: swap q and k of layer 0
     shutil.copytree(out, broken)
     w = load_file(broken / "model.safetensors")
