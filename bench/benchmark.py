@@ -650,14 +650,18 @@ def logged(metrics_path: str) -> list[dict]:
 def trainer_over_step(results: dict) -> None:
     """`trainer/step`: the train table's bare step, at its median (its fastest would flatter it on a busy CPU, where
     steps vary by 2x), over the trainer's step at the same size, batch and compile setting (without accumulation: a
-    step of 4 micro-batches is not one bare step)."""
+    step of 4 micro-batches is not one bare step). `hf_eager/trainer`: HF's eager step (its fastest, as the train
+    table's ratios take it) over the trainer's, at the same size and batch: the trainer against a user's own loop."""
     for row in results.get("trainer", []):
         if row.get("accum", 1) != 1 or row.get("env"):  # (a lever's run: the bare step runs without it)
             continue
-        step = next((r for r in results.get("train", []) if r["model"] == "ours" and
-                     all(r[k] == row[k] for k in ("size", "compile", "batch"))), None)
+        step, hf = (next((r for r in results.get("train", []) if r["model"] == model and r["compile"] == compiled and
+                          all(r[k] == row[k] for k in ("size", "batch"))), None)
+                    for model, compiled in (("ours", row["compile"]), ("hf", 0)))
         if step:
             row["trainer/step"] = float(np.median(step["step_ms_all"])) / row["ms_step"]
+        if hf:
+            row["hf_eager/trainer"] = hf["ms_step"] / row["ms_step"]
 
 
 # ----------------------------------------------------------------------------------------------------------------------

@@ -277,6 +277,7 @@ def test_trainer_over_step_reads_the_bare_step_of_the_same_setting():
     B = bench_module()
     results = {"train": [{"size": "138m", "model": "ours", "compile": 0, "batch": 16, "step_ms_all": [100, 300, 200]},
                          {"size": "138m", "model": "hf", "compile": 1, "batch": 16, "step_ms_all": [9, 9, 9]},
+                         {"size": "138m", "model": "hf", "compile": 0, "batch": 16, "ms_step": 150.0},
                          {"size": "138m", "model": "ours", "compile": 1, "batch": 16, "step_ms_all": [50, 70, 60]}],
                "trainer": [{"size": "138m", "model": "ours trainer", "compile": 1, "batch": 16, "ms_step": 75.0},
                            {"size": "138m", "model": "ours trainer", "compile": 1, "batch": 8, "ms_step": 75.0},
@@ -284,7 +285,8 @@ def test_trainer_over_step_reads_the_bare_step_of_the_same_setting():
                             "ms_step": 240.0}]}
     B.trainer_over_step(results)
     assert results["trainer"][0]["trainer/step"] == 60 / 75  # the median bare step over the trainer's
-    assert "trainer/step" not in results["trainer"][1]  # no bare step at that batch
+    assert results["trainer"][0]["hf_eager/trainer"] == 150 / 75  # HF's eager step, fastest, over the trainer's
+    assert "trainer/step" not in results["trainer"][1] and "hf_eager/trainer" not in results["trainer"][1]
     assert "trainer/step" not in results["trainer"][2]  # a step of 4 micro-batches is not one bare step
 
 
