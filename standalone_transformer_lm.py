@@ -38,6 +38,7 @@ import random
 import re
 import signal
 import sys
+import threading
 import time
 import warnings
 import zipfile
@@ -178,6 +179,24 @@ def atomic_write(path: str, write_fn, link_from: str | None = None) -> None:
 
 def atomic_write_json(path: str, obj) -> None:
     atomic_write(path, lambda f: f.write((json.dumps(obj, indent=2) + "\n").encode()))
+
+
+@contextlib.contextmanager
+def signals_held():
+    """Ctrl-C and SIGTERM wait for the end of the block, then stop as they would have (KeyboardInterrupt): renames
+    that belong together all happen. (Python runs handlers in its main thread, whichever thread the kernel picked.)"""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    got = []
+    old = {s: signal.signal(s, lambda signum, frame: got.append(signum)) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for s, handler in old.items():
+            signal.signal(s, handler)
+    if got:
+        raise KeyboardInterrupt
 
 
 def file_sha256(path: str) -> str:
@@ -676,9 +695,10 @@ def prep(text_path: str, out_dir: str, vocab_size: int | None = None, val_fracti
                         "spm": spm_path and os.path.abspath(spm_path)},
         }
         write_synced(tmp["meta.json"], lambda f: f.write((json.dumps(meta, indent=2) + "\n").encode()))
-        for name in final:
-            os.replace(tmp[name], final[name])
-        sync_folder(out_dir)
+        with signals_held():  # all four, or (killed outright) a mix that train refuses
+            for name in final:
+                os.replace(tmp[name], final[name])
+            sync_folder(out_dir)
     finally:
         for path in tmp.values():
             if os.path.exists(path):

@@ -595,6 +595,30 @@ def test_sigterm_stops_prep_like_ctrl_c_and_removes_what_it_made(docs_corpus, tm
     assert not (tmp_path / "new").exists()
 
 
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_a_signal_while_prep_renames_its_files_waits_for_all_four(docs_corpus, tmp_path, monkeypatch, capsys, signum):
+    """Ctrl-C (or a scheduler's SIGTERM) between two of the renames would leave a mix of two runs' files, which train
+    refuses: the earlier good data lost. It is handled once the four are in place."""
+    out = tmp_path / "d"
+    lm.prep(str(docs_corpus), str(out), vocab_size=400, num_workers=1, progress=False)
+    (tmp_path / "other.txt").write_text(docs_corpus.read_text().upper())
+    replace = os.replace
+
+    def signalled(src, dst):
+        replace(src, dst)
+        if dst.endswith("tokenizer.model"):  # the first of the four
+            os.kill(os.getpid(), signum)
+    monkeypatch.setattr(os, "replace", signalled)
+    with pytest.raises(SystemExit) as e:
+        lm.main(["prep", "--text_path", str(tmp_path / "other.txt"), "--out_dir", str(out), "--vocab_size", "400",
+                 "--num_workers", "1"])
+    assert e.value.code == 130 and capsys.readouterr().err.strip().endswith("error: interrupted")
+    monkeypatch.undo()
+    meta, _ = lm.read_meta(str(out))  # one run's files: the second's
+    assert meta["options"]["text_path"] == str(tmp_path / "other.txt")
+    assert not [p.name for p in out.iterdir() if ".tmp" in p.name]
+
+
 @pytest.mark.skipif(sys.platform != "linux", reason="workers are forked, and told to die with prep, on Linux")
 def test_a_prep_killed_outright_takes_its_workers_along(docs_corpus, tmp_path):
     big = tmp_path / "big.txt"  # about 11 MB: seconds of encoding on 2 workers
