@@ -26,7 +26,7 @@ import torch
 
 from standalone_transformer_lm import (HelpFormatter, ModelConfig, Parser, Transformer, UserError, check_flags,
                                       file_sha256, load_tensors, load_tokenizer, model_from_saved, model_with_weights,
-                                      pid_alive, require_file)
+                                      pid_alive, require_file, signals_held)
 
 try:  # the trainer runs without these (the guide's first install is torch, sentencepiece, tqdm and numpy)
     from safetensors import SafetensorError
@@ -245,18 +245,25 @@ def check_out(out: str, force: bool, keep: list[str]) -> None:
     for path in keep:  # --force replaces the whole folder
         if os.path.realpath(path) == root or os.path.realpath(path).startswith(root + os.sep):
             raise UserError(f"--out {out!r} holds {path!r}, which replacing it would delete. HINT: pick another --out")
+    # --force replaces files, as a converted folder holds: not another run, prepped data or a folder of folders
+    theirs = sorted(name for name in (os.listdir(out) if os.path.isdir(out) else ()) if name != "lost+found" and (
+        name in ("ckpt_last.pt", "ckpt_best.pt", "train.bin", "meta.json") or os.path.isdir(os.path.join(out, name))))
+    if theirs:
+        raise UserError(f"--out {out!r} holds {', '.join(theirs[:3])}, which a converted folder does not, and "
+                        f"replacing it would delete them. HINT: pick another --out")
 
 
-PARTIAL = ".partial"  # in a folder being built, naming its host and process; removed before the folder is renamed
+PARTIAL = ".partial"  # in a folder being built (and the one it replaces, during the swap), naming host and process
 
 
 def remove_stale(out: str) -> None:
-    """Folders that a killed conversion into --out left being built (OUT.tmpPID, or OUT/.tmpPID for a mount point),
-    each a whole model: only ours, marked as such, of a process of this host that is gone."""
+    """Folders that a killed conversion into --out left (OUT.tmpPID being built, or OUT/.tmpPID for a mount point;
+    OUT.oldPID, the folder it replaced), each a whole model: only ours, marked as such, of a process of this host
+    that is gone."""
     for folder, prefix in ((os.path.dirname(out), os.path.basename(out) + "."), (out, ".")):
         with contextlib.suppress(OSError):
             for name in os.listdir(folder):
-                if not re.fullmatch(re.escape(prefix) + r"tmp\d+", name):
+                if not re.fullmatch(re.escape(prefix) + r"(tmp|old)\d+", name):
                     continue
                 with contextlib.suppress(OSError, ValueError):
                     with open(os.path.join(folder, name, PARTIAL)) as f:
@@ -320,18 +327,21 @@ def convert(ckpt: str, spm_path: str, out: str, dtype: str = "float32", force: b
             diff = verify(tmp, model, sp, verify_tol)
             print(f"verified: AutoTokenizer ids == SentencePiece ids on {len(PARITY_TEXTS)} strings, largest logit "
                   f"difference {diff:.2e} (tolerance {verify_tol:g})")
-        os.remove(os.path.join(tmp, PARTIAL))
-        if inside:  # empty, or --force: its files go, then the new ones are renamed in, one by one
-            for entry in os.scandir(out):
-                if entry.path != tmp and entry.name != "lost+found":
-                    shutil.rmtree(entry.path) if entry.is_dir(follow_symlinks=False) else os.remove(entry.path)
-            for name in os.listdir(tmp):
-                os.replace(os.path.join(tmp, name), os.path.join(out, name))
-        else:
-            if os.path.exists(out):  # empty, or --force: move it aside, swap the new folder in, delete the old one
-                os.replace(out, old)
-            os.replace(tmp, out)
-            shutil.rmtree(old, ignore_errors=True)
+        with signals_held():  # a signal stops the conversion once --out holds the new folder, not with none
+            if inside:  # empty, or --force: its files go, then the new ones are renamed in, one by one
+                os.remove(os.path.join(tmp, PARTIAL))
+                for entry in os.scandir(out):
+                    if entry.path != tmp and entry.name != "lost+found":
+                        shutil.rmtree(entry.path) if entry.is_dir(follow_symlinks=False) else os.remove(entry.path)
+                for name in os.listdir(tmp):
+                    os.replace(os.path.join(tmp, name), os.path.join(out, name))
+            else:  # empty, or --force: the old folder moves aside, marked (a kill leaves it to the next run to remove),
+                if os.path.exists(out):  # the new one comes in, its mark goes, and the old one is deleted
+                    shutil.copyfile(os.path.join(tmp, PARTIAL), os.path.join(out, PARTIAL))
+                    os.replace(out, old)
+                os.replace(tmp, out)
+                os.remove(os.path.join(out, PARTIAL))
+                shutil.rmtree(old, ignore_errors=True)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     c = model.cfg

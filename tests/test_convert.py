@@ -587,6 +587,40 @@ def test_test_llama_model_refuses_a_checkpoint_of_another_shape(converted, tmp_p
                           "was not converted from", want)
 
 
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_a_signal_while_force_swaps_the_folder_in_waits_for_the_new_one(converted, tmp_path, monkeypatch, capsys,
+                                                                         signum):
+    run_dir, ref = converted
+    out = tmp_path / "hf"
+    out.mkdir()
+    (out / "old.txt").write_text("an earlier conversion")
+    replace = os.replace
+
+    def signalled(src, dst):  # right after the old folder moves aside: --out is missing
+        replace(src, dst)
+        os.kill(os.getpid(), signum)
+    monkeypatch.setattr(os, "replace", signalled)
+    with pytest.raises(SystemExit) as e:
+        convert(run_dir, out, "--force")
+    assert e.value.code == 130 and capsys.readouterr().err.strip().endswith("error: interrupted")
+    assert sorted(p.name for p in out.iterdir()) == sorted(p.name for p in ref.iterdir())  # the new one, whole
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["hf"]  # the old one gone, nothing half-built left
+
+
+def test_force_replaces_a_converted_folder_not_a_run_or_prepped_data_or_a_folder_of_folders(converted, tmp_path,
+                                                                                           capsys):
+    run_dir, ref = converted
+    for name, content in (("train.bin", "data"), ("ckpt_best.pt", "run"), ("data", None)):
+        out = tmp_path / f"out-{name}"
+        out.mkdir()
+        (out / name).mkdir() if content is None else (out / name).write_text(content)
+        with pytest.raises(SystemExit) as e:
+            convert(run_dir, out, "--force")
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and f"holds {name}, which a converted folder does not" in err, err
+        assert sorted(p.name for p in out.iterdir()) == [name]
+
+
 def test_only_folders_that_a_killed_conversion_left_are_removed(converted, tmp_path):
     run_dir, ref = converted
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
@@ -603,7 +637,8 @@ def test_only_folders_that_a_killed_conversion_left_are_removed(converted, tmp_p
             (path / C.PARTIAL).write_text(f"{partial[0]} {partial[1]}\n")
         return path
     host = socket.gethostname()
-    left = [folder(tmp_path / f"hf.tmp{dead.pid}", (host, dead.pid)), folder(out / f".tmp{dead.pid}", (host, dead.pid))]
+    left = [folder(tmp_path / f"hf.tmp{dead.pid}", (host, dead.pid)), folder(out / f".tmp{dead.pid}", (host, dead.pid)),
+            folder(tmp_path / f"hf.old{dead.pid}", (host, dead.pid))]  # the folder it was replacing, marked
     kept = [folder(tmp_path / f"hf.tmp{live.pid}", (host, live.pid)),  # a live conversion's
             folder(tmp_path / f"hf.tmp{dead.pid}0", ("another-host", dead.pid)),  # a shared volume's
             folder(tmp_path / "hf.old20240611"), folder(tmp_path / "hf.tmp3"),  # the user's own, named alike
