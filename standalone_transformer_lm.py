@@ -1281,6 +1281,8 @@ def read_meta(data_dir: str) -> tuple[dict, bytes]:
     hint = f"run `python {beside_me()} prep --text_path corpus.txt --out_dir {data_dir}` first"
     if os.path.isfile(data_dir):  # the corpus itself, passed where its prepped folder goes
         hint = f"pass the folder that prep wrote (`prep --text_path {data_dir} --out_dir data`, then --data_dir data)"
+    elif os.path.isfile(os.path.join(data_dir, "ckpt_last.pt")):  # a run's folder, which prep refuses to write into
+        hint = "that is a training run's folder: pass the folder that prep wrote, e.g. --data_dir ./data"
     if not os.path.isdir(data_dir):
         raise UserError(f"--data_dir {data_dir!r} does not exist or is not a folder. HINT: {hint}")
     for name in ("meta.json", "train.bin", "val.bin", "tokenizer.model"):

@@ -1190,6 +1190,8 @@ def test_bad_train_input(docs_data, tmp_path):
     assert (tmp_path / "corpus.txt").read_text() == "a line of text\n"
     (tmp_path / "r2").mkdir()
     (tmp_path / "r2" / "ckpt_last.pt").write_bytes(b"not a checkpoint")
+    assert_user_error(run_main("train", *train_args(tmp_path / "r3", tmp_path / "r2")),  # a run's folder as the data
+                      "meta.json' does not exist. HINT: that is a training run's folder: pass the folder that prep")
     assert_user_error(run_main("train", *train_args(tmp_path / "r2", docs_data)), "not a loadable")
     (tmp_path / "r2" / "ckpt_last.pt").write_bytes(b"")  # a save cut short by a full disk
     assert_user_error(run_main("train", *train_args(tmp_path / "r2", docs_data)), "not a loadable")
