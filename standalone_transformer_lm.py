@@ -1557,17 +1557,17 @@ def train(tc: TrainConfig, args, device: torch.device, rank: int, world: int, he
     bar = tqdm(total=tc.max_steps, initial=step, desc="train", unit="step", mininterval=1.0,
                disable=rank != 0 or not sys.stderr.isatty())  # no bar in log files
     x, y = train_data.get(step, rows(0), device)
-    if ddp and step < tc.max_steps:  # A forward and backward that change nothing (a zero loss, the RNG put back): DDP
-        # lays its buckets out anew after its first backward, and from 3 processes on an all-reduce's sums depend on
-        # where a gradient lies in them. Every step, a resumed run's first too, then sums in the same layout.
-        rng = rng_state(device)
-        with ctx:
-            _, loss = model(x, y)
-        (loss * 0).backward()
-        optimizer.zero_grad(set_to_none=False)
-        set_rng_state(rng, device)
-    t_log, steps_since_log, first_step = time.perf_counter(), 0, step
     try:
+        if ddp and step < tc.max_steps:  # A forward and backward that change nothing (a zero loss, the RNG put back):
+            # DDP lays its buckets out anew after its first backward, and from 3 processes on an all-reduce's sums
+            # depend on where a gradient lies in them. Every step, a resumed run's first too, then sums in one layout.
+            rng = rng_state(device)
+            with ctx:
+                _, loss = model(x, y)
+            (loss * 0).backward()
+            optimizer.zero_grad(set_to_none=False)
+            set_rng_state(rng, device)
+        t_log, steps_since_log, first_step = time.perf_counter(), 0, step
         while step < tc.max_steps:
             lr = lr_at(step, tc.lr, min_lr, tc.warmup_steps, tc.max_steps)
             for group in optimizer.param_groups:
@@ -1642,6 +1642,10 @@ def train(tc: TrainConfig, args, device: torch.device, rank: int, world: int, he
                 print0(f"stopped by signal at step {step:,}; {tc.out_dir}/ckpt_last.pt saved. Run the same command "
                        f"to resume.")
                 break
+    except (torch._dynamo.exc.BackendCompilerFailed, torch._dynamo.exc.Unsupported):
+        if stop.requested:  # Ctrl-C to the process group stops a compile's C++ compiler too: not a failed compile
+            raise KeyboardInterrupt from None
+        raise
     finally:
         bar.close()
         stop.restore()

@@ -816,6 +816,31 @@ def test_out_of_memory_is_one_line_with_the_fix_and_keeps_the_checkpoint(docs_da
     assert (tmp_path / "run" / "ckpt_last.pt").read_bytes() == before
 
 
+def test_ctrl_c_that_stops_the_first_compile_is_an_interruption_not_a_failed_compile(docs_data, tmp_path, monkeypatch,
+                                                                                     capsys):
+    """Ctrl-C reaches the whole process group, the C++ compiler that inductor runs too, whose compile then fails."""
+    run_main("train", *train_args(tmp_path / "run", docs_data, max_steps=2), check=True)
+    before = (tmp_path / "run" / "ckpt_last.pt").read_bytes()
+    try:
+        failure = torch._dynamo.exc.BackendCompilerFailed(lm.Transformer.forward, RuntimeError("C++ compile error"),
+                                                          None)
+    except TypeError:  # an older torch: no frame argument
+        failure = torch._dynamo.exc.BackendCompilerFailed(lm.Transformer.forward, RuntimeError("C++ compile error"))
+
+    def compiler_stopped(*args, **kwargs):
+        os.kill(os.getpid(), signal.SIGINT)
+        raise failure
+    monkeypatch.setattr(lm.Transformer, "forward", compiler_stopped)
+    with pytest.raises(SystemExit) as e:
+        lm.main(["train", *train_args(tmp_path / "run", docs_data, max_steps=4)])
+    assert e.value.code == 130 and capsys.readouterr().err.strip().splitlines()[-1] == "error: interrupted"
+    assert (tmp_path / "run" / "ckpt_last.pt").read_bytes() == before
+    monkeypatch.setattr(lm.Transformer, "forward", lambda *a, **k: (_ for _ in ()).throw(failure))  # no signal:
+    with pytest.raises(SystemExit) as e:  # a compile that failed of itself
+        lm.main(["train", *train_args(tmp_path / "run", docs_data, max_steps=4)])
+    assert e.value.code == 2 and "error: torch.compile failed" in capsys.readouterr().err
+
+
 def test_a_full_disk_while_saving_is_one_error_line_and_keeps_the_checkpoint(docs_data, tmp_path, monkeypatch):
     run_main("train", *train_args(tmp_path / "run", docs_data, max_steps=2), check=True)
     before = (tmp_path / "run" / "ckpt_last.pt").read_bytes()
