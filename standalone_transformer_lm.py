@@ -1111,8 +1111,8 @@ def load_checkpoint(path: str, hint: str = "pass the ckpt_last.pt or ckpt_best.p
 
 def check_resumable(ckpt: dict, path: str) -> None:
     """What a resume reads, of the kinds `train` saves: an edited file fails here, not mid-way with a traceback."""
-    kinds = {"model_config": dict, "model": dict, "optimizer": dict, "scaler": dict, "step": int, "best_val_loss": float,
-             "train_config": dict, "data": dict, "rng": list}
+    kinds = {"model_config": dict, "model": dict, "optimizer": dict, "scaler": dict, "step": int,
+             "best_val_loss": float, "train_config": dict, "data": dict, "rng": list}
     odd = [k for k, kind in kinds.items() if type(ckpt.get(k)) is not kind or k == "step" and ckpt[k] < 0]
     if "model_config" not in odd:  # its sizes are numbers, or None for a default
         odd += [f"model_config[{k!r}]" for k, v in ckpt["model_config"].items() if not isinstance(v, (int, float))
