@@ -36,6 +36,7 @@ import pickle
 import platform
 import random
 import re
+import shlex
 import signal
 import sys
 import threading
@@ -292,8 +293,8 @@ def beside_me(name: str = os.path.basename(__file__)) -> str:
     path = os.path.join(os.path.dirname(os.path.abspath(__file__)), name)
     with contextlib.suppress(ValueError):  # (Windows: another drive)
         rel = os.path.relpath(path)
-        return path if rel.startswith("..") else rel
-    return path
+        path = path if rel.startswith("..") else rel
+    return shlex.quote(path)  # (a folder with a space in its name)
 
 
 def check_flags(args, checks) -> None:
@@ -1278,9 +1279,10 @@ def read_meta(data_dir: str) -> tuple[dict, bytes]:
     """meta.json, and the tokenizer it describes: read once, as each save copies it (a prep run since the start may
     have put another in --data_dir)."""
     path = os.path.join(data_dir, "meta.json")
-    hint = f"run `python {beside_me()} prep --text_path corpus.txt --out_dir {data_dir}` first"
+    hint = f"run `python {beside_me()} prep --text_path corpus.txt --out_dir {shlex.quote(data_dir)}` first"
     if os.path.isfile(data_dir):  # the corpus itself, passed where its prepped folder goes
-        hint = f"pass the folder that prep wrote (`prep --text_path {data_dir} --out_dir data`, then --data_dir data)"
+        hint = (f"pass the folder that prep wrote (`prep --text_path {shlex.quote(data_dir)} --out_dir data`, then "
+                f"--data_dir data)")
     elif os.path.isfile(os.path.join(data_dir, "ckpt_last.pt")):  # a run's folder, which prep refuses to write into
         hint = "that is a training run's folder: pass the folder that prep wrote, e.g. --data_dir ./data"
     if not os.path.isdir(data_dir):
@@ -1903,12 +1905,13 @@ def cmd_demo(args) -> None:
         cmd_generate(parser.parse_args(["generate", "--ckpt", ckpt, "--prompt", prompt, "--max_new_tokens", "40",
                                         "--temperature", "0.8", "--top_k", "50", "--seed", "0",
                                         "--device", args.device]))
-    me, nan = beside_me(), float("nan")
+    me, nan, q = beside_me(), float("nan"), shlex.quote
     print(f"\ndone: loss {result.get('loss', nan):.3f}, val loss {result.get('val_loss', nan):.3f} after "
           f"{result['step']} steps.\n  corpus     {corpus}\n  tokenizer  {data_dir}/tokenizer.model (+ train.bin, "
           f"val.bin, meta.json)\n  checkpoint {ckpt} (+ ckpt_best.pt, pytorch_model.bin, config.json, metrics.jsonl)"
-          f"\nnext:\n  python {me} generate --ckpt {ckpt} --prompt \"Lists are\"\n"
-          f"  python {beside_me('convert_to_llama.py')} --ckpt {ckpt} --spm {data_dir}/tokenizer.model --out {out}/hf")
+          f"\nnext:\n  python {me} generate --ckpt {q(ckpt)} --prompt \"Lists are\"\n"
+          f"  python {beside_me('convert_to_llama.py')} --ckpt {q(ckpt)} --spm {q(data_dir + '/tokenizer.model')} "
+          f"--out {q(out + '/hf')}")
 
 
 # ----------------------------------------------------------------------------------------------------------------------

@@ -9,6 +9,7 @@ prints the largest logit difference and exits with status 1 above --tol.
 
 import math
 import os
+import shlex
 import sys
 
 import torch
@@ -20,8 +21,8 @@ from standalone_transformer_lm import HelpFormatter, Parser, UserError, check_fl
 def run(args) -> None:
     if os.path.isfile(os.path.join(args.folder, "ckpt_last.pt")):  # train's --out_dir: its config.json is ours
         raise UserError(f"{args.folder!r} is a training run's folder, not a converted one. HINT: run `python "
-                        f"convert_to_llama.py --ckpt {os.path.join(args.folder, 'ckpt_last.pt')} --out {DEFAULT_OUT}` "
-                        f"first and pass {DEFAULT_OUT}")
+                        f"convert_to_llama.py --ckpt {shlex.quote(os.path.join(args.folder, 'ckpt_last.pt'))} --out "
+                        f"{DEFAULT_OUT}` first and pass {DEFAULT_OUT}")
     if not os.path.isfile(os.path.join(args.folder, "config.json")):
         raise UserError(f"{args.folder!r} is not a converted model folder (no config.json). HINT: run "
                         f"`python convert_to_llama.py --ckpt CKPT --out {args.folder}` first, or pass the folder")

@@ -1165,6 +1165,8 @@ def test_a_file_in_a_folder_this_user_may_not_open_is_not_said_to_be_missing(tmp
 def test_bad_train_input(docs_data, tmp_path):
     assert_user_error(run_cli("train", *train_args(tmp_path / "r", tmp_path / "nothing"), check=False),
                       "does not exist", "prep")
+    assert_user_error(run_main("train", *train_args(tmp_path / "r", tmp_path / "my data")),  # a command that runs
+                      f"--out_dir '{tmp_path / 'my data'}'` first")
     assert not (tmp_path / "r").exists()  # a typo in --data_dir leaves no empty --out_dir behind
     assert_user_error(run_main("train", *train_args(tmp_path / "r2", docs_data, seq_len=100000)),
                       "not one sequence", "--val_fraction")
