@@ -24,9 +24,9 @@ import sys
 
 import torch
 
-from standalone_transformer_lm import (HelpFormatter, ModelConfig, Parser, Transformer, UserError, check_flags,
-                                      file_sha256, load_tensors, load_tokenizer, model_from_saved, model_with_weights,
-                                      pid_alive, require_file, signals_held)
+from standalone_transformer_lm import (DATA_FILES, RUN_FILES, HelpFormatter, ModelConfig, Parser, Transformer,
+                                      UserError, check_flags, file_sha256, load_tensors, load_tokenizer,
+                                      model_from_saved, model_with_weights, pid_alive, require_file, signals_held)
 
 try:  # the trainer runs without these (the guide's first install is torch, sentencepiece, tqdm and numpy)
     from safetensors import SafetensorError
@@ -247,7 +247,7 @@ def check_out(out: str, force: bool, keep: list[str]) -> None:
             raise UserError(f"--out {out!r} holds {path!r}, which replacing it would delete. HINT: pick another --out")
     # --force replaces files, as a converted folder holds: not another run, prepped data or a folder of folders
     theirs = sorted(name for name in (os.listdir(out) if os.path.isdir(out) else ()) if name != "lost+found" and (
-        name in ("ckpt_last.pt", "ckpt_best.pt", "train.bin", "meta.json") or os.path.isdir(os.path.join(out, name))))
+        name in RUN_FILES + DATA_FILES or os.path.isdir(os.path.join(out, name))))
     if theirs:
         raise UserError(f"--out {out!r} holds {', '.join(theirs[:3])}, which a converted folder does not, and "
                         f"replacing it would delete them. HINT: pick another --out")

@@ -318,6 +318,8 @@ def out_of_memory(e: Exception) -> tuple[str, str] | None:
 # Tokenizer and token files
 
 UNK_ID, BOS_ID, EOS_ID, PAD_ID = 0, 1, 2, 3
+# What marks a folder as a training run's or as prepped data: each command refuses to write into the other's
+RUN_FILES, DATA_FILES = ("ckpt_last.pt", "ckpt_best.pt", "pytorch_model.bin"), ("meta.json", "train.bin")
 SP_MAX_LINE_BYTES = 4192  # SentencePiece's training limit per sentence; longer lines are still encoded in full
 BLOCK_BYTES = 1 << 18  # prep reads and encodes the corpus in blocks of about this many bytes
 MAX_LINE_BYTES = 1 << 26  # 64 MB; encoding a line takes 50-90 bytes of memory per byte of it (more for short words)
@@ -623,8 +625,7 @@ def prep(text_path: str, out_dir: str, vocab_size: int | None = None, val_fracti
     if any(os.path.exists(path) and os.path.samefile(path, text_path) for path in final.values()):
         raise UserError(f"corpus {text_path!r} is one of the files prep writes into --out_dir {out_dir!r}. HINT: pass "
                         f"another --out_dir")
-    run_files = ("ckpt_last.pt", "ckpt_best.pt", "pytorch_model.bin")  # train's --out_dir, given to prep by mistake
-    run = next((name for name in run_files if os.path.exists(os.path.join(out_dir, name))), None)
+    run = next((name for name in RUN_FILES if os.path.exists(os.path.join(out_dir, name))), None)  # train's --out_dir
     if run:
         raise UserError(f"--out_dir {out_dir!r} holds a training run ({run}), whose tokenizer.model prep would replace"
                         f". HINT: pass a folder of its own for the data, e.g. --out_dir ./data")
@@ -1374,7 +1375,7 @@ def train(tc: TrainConfig, args, device: torch.device, rank: int, world: int, he
         (name, getattr(tc, name) is None or 0 <= getattr(tc, name) < math.inf, "0 or more, and finite")
         for name in ("warmup_steps", "min_lr", "weight_decay", "grad_clip", "seed")])
     meta, tokenizer = read_meta(tc.data_dir)
-    prepped = next((n for n in ("meta.json", "train.bin") if os.path.exists(os.path.join(tc.out_dir, n))), None)
+    prepped = next((n for n in DATA_FILES if os.path.exists(os.path.join(tc.out_dir, n))), None)
     if prepped:  # --data_dir itself, or another prep's folder: each save would replace its tokenizer.model
         raise UserError(f"--out_dir {tc.out_dir!r} holds prepped data ({prepped}), whose tokenizer.model a run's saves "
                         f"would replace. HINT: pass a folder of its own for the run, e.g. --out_dir ./runs/lm")
