@@ -9,6 +9,7 @@ import json
 import math
 import os
 import re
+import shlex
 import shutil
 import signal
 import socket
@@ -360,6 +361,23 @@ def test_every_parameter_group_follows_the_schedule_and_a_resume_takes_the_comma
     assert [g["weight_decay"] for g in load(run / "ckpt_last.pt")["optimizer"]["param_groups"]] == [0.0, 0.0]
     lm.main(["train", *train_args(run, docs_data, max_steps=6, warmup_steps=5)])
     assert [g["weight_decay"] for g in load(run / "ckpt_last.pt")["optimizer"]["param_groups"]] == [0.1, 0.0]
+
+
+def test_a_resume_whose_flags_raise_the_learning_rate_says_so_and_how_to_keep_it(docs_data, tmp_path, capsys):
+    run, kept = tmp_path / "run", tmp_path / "kept"
+    lm.main(["train", *train_args(run, docs_data, max_steps=6, warmup_steps=2, log_interval=1)])
+    shutil.copytree(run, kept)
+    ended = metrics(run)[-1]["lr"]  # near min_lr: the cosine has run out
+    lm.main(["train", *train_args(run, docs_data, max_steps=12, warmup_steps=2, log_interval=1)])
+    risen = lm.lr_at(6, 3e-3, 3e-4, 2, 12)
+    assert metrics(run)[6]["lr"] == pytest.approx(risen, rel=1e-5) and risen > 2 * ended
+    note = next(line for line in capsys.readouterr().out.splitlines() if "learning rate goes on" in line)
+    assert f"at {risen:.3g}, up from the {ended:.3g}" in note
+    keep = shlex.split(note[note.index("pass ") + 5:])  # its flags, run as they are printed
+    for max_steps in (12, 14):  # more steps at the rate the run ended with: no jump, no note
+        lm.main(["train", *train_args(kept, docs_data, max_steps=max_steps, warmup_steps=2, log_interval=1), *keep])
+        assert "learning rate goes on" not in capsys.readouterr().out
+    assert [row["lr"] for row in metrics(kept)[6:]] == pytest.approx([float(keep[1])] * 8)
 
 
 def test_float16_clips_and_logs_the_unscaled_gradient(docs_data, tmp_path):
