@@ -884,23 +884,26 @@ class Block(nn.Module):
 
 class LinearCrossEntropy(torch.autograd.Function):
     """lm_head and the mean cross-entropy as one float32 step, over a single (tokens, vocab) tensor: the logits become
-    their log-softmax in place, then the gradient (softmax minus the one-hot target) in place, where autograd's
+    their softmax in place, and in backward the softmax minus the one-hot target is their gradient, where autograd's
     log_softmax and nll_loss allocate three more (fresh memory, faulted in page by page on a CPU, where that was a
-    quarter of the step at vocab 32,000)."""
+    quarter of the step at vocab 32,000) and take a second exp of every logit."""
 
     @staticmethod
     def forward(ctx, x, weight, targets):  # x (N, d_model), weight (vocab, d_model), targets (N,), -1 ignored
-        logp = x @ weight.t()  # (N, vocab) logits
-        torch.log_softmax(logp, dim=-1, out=logp)
+        probs = x @ weight.t()  # (N, vocab) logits
         counted, column = targets >= 0, targets.clamp(min=0)[:, None]  # (N,), (N, 1)
+        top, picked = probs.amax(dim=-1), probs.gather(1, column)[:, 0]  # (N,) each
+        torch.softmax(probs, dim=-1, out=probs)
+        # log p = logit - max - log(sum of exps), and the largest probability is 1 / that sum: exact where a target's
+        # probability underflows float32 (log of the softmax would read 87 nats or inf for a loss of 120)
+        logp = picked - top + probs.amax(dim=-1).log()  # (N,)
         share = counted / counted.sum()  # of the mean; no target counted: nan, as F.cross_entropy
-        ctx.save_for_backward(x, weight, column, logp, share)
-        return -(logp.gather(1, column)[:, 0] * share).sum()
+        ctx.save_for_backward(x, weight, column, probs, share)
+        return -(logp * share).sum()
 
     @staticmethod
     def backward(ctx, grad_loss):
-        x, weight, column, logp, share = ctx.saved_tensors
-        grad = logp.exp_()  # (N, vocab) softmax
+        x, weight, column, grad, share = ctx.saved_tensors  # grad: the softmax, (N, vocab)
         grad.scatter_add_(1, column, -torch.ones_like(share)[:, None])
         scale = (share * grad_loss)[:, None]  # (N, 1), each row's share of the loss: on the small operands, not grad
         return (grad @ weight) * scale, grad.t() @ (x * scale), None

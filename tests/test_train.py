@@ -464,6 +464,10 @@ def test_the_fused_float32_loss_equals_cross_entropy_over_the_logits(tie, backen
     for (name, _), got, want in zip(model.named_parameters(), fused, wanted):
         assert torch.allclose(got, want, rtol=1e-5, atol=1e-8), (name, (got - want).abs().max().item())
     assert model(x, torch.full_like(y, -1))[1].isnan()  # no target counted: nan, as F.cross_entropy
+    with torch.no_grad():  # logits hundreds apart: most targets' probabilities underflow float32, their loss does not
+        model.lm_head.weight.mul_(3000)
+        far = F.cross_entropy(model(x)[0].view(-1, cfg.vocab_size), y.view(-1), ignore_index=-1)
+        assert far.item() > 200 and model(x, y)[1].item() == pytest.approx(far.item(), rel=1e-6)
     with torch.autocast("cpu", dtype=torch.bfloat16):  # under autocast: the plain loss over the 16-bit logits (the
         plain = F.cross_entropy(model(x)[0].float().view(-1, cfg.vocab_size), y.view(-1), ignore_index=-1)
         assert model(x, y)[1].item() == pytest.approx(plain.item(), abs=1e-6)  # fused one is 1e-3 away)
