@@ -1172,6 +1172,7 @@ class TrainConfig:
     dist_timeout: int = 1800
 
 
+BIG_FOR_A_CPU = 50_000_000  # parameters: train notes that a run this size on the CPU takes minutes a step
 ARCH_FLAGS = ("n_layer", "n_head", "n_kv_head", "d_model", "head_dim", "ffn_mult", "seq_len", "rope_theta",
               "tie_embeddings")
 # Dense, per GPU; the first name found in the device's name wins ("H100 PCIe" before "H100"). MFU only for these.
@@ -1344,7 +1345,8 @@ class StopSignal:
                 raise KeyboardInterrupt
             return
         self.requested, self.since = True, time.monotonic()
-        print0(f"\nsignal {signum}: saving at the end of this step (Ctrl-C again to stop at once)", file=sys.stderr)
+        print0(f"\n{signal.Signals(signum).name}: saving at the end of this step (a Ctrl-C from 3 s on stops at once)",
+               file=sys.stderr)
 
     def restore(self):
         if self.requested:  # stopping: a late repeat, even while Python exits, must not turn a clean exit into an error
@@ -1448,21 +1450,22 @@ def train(tc: TrainConfig, args, device: torch.device, rank: int, world: int, he
                f"{'none yet' if best_val == math.inf else f'{best_val:.4f}'})")
         # a flag newer than the checkpoint is not a change
         changed = [f"{k} {old[k]} -> {v}" for k, v in dataclasses.asdict(tc).items() if old.get(k, v) != v]
+        changed += [f"processes {len(ckpt['rng'])} -> {world}"] if len(ckpt["rng"]) != world else []
         if changed:
             print0("  changed since the checkpoint: " + ", ".join(changed))
         was, now = optimizer.param_groups[0]["lr"], lr_at(step, tc.lr, min_lr, tc.warmup_steps, tc.max_steps)
         if step >= tc.warmup_steps and now > 1.01 * was:  # after warmup one schedule only lowers it: the flags changed
-            print0(f"  note: the learning rate goes on at {now:.3g}, up from the {was:.3g} of the run's last step (more "
-                   f"--max_steps stretch the cosine), and the loss may jump; to go on at {was:.3g}, pass --lr {was:.3g} "
-                   f"--min_lr {was:.3g}")
+            print0(f"  note: the learning rate goes on at {now:.3g}, up from the {was:.3g} of the run's last step "
+                   f"(more --max_steps stretch the cosine), and the loss may jump; to go on at {was:.3g}, pass "
+                   f"--lr {was:.3g} --min_lr {was:.3g}")
         if ckpt["data"]["global_batch"] != global_batch:
             print0(f"  note: the global batch is now {global_batch} sequences (was {ckpt['data']['global_batch']}),"
                    f" so batches from here differ from those the old setup would have drawn, and the val loss is "
                    f"measured on {tc.eval_iters} x {global_batch} windows")
         if ckpt["data"]["n_windows"] != train_data.n_windows:  # the same tokenizer, other text or prep options
             print0(f"  note: {tc.data_dir}/train.bin is not the one this run trained on ({train_data.n_windows:,} "
-                   f"windows, was {ckpt['data']['n_windows']:,}: prepped again?), so batches from here differ from the "
-                   f"old run's")
+                   f"windows, was {ckpt['data']['n_windows']:,}: other text, or prepped again), so batches from here "
+                   f"differ from the old run's")
         del ckpt
     if ddp:  # every process trains one run: a node started with another command would train apart, or hang
         paths = ("out_dir", "data_dir", "device", "dist_timeout")  # may differ between nodes; the data may not
@@ -1503,6 +1506,9 @@ def train(tc: TrainConfig, args, device: torch.device, rank: int, world: int, he
            f"compile {tc.compile}{wait}")
     print0(f"model {json.dumps(dataclasses.asdict(cfg))}: {n_params:,} parameters "
            f"(ffn_hidden {cfg.ffn_hidden}, head_dim {cfg.head_dim})")
+    if device.type == "cpu" and tc.device == "auto" and n_params >= BIG_FOR_A_CPU:  # no GPU here that torch can use
+        print0(f"  note: no GPU, so this trains on the CPU, where {n_params / 1e6:.0f}M parameters take minutes a "
+               f"step (a GPU: under a second). For a first try on a CPU, run `demo` or pass --preset tiny")
     print0(f"train {json.dumps(dataclasses.asdict(tc))}")
     print0(f"tokens per step: {tokens_per_step:,} = batch_size {tc.batch_size} x seq_len {cfg.seq_len} x "
            f"grad_accum_steps {tc.grad_accum_steps} x world_size {world}; schedule: warmup {tc.warmup_steps}, "

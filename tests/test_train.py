@@ -380,6 +380,15 @@ def test_a_resume_whose_flags_raise_the_learning_rate_says_so_and_how_to_keep_it
     assert [row["lr"] for row in metrics(kept)[6:]] == pytest.approx([float(keep[1])] * 8)
 
 
+def test_a_big_model_that_falls_back_to_the_cpu_is_noted(docs_data, tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(lm, "BIG_FOR_A_CPU", 200_000)  # the tiny preset's 234,816 parameters count as big here
+    lm.main(["train", *train_args(tmp_path / "auto", docs_data, max_steps=1, device="auto")])
+    noted = "note: no GPU, so this trains on the CPU, where 0M parameters take minutes" in capsys.readouterr().out
+    assert noted == (lm.resolve_device("auto").type == "cpu")
+    lm.main(["train", *train_args(tmp_path / "cpu", docs_data, max_steps=1, device="cpu")])  # asked for: no note
+    assert "note: no GPU" not in capsys.readouterr().out
+
+
 def test_float16_clips_and_logs_the_unscaled_gradient(docs_data, tmp_path):
     rows = {}
     for dtype in ("float32", "float16"):  # the scaler multiplies the loss by 65,536: clipping must see through it
@@ -627,6 +636,7 @@ def test_a_rank_added_on_resume_draws_its_own_dropout_masks(docs_data, tmp_path)
     proc = subprocess.run(torchrun(SCRIPT, "train", *args, "--grad_accum_steps", "1", "--max_steps", "10"),
                           capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    assert "changed since the checkpoint: grad_accum_steps 2 -> 1, max_steps 5 -> 10, processes 1 -> 2" in proc.stdout
     rng = load(tmp_path / "run" / "ckpt_last.pt")["rng"]
     assert len(rng) == 2 and not torch.equal(rng[0]["torch"], rng[1]["torch"])  # not a copy of rank 0's stream
 
@@ -1140,8 +1150,8 @@ def test_resume_notes_train_data_prepped_again_with_the_same_tokenizer(docs_data
     tokens.tofile(data / "train.bin")
     (data / "meta.json").write_text(json.dumps({**meta, "train": {**meta["train"], "tokens": len(tokens)}}))
     out = run_main("train", *train_args(tmp_path / "run", data, max_steps=20), check=True).stdout
-    assert re.search(r"note: .*train.bin is not the one this run trained on \([\d,]+ windows, was [\d,]+: prepped "
-                     r"again\?\)", out), out
+    assert re.search(r"note: .*train.bin is not the one this run trained on \([\d,]+ windows, was [\d,]+: other text, "
+                     r"or prepped again\)", out), out
     out = run_main("train", *train_args(tmp_path / "run", data, max_steps=30), check=True).stdout
     assert "resuming" in out and "prepped again" not in out
 
