@@ -129,7 +129,7 @@ def test_a_float32_batch_decodes_each_sample_as_its_own_full_recomputation(model
         return logits, None
 
     rows = lm.generate(m, prompt, 12, temperature=1.0, seed=5, eos_id=None, decode_step=step, num_samples=3)
-    assert len(steps) == 11
+    assert len(steps) == 11 and len(rows) == 3
     with torch.no_grad():
         for i, row in enumerate(rows):
             full = m(torch.tensor([prompt + row]))[0][0, len(prompt):-1]

@@ -296,7 +296,7 @@ def test_token_dtype_never_wraps():
     ("vocab_negative", "out of range"),
     ("vocab_zero", "--vocab_size 0 is out of range"),  # not taken for "unset"
     ("vocab_absurd", "out of range"),
-    ("one_line", "split"),
+    ("one_line", "the val split"),
     ("utf16", "is UTF-16 or UTF-32 (it starts with a byte order mark), not UTF-8. HINT: convert it, e.g. `iconv -f "
               "UTF-16"),
     ("utf16_no_mark", "bytes are NUL (a binary file, or UTF-16 or UTF-32 text). HINT: pass a text file"),
