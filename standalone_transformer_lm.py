@@ -1456,8 +1456,8 @@ def train(tc: TrainConfig, args, device: torch.device, rank: int, world: int, he
         was, now = optimizer.param_groups[0]["lr"], lr_at(step, tc.lr, min_lr, tc.warmup_steps, tc.max_steps)
         if step >= tc.warmup_steps and now > 1.01 * was:  # after warmup one schedule only lowers it: the flags changed
             print0(f"  note: the learning rate goes on at {now:.3g}, up from the {was:.3g} of the run's last step "
-                   f"(more --max_steps stretch the cosine), and the loss may jump; to go on at {was:.3g}, pass "
-                   f"--lr {was:.3g} --min_lr {was:.3g}")
+                   f"(more --max_steps stretch the cosine, a higher --lr lifts it), and the loss may jump; to go on at "
+                   f"{was:.3g}, pass --lr {was:.3g} --min_lr {was:.3g}")
         if ckpt["data"]["global_batch"] != global_batch:
             print0(f"  note: the global batch is now {global_batch} sequences (was {ckpt['data']['global_batch']}),"
                    f" so batches from here differ from those the old setup would have drawn, and the val loss is "
