@@ -1288,7 +1288,7 @@ def read_meta(data_dir: str) -> tuple[dict, bytes]:
     if os.path.isfile(data_dir):  # the corpus itself, passed where its prepped folder goes
         hint = (f"pass the folder that prep wrote (`prep --text_path {shlex.quote(data_dir)} --out_dir data`, then "
                 f"--data_dir data)")
-    elif os.path.isfile(os.path.join(data_dir, "ckpt_last.pt")):  # a run's folder, which prep refuses to write into
+    elif any(os.path.exists(os.path.join(data_dir, name)) for name in RUN_FILES):  # a run's, which prep refuses
         hint = "that is a training run's folder: pass the folder that prep wrote, e.g. --data_dir ./data"
     if not os.path.isdir(data_dir):
         raise UserError(f"--data_dir {data_dir!r} does not exist or is not a folder. HINT: {hint}")
