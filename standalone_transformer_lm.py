@@ -110,6 +110,12 @@ class ModelConfig:
         hidden = int(self.ffn_mult * self.d_model * 2 / 3)
         return self.ffn_multiple_of * math.ceil(hidden / self.ffn_multiple_of)
 
+    @property
+    def n_params(self) -> int:  # as Transformer builds it (a tied matrix once), known before it is built
+        d, width, kv_width = self.d_model, self.n_head * self.head_dim, self.n_kv_head * self.head_dim
+        block = d * (width + 2 * kv_width) + width * d + 3 * d * self.ffn_hidden + 2 * d  # attention, SwiGLU, norms
+        return self.vocab_size * d * (1 if self.tie_embeddings else 2) + self.n_layer * block + d
+
     @classmethod
     def from_dict(cls, d: dict) -> "ModelConfig":
         if not isinstance(d, dict):
@@ -1010,10 +1016,9 @@ class Transformer(nn.Module):
     def flops_per_token(self) -> float:
         # PaLM (appendix B): 6 FLOPs per matmul parameter per token (forward + backward), plus attention scores and
         # weighted values: 12 * n_layer * (n_head * head_dim) * seq_len. The embedding is a lookup, not a matmul (a
-        # tied lm_head is one: parameters() counts a tied matrix once); norm gains are not matmuls either.
+        # tied lm_head is one, counted once); norm gains are not matmuls either.
         c = self.cfg
-        matmul = sum(p.numel() for p in self.parameters()) - self.embed_tokens.weight.numel() * (not c.tie_embeddings)
-        matmul -= sum(m.weight.numel() for m in self.modules() if isinstance(m, RMSNorm))
+        matmul = c.n_params - c.vocab_size * c.d_model * (not c.tie_embeddings) - (2 * c.n_layer + 1) * c.d_model
         return 6 * matmul + 12 * c.n_layer * c.n_head * c.head_dim * c.seq_len
 
 
@@ -1323,7 +1328,12 @@ def resolve_model_config(args, vocab_size: int, saved: dict | None) -> ModelConf
     d.update({k: getattr(args, k) for k in ARCH_FLAGS if getattr(args, k) is not None})
     d["vocab_size"] = vocab_size
     if not saved:
-        return ModelConfig(**d)
+        cfg, memory = ModelConfig(**d), physical_memory()
+        if 4 * cfg.n_params > memory > 0:  # it is built in float32 on the CPU: fail here, not minutes into building it
+            raise UserError(f"a model of {cfg.n_params:,} parameters takes {4 * cfg.n_params / 2**30:,.0f} GiB in "
+                            f"float32, more than this machine's {memory / 2**30:,.0f} GiB of memory. HINT: check the "
+                            f"model flags (the 700m preset takes 3 GiB)")
+        return cfg
     diff = [f"{k} {saved.get(k)} -> {v}" for k, v in d.items() if saved.get(k) != v]  # before the derived values
     if diff:  # (n_kv_head, head_dim) are checked against a shape that is not the checkpoint's
         raise UserError(f"resuming from {args.out_dir}/ckpt_last.pt, whose model differs: {', '.join(diff)}. "
@@ -1500,14 +1510,13 @@ def train(tc: TrainConfig, args, device: torch.device, rank: int, world: int, he
                     **{sync: False})
 
     tokens_per_step, n_train = global_batch * cfg.seq_len, len(train_data.data)
-    n_params = sum(p.numel() for p in raw_model.parameters())
     wait = " (the first step compiles: a minute or more before the first log line)" if tc.compile else ""
     print0(f"torch {torch.__version__}, device {device} x {world} process(es), dtype {str(dtype)[6:]}, "
            f"compile {tc.compile}{wait}")
-    print0(f"model {json.dumps(dataclasses.asdict(cfg))}: {n_params:,} parameters "
+    print0(f"model {json.dumps(dataclasses.asdict(cfg))}: {cfg.n_params:,} parameters "
            f"(ffn_hidden {cfg.ffn_hidden}, head_dim {cfg.head_dim})")
-    if device.type == "cpu" and tc.device == "auto" and n_params >= BIG_FOR_A_CPU:  # no GPU here that torch can use
-        print0(f"  note: no GPU, so this trains on the CPU, where {n_params / 1e6:.0f}M parameters take minutes a "
+    if device.type == "cpu" and tc.device == "auto" and cfg.n_params >= BIG_FOR_A_CPU:  # no GPU here that torch can use
+        print0(f"  note: no GPU, so this trains on the CPU, where {cfg.n_params / 1e6:.0f}M parameters take minutes a "
                f"step (a GPU: under a second). For a first try on a CPU, run `demo` or pass --preset tiny")
     print0(f"train {json.dumps(dataclasses.asdict(tc))}")
     print0(f"tokens per step: {tokens_per_step:,} = batch_size {tc.batch_size} x seq_len {cfg.seq_len} x "

@@ -1205,6 +1205,8 @@ def test_bad_train_input(docs_data, tmp_path):
     for flag, value, needle in (("n_head", 0, "must be positive and finite, got n_head 0"),
                                 ("n_kv_head", 0, "n_kv_head 0"), ("ffn_mult", -1, "ffn_mult -1"),
                                 ("ffn_mult", "inf", "ffn_mult inf"), ("ffn_mult", 0.001, "leaves the SwiGLU"),
+                                ("ffn_mult", 1e30, "GiB in float32, more than this machine's"),  # (int64 overflow)
+                                ("n_layer", 10 ** 8, "GiB in float32, more than this machine's"),  # (hours building)
                                 ("min_lr", 1, "--min_lr must be at most --lr (0.003), got 1.0"),
                                 ("seed", 1 << 63, "--seed must be below 2**63"),
                                 ("dropout", 1.5, "--dropout must be in [0, 1)"),
@@ -1307,10 +1309,14 @@ def test_a_repeated_sigterm_is_the_same_request_and_restore_puts_the_handlers_ba
             signal.signal(s, h)
 
 
-@pytest.mark.parametrize("tie", [0, 1])
-def test_flops_per_token_is_palms_count(tie):
-    cfg = lm.ModelConfig(**lm.PRESETS["tiny"], vocab_size=320, tie_embeddings=tie)
+@pytest.mark.parametrize("tie, n_kv_head, head_dim", [(0, None, None), (1, None, None), (0, 2, 24)])
+def test_parameter_count_and_flops_per_token_are_the_built_model_s(tie, n_kv_head, head_dim):
+    """The config's count (the log's, and the check that a model fits in memory before it is built) is the built
+    model's, and flops_per_token() is PaLM's count of its matrices."""
+    cfg = lm.ModelConfig(**lm.PRESETS["tiny"], vocab_size=320, tie_embeddings=tie, n_kv_head=n_kv_head,
+                         head_dim=head_dim)
     m = lm.Transformer(cfg)
+    assert cfg.n_params == sum(p.numel() for p in m.parameters())  # a tied matrix once
     matrices = {id(mod.weight): mod.weight.numel() for mod in m.modules() if isinstance(mod, lm.Linear)}  # tied: once
     attention = 12 * cfg.n_layer * cfg.n_head * cfg.head_dim * cfg.seq_len  # scores and weighted values
     assert m.flops_per_token() == 6 * sum(matrices.values()) + attention
