@@ -1336,7 +1336,7 @@ def resolve_model_config(args, vocab_size: int, saved: dict | None) -> ModelConf
         return cfg
     diff = [f"{k} {saved.get(k)} -> {v}" for k, v in d.items() if saved.get(k) != v]  # before the derived values
     if diff:  # (n_kv_head, head_dim) are checked against a shape that is not the checkpoint's
-        raise UserError(f"resuming from {args.out_dir}/ckpt_last.pt, whose model differs: {', '.join(diff)}. "
+        raise UserError(f"resuming the run in {args.out_dir}, whose model differs: {', '.join(diff)}. "
                         f"HINT: drop those flags to continue that run, or use a new --out_dir for a new model")
     return ModelConfig.from_dict(saved)
 
@@ -1394,8 +1394,10 @@ def train(tc: TrainConfig, args, device: torch.device, rank: int, world: int, he
     if prepped:  # --data_dir itself, or another prep's folder: each save would replace its tokenizer.model
         raise UserError(f"--out_dir {tc.out_dir!r} holds prepped data ({prepped}), whose tokenizer.model a run's saves "
                         f"would replace. HINT: pass a folder of its own for the run, e.g. --out_dir ./runs/lm")
-    last_path = os.path.join(tc.out_dir, "ckpt_last.pt")
-    if not os.path.exists(last_path):  # a new run: a bad model shape is refused before --out_dir is made
+    # ckpt_best.pt alone (a kill between the two files of a first save, which is a new best; a ckpt_last.pt removed)
+    # is resumed too: a new run's first eval would replace it
+    last_path, best_path = (os.path.join(tc.out_dir, name) for name in ("ckpt_last.pt", "ckpt_best.pt"))
+    if not any(map(os.path.exists, (last_path, best_path))):  # a new run: bad shapes refused before --out_dir is made
         seq_len = resolve_model_config(args, meta["vocab_size"], None).seq_len
         for split in ("train", "val"):  # (a split shorter than one sequence too)
             Batches(os.path.join(tc.data_dir, f"{split}.bin"), np.dtype(meta["dtype"]), seq_len, tc.seed, 1)
@@ -1405,12 +1407,13 @@ def train(tc: TrainConfig, args, device: torch.device, rank: int, world: int, he
         held.enter_context(out_dir_lock(tc.out_dir))
         remove_stale_tmp(tc.out_dir, ("ckpt_last.pt", "ckpt_best.pt", "pytorch_model.bin", "config.json",
                                       "tokenizer.model", "metrics.jsonl"))
-    ckpt = load_checkpoint(last_path, "to resume from the best checkpoint, copy ckpt_best.pt over it; or pass a new "
-                                      "--out_dir") if os.path.exists(last_path) else None
+    resume_path = next((path for path in (last_path, best_path) if os.path.exists(path)), None)
+    ckpt = load_checkpoint(resume_path, "to resume from the best checkpoint, copy ckpt_best.pt over it; or pass a "
+                                        "new --out_dir") if resume_path else None
     if ckpt:
-        check_resumable(ckpt, last_path)
+        check_resumable(ckpt, resume_path)
     if ckpt and ckpt.get("tokenizer_sha256") != meta["tokenizer_sha256"]:
-        raise UserError(f"{last_path} was trained with another tokenizer than {tc.data_dir}/tokenizer.model. HINT: "
+        raise UserError(f"{resume_path} was trained with another tokenizer than {tc.data_dir}/tokenizer.model. HINT: "
                         f"resume with the --data_dir it was trained on, or start a new --out_dir")
     cfg = resolve_model_config(args, meta["vocab_size"], ckpt["model_config"] if ckpt else None)
     min_lr = tc.lr / 10 if tc.min_lr is None else tc.min_lr
@@ -1424,7 +1427,7 @@ def train(tc: TrainConfig, args, device: torch.device, rank: int, world: int, he
         # Not warn_only: with it, flash and memory-efficient attention keep their backward with atomics (and warn)
         torch.use_deterministic_algorithms(True)
     torch.manual_seed(tc.seed)  # same initial weights on every rank and every device
-    raw_model = model_from_saved(ckpt["model_config"], ckpt["model"], last_path, "copy ckpt_best.pt over it, or pass "
+    raw_model = model_from_saved(ckpt["model_config"], ckpt["model"], resume_path, "copy ckpt_best.pt over it, or pass "
                                  "a new --out_dir", tc.dropout, device) if ckpt else Transformer(cfg, tc.dropout)
     raw_model.to(device)
     torch.manual_seed(tc.seed + rank)  # then each rank draws its own dropout masks, as it reads its own rows
@@ -1444,7 +1447,7 @@ def train(tc: TrainConfig, args, device: torch.device, rank: int, world: int, he
                    and v.dim()):
                 raise ValueError("a moment of another shape than its parameter")
         except (ValueError, KeyError, TypeError) as e:
-            raise UserError(f"{last_path!r} holds an optimizer state that does not fit the model ({e}). HINT: copy "
+            raise UserError(f"{resume_path!r} holds an optimizer state that does not fit the model ({e}). HINT: copy "
                             f"ckpt_best.pt over it, or pass a new --out_dir") from None
         if device.type == "cpu":  # its state was left as views of the mapped file, which would then stay on disk, held,
             for state in optimizer.state.values():  # after the next save renamed a new ckpt_last.pt over it
@@ -1456,7 +1459,7 @@ def train(tc: TrainConfig, args, device: torch.device, rank: int, world: int, he
         if rank < len(ckpt["rng"]):  # a rank the saved run did not have keeps its own seed: no copy of rank 0's masks
             set_rng_state(ckpt["rng"][rank], device)
         old = ckpt["train_config"]
-        print0(f"resuming {last_path} at step {step:,} (best val loss "
+        print0(f"resuming {resume_path} at step {step:,} (best val loss "
                f"{'none yet' if best_val == math.inf else f'{best_val:.4f}'})")
         # a flag newer than the checkpoint is not a change
         changed = [f"{k} {old[k]} -> {v}" for k, v in dataclasses.asdict(tc).items() if old.get(k, v) != v]
@@ -1576,7 +1579,7 @@ def train(tc: TrainConfig, args, device: torch.device, rank: int, world: int, he
         return range(first, first + tc.batch_size)
 
     if step >= tc.max_steps:
-        print0(f"nothing to train: {last_path} is at step {step:,}, --max_steps is {tc.max_steps:,}. HINT: raise "
+        print0(f"nothing to train: {resume_path} is at step {step:,}, --max_steps is {tc.max_steps:,}. HINT: raise "
                f"--max_steps to train on")
     stop = StopSignal()
     launcher = os.getppid() if "TORCHELASTIC_RUN_ID" in os.environ else None  # torchrun's agent
@@ -1625,8 +1628,8 @@ def train(tc: TrainConfig, args, device: torch.device, rank: int, world: int, he
             loss_sum_all, norm_sum, stop_votes = flags.tolist()
             loss_val, norm_val = loss_sum_all / world, norm_sum / world
             if not math.isfinite(loss_val) or (not scaler.is_enabled() and not math.isfinite(norm_val)):
-                kept = (f"{last_path} is as it was. HINT: resume" if os.path.exists(last_path)
-                        else "nothing was saved yet. HINT: start again")
+                saved = last_path if os.path.exists(last_path) else resume_path  # what a resume would read
+                kept = f"{saved} is as it was. HINT: resume" if saved else "nothing was saved yet. HINT: start again"
                 raise UserError(f"training diverged at step {step + 1}: loss {loss_val}, grad norm {norm_val} "
                                 f"(lr {lr:.3g}); {kept} with a lower --lr or more --warmup_steps")
             scaler.step(optimizer)

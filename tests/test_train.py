@@ -49,6 +49,10 @@ def metrics(out_dir):
     return [json.loads(line) for line in (out_dir / "metrics.jsonl").read_text().splitlines()]
 
 
+def untimed(out_dir):  # the log without its timings, which differ between any two runs
+    return [{k: v for k, v in row.items() if k not in ("ms_per_step", "tokens_per_s")} for row in metrics(out_dir)]
+
+
 def assert_same_weights(a, b, atol=0.0):
     wa, wb = load(a / "pytorch_model.bin"), load(b / "pytorch_model.bin")
     assert wa.keys() == wb.keys()
@@ -585,9 +589,7 @@ def test_gradients_kept_for_cuda_graphs_train_the_same_run(docs_data, tmp_path, 
              env={"TORCHINDUCTOR_CUDAGRAPHS": "1"}, check=True)
     assert had_grads == [True] * 12
     assert_same_weights(tmp_path / "one", tmp_path / "kept")
-    untimed = [[{k: v for k, v in r.items() if k not in ("ms_per_step", "tokens_per_s")} for r in metrics(out)]
-               for out in (tmp_path / "one", tmp_path / "kept")]
-    assert untimed[0] == untimed[1] and len(untimed[0]) == 3
+    assert untimed(tmp_path / "one") == untimed(tmp_path / "kept") and len(untimed(tmp_path / "one")) == 3
 
 
 # two "nodes" of one process each, started as the README starts several nodes (a torchrun per node, c10d rendezvous).
@@ -1041,6 +1043,35 @@ def test_a_final_save_cut_short_is_redone_by_the_resume(docs_data, tmp_path, mon
     assert all(torch.equal(v, last["model"][k]) for k, v in load(run / "pytorch_model.bin").items())
     val = {row["step"]: row["val_loss"] for row in metrics(run) if "val_loss" in row}
     assert best["best_val_loss"] == min(val.values()) == val[best["step"]]
+
+
+def test_a_best_checkpoint_without_ckpt_last_is_resumed_not_replaced_by_a_new_run(docs_data, tmp_path, monkeypatch,
+                                                                                    capsys):
+    """A kill between the two files of the first save (a new best), or a ckpt_last.pt removed by hand: the same
+    command resumes ckpt_best.pt and trains what the uninterrupted run trains. A new run would have replaced it."""
+    args = train_args(tmp_path / "run", docs_data, max_steps=20, eval_interval=10, save_interval=10)
+    write = lm.atomic_write
+
+    def killed_before_ckpt_last(path, *a, **k):
+        if os.path.basename(path) == "ckpt_last.pt":
+            raise KeyboardInterrupt
+        return write(path, *a, **k)
+    monkeypatch.setattr(lm, "atomic_write", killed_before_ckpt_last)
+    assert run_main("train", *args).returncode == 130
+    monkeypatch.undo()
+    run = tmp_path / "run"
+    assert not (run / "ckpt_last.pt").exists() and load(run / "ckpt_best.pt")["step"] == 10
+    assert f"resuming {run / 'ckpt_best.pt'} at step 10" in run_main("train", *args, check=True).stdout
+    run_main("train", *train_args(tmp_path / "whole", docs_data, max_steps=20, eval_interval=10, save_interval=10),
+             check=True)
+    assert_same_weights(run, tmp_path / "whole")
+    assert untimed(run) == untimed(tmp_path / "whole") and len(untimed(run)) == 4  # logged at 5, 10, 15, 20
+
+    best = (run / "ckpt_best.pt").read_bytes()
+    (run / "ckpt_last.pt").unlink()  # removed by hand: the best, at step 20 here, is what the resume reads
+    proc = run_main("train", *train_args(run, docs_data, max_steps=20, eval_interval=10, save_interval=10), check=True)
+    assert f"nothing to train: {run / 'ckpt_best.pt'} is at step 20" in proc.stdout
+    assert (run / "ckpt_best.pt").read_bytes() == best
 
 
 def test_resume_refuses_another_architecture_or_tokenizer(docs_corpus, docs_data, tmp_path):
