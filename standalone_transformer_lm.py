@@ -37,6 +37,7 @@ import platform
 import random
 import re
 import shlex
+import shutil
 import signal
 import sys
 import threading
@@ -1408,6 +1409,9 @@ def train(tc: TrainConfig, args, device: torch.device, rank: int, world: int, he
         remove_stale_tmp(tc.out_dir, ("ckpt_last.pt", "ckpt_best.pt", "pytorch_model.bin", "config.json",
                                       "tokenizer.model", "metrics.jsonl"))
     resume_path = next((path for path in (last_path, best_path) if os.path.exists(path)), None)
+    if rank == 0 and resume_path == best_path:  # ckpt_last.pt as that save would have left it: the same bytes
+        with open(best_path, "rb") as best:
+            atomic_write(last_path, lambda f: shutil.copyfileobj(best, f), link_from=best_path)
     ckpt = load_checkpoint(resume_path, "to resume from the best checkpoint, copy ckpt_best.pt over it; or pass a "
                                         "new --out_dir") if resume_path else None
     if ckpt:
