@@ -50,6 +50,10 @@ from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 from itertools import chain
 
+if __name__ == "__main__" and signal.getsignal(signal.SIGINT) is signal.default_int_handler:  # (ignored: left so)
+    # Ctrl-C while torch loads, for a second or more before main() takes over: one line, not a traceback
+    signal.signal(signal.SIGINT, lambda signum, frame: (print("error: interrupted", file=sys.stderr), os._exit(130)))
+
 import numpy as np
 import torch
 import torch.distributed as dist
@@ -2041,6 +2045,8 @@ def main(argv=None) -> None:
     if extra:  # said by the subcommand's parser, whose --help lists its flags
         parser.commands[args.command].error(f"unrecognized arguments: {' '.join(extra)}")
     signal.signal(signal.SIGTERM, signal.default_int_handler)  # like Ctrl-C: temporary files go (train: it saves)
+    if signal.getsignal(signal.SIGINT) is not signal.SIG_IGN:  # Ctrl-C: KeyboardInterrupt again, as loading is done
+        signal.signal(signal.SIGINT, signal.default_int_handler)
     with contextlib.suppress(AttributeError):  # what stdout's encoding lacks (cp1252 on Windows) prints as "?"
         sys.stdout.reconfigure(errors="replace")  # (stderr escapes it already)
     try:

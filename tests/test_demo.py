@@ -5,6 +5,7 @@ import subprocess
 import sys
 import time
 
+import pytest
 from conftest import SCRIPT, assert_user_error, run_cli, run_main
 
 
@@ -42,6 +43,23 @@ def test_a_signal_stops_the_demo_after_its_save_not_just_its_training(tmp_path):
     out, err = proc.communicate(timeout=120)
     assert proc.returncode == 0, err
     assert "stopped by signal at step" in out and "== 3/3 generate ==" not in out and "done:" not in out, out
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/PID/maps")
+def test_ctrl_c_while_torch_loads_is_one_line(tmp_path):
+    """Ctrl-C in the second or more that `import torch` takes, before main() runs: a line, not a traceback."""
+    proc = subprocess.Popen([sys.executable, SCRIPT, "demo", "--out_dir", str(tmp_path / "demo")],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 60
+    while proc.poll() is None and time.time() < deadline:  # until torch's library is mapped: it is loading
+        with open(f"/proc/{proc.pid}/maps") as f:
+            if "libtorch" in f.read():
+                break
+        time.sleep(0.005)
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=120)
+    assert (proc.returncode, err) == (130, "error: interrupted\n")
+    assert not (tmp_path / "demo").exists()
 
 
 def test_a_folder_of_the_users_own_is_refused_and_left_as_it_was(tmp_path):
