@@ -104,6 +104,9 @@ def main(argv=None) -> None:
     except (UserError, VerificationError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2 if isinstance(e, UserError) else 1)
+    except KeyboardInterrupt:  # Ctrl-C while transformers loads or the model generates: it writes nothing
+        print("error: interrupted", file=sys.stderr)
+        sys.exit(130)
 
 
 if __name__ == "__main__":

@@ -547,6 +547,16 @@ def test_test_llama_model_refuses_zero_for_flags_that_need_one(converted, flag):
     assert_user_error(run_main(str(converted[1]), flag, "0", main=T.main), f"{flag} must be at least 1, got 0")
 
 
+def test_ctrl_c_in_test_llama_model_is_one_line(converted, monkeypatch):
+    import test_llama_model as T
+
+    def ctrl_c(*args, **kwargs):  # as Ctrl-C while it generates
+        raise KeyboardInterrupt
+    monkeypatch.setattr(T, "max_logit_diff", ctrl_c)
+    r = run_main(str(converted[1]), "--ckpt", str(converted[0] / "ckpt_last.pt"), main=T.main)
+    assert (r.returncode, r.stderr) == (130, "error: interrupted\n")
+
+
 def test_test_llama_model_samples_by_its_seed_and_top_k(converted):
     import test_llama_model as T
 
