@@ -1137,6 +1137,14 @@ def check_resumable(ckpt: dict, path: str) -> None:
                         f"ckpt_best.pt over it, or pass a new --out_dir")
 
 
+def exported_by_train(out_dir: str) -> bool:
+    """Whether the folder's config.json is the one save_checkpoint() writes."""
+    with contextlib.suppress(OSError, ValueError, AttributeError):  # none, not JSON, not an object
+        with open(os.path.join(out_dir, "config.json"), encoding="utf-8") as f:
+            return json.load(f).get("format") == CKPT_FORMAT
+    return False
+
+
 def save_checkpoint(out_dir: str, names: list[str], ckpt: dict, tokenizer: bytes) -> None:
     """Rank 0 only: the export (pytorch_model.bin, config.json, tokenizer.model), then the checkpoint files in the
     order named, each after the first a hard link to its bytes. ckpt_last.pt comes last: a kill anywhere before its
@@ -1403,6 +1411,11 @@ def train(tc: TrainConfig, args, device: torch.device, rank: int, world: int, he
     # is resumed too: a new run's first eval would replace it
     last_path, best_path = (os.path.join(tc.out_dir, name) for name in ("ckpt_last.pt", "ckpt_best.pt"))
     if not any(map(os.path.exists, (last_path, best_path))):  # a new run: bad shapes refused before --out_dir is made
+        theirs = [n for n in ("config.json", "tokenizer.model") if os.path.exists(os.path.join(tc.out_dir, n))]
+        if theirs and not exported_by_train(tc.out_dir):  # (a kill in a first save leaves ours: it starts again)
+            raise UserError(f"--out_dir {tc.out_dir!r} holds {' and '.join(theirs)} that `train` did not write (a "
+                            f"converted or downloaded model?), which a run's saves would replace. HINT: pass a folder "
+                            f"of its own for the run, e.g. --out_dir ./runs/lm")
         seq_len = resolve_model_config(args, meta["vocab_size"], None).seq_len
         for split in ("train", "val"):  # (a split shorter than one sequence too)
             Batches(os.path.join(tc.data_dir, f"{split}.bin"), np.dtype(meta["dtype"]), seq_len, tc.seed, 1)

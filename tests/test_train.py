@@ -212,6 +212,45 @@ def test_a_prepped_data_folder_is_not_trained_into(out, docs_data, tmp_path):
     assert {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()} == before
 
 
+@pytest.mark.parametrize("theirs", ["converted", "tokenizer alone"])
+def test_a_folder_with_another_tool_s_config_or_tokenizer_is_not_trained_into(docs_data, tmp_path, theirs):
+    """Each save writes config.json and tokenizer.model: over a converted (or downloaded) model's, it would leave a
+    folder that transformers no longer loads."""
+    folder = tmp_path / "hf"
+    folder.mkdir()
+    (folder / "tokenizer.model").write_bytes(b"their tokenizer")
+    if theirs == "converted":
+        (folder / "config.json").write_text('{"model_type": "llama"}')
+        (folder / "model.safetensors").write_bytes(b"their weights")
+    before = {p: p.read_bytes() for p in folder.iterdir()}
+    proc = run_main("train", *train_args(folder, docs_data, max_steps=2))
+    names = "config.json and tokenizer.model" if theirs == "converted" else "tokenizer.model"
+    assert_user_error(proc, f"--out_dir '{folder}' holds {names} that `train` did not write", "HINT: pass a folder")
+    assert {p: p.read_bytes() for p in folder.iterdir()} == before  # no lock file either
+
+
+def test_a_kill_in_the_first_save_leaves_files_the_same_command_trains_over(docs_data, tmp_path, monkeypatch):
+    """The export comes first in a save (pytorch_model.bin, config.json, tokenizer.model): killed there, the first
+    save leaves ours without a checkpoint, and the command run again starts the run again."""
+    args = train_args(tmp_path / "run", docs_data, max_steps=4, eval_interval=4, save_interval=4)
+    write = lm.atomic_write
+
+    def killed_at_the_tokenizer(path, *a, **k):
+        if os.path.basename(path) == "tokenizer.model":
+            raise KeyboardInterrupt
+        return write(path, *a, **k)
+    monkeypatch.setattr(lm, "atomic_write", killed_at_the_tokenizer)
+    assert run_main("train", *args).returncode == 130
+    monkeypatch.undo()
+    assert sorted(p.name for p in (tmp_path / "run").iterdir()) == [".train.lock", "config.json", "metrics.jsonl",
+                                                                    "pytorch_model.bin"]
+    run_main("train", *args, check=True)
+    run_main("train", *train_args(tmp_path / "whole", docs_data, max_steps=4, eval_interval=4, save_interval=4),
+             check=True)
+    assert_same_weights(tmp_path / "run", tmp_path / "whole")
+    assert untimed(tmp_path / "run") == untimed(tmp_path / "whole")
+
+
 def test_a_val_loss_equal_to_the_best_is_no_new_best(docs_data, tmp_path):
     run = tmp_path / "run"
     lm.main(["train", *train_args(run, docs_data, max_steps=2, eval_interval=2, save_interval=2)])
