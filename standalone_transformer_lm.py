@@ -636,10 +636,11 @@ def prep(text_path: str, out_dir: str, vocab_size: int | None = None, val_fracti
     if any(os.path.exists(path) and os.path.samefile(path, text_path) for path in final.values()):
         raise UserError(f"corpus {text_path!r} is one of the files prep writes into --out_dir {out_dir!r}. HINT: pass "
                         f"another --out_dir")
-    run = next((name for name in RUN_FILES if os.path.exists(os.path.join(out_dir, name))), None)  # train's --out_dir
+    # train's --out_dir, or a converted model's folder
+    run = next((name for name in (*RUN_FILES, "config.json") if os.path.exists(os.path.join(out_dir, name))), None)
     if run:
-        raise UserError(f"--out_dir {out_dir!r} holds a training run ({run}), whose tokenizer.model prep would replace"
-                        f". HINT: pass a folder of its own for the data, e.g. --out_dir ./data")
+        raise UserError(f"--out_dir {out_dir!r} holds a training run or a model ({run}), whose tokenizer.model prep "
+                        f"would replace. HINT: pass a folder of its own for the data, e.g. --out_dir ./data")
     make_dir(out_dir, "--out_dir")
     if not os.access(out_dir, os.W_OK | os.X_OK) or not os.access(text_path, os.R_OK):
         raise UserError(f"cannot read {text_path!r} or write into {out_dir!r}. HINT: check their permissions")

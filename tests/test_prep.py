@@ -682,14 +682,14 @@ def test_the_smallest_vocabulary_allowed_is_accepted(tmp_path):
         lm.prep(str(tmp_path / "c.txt"), str(tmp_path / "d"), vocab_size=299, progress=False)
 
 
-@pytest.mark.parametrize("run_file", ["ckpt_last.pt", "pytorch_model.bin"])
-def test_a_training_run_s_folder_is_not_prepped_over(run_file, docs_corpus, tmp_path):
+@pytest.mark.parametrize("run_file", ["ckpt_last.pt", "pytorch_model.bin", "config.json"])  # config.json: converted
+def test_a_training_run_s_or_a_model_s_folder_is_not_prepped_over(run_file, docs_corpus, tmp_path):
     run = tmp_path / "run"  # train's --out_dir: its tokenizer.model is the one its checkpoints were trained with
     run.mkdir()
     (run / "tokenizer.model").write_bytes(b"the run's tokenizer")
     (run / run_file).write_bytes(b"weights")
     assert_user_error(run_main("prep", "--text_path", docs_corpus, "--out_dir", run, "--vocab_size", 400),
-                      f"holds a training run ({run_file})", "HINT: pass a folder of its own")
+                      f"holds a training run or a model ({run_file})", "HINT: pass a folder of its own")
     assert sorted(os.listdir(run)) == sorted(["tokenizer.model", run_file])
     assert (run / "tokenizer.model").read_bytes() == b"the run's tokenizer"
 
