@@ -53,6 +53,18 @@ def untimed(out_dir):  # the log without its timings, which differ between any t
     return [{k: v for k, v in row.items() if k not in ("ms_per_step", "tokens_per_s")} for row in metrics(out_dir)]
 
 
+def kill_at_write(monkeypatch, name, nth=1):
+    """Stop the run (KeyboardInterrupt, as a kill would) at its nth atomic write of the file `name`."""
+    write, writes = lm.atomic_write, Counter()
+
+    def killed(path, *args, **kwargs):
+        writes[os.path.basename(path)] += 1
+        if os.path.basename(path) == name and writes[name] == nth:
+            raise KeyboardInterrupt
+        return write(path, *args, **kwargs)
+    monkeypatch.setattr(lm, "atomic_write", killed)
+
+
 def assert_same_weights(a, b, atol=0.0):
     wa, wb = load(a / "pytorch_model.bin"), load(b / "pytorch_model.bin")
     assert wa.keys() == wb.keys()
@@ -229,26 +241,27 @@ def test_a_folder_with_another_tool_s_config_or_tokenizer_is_not_trained_into(do
     assert {p: p.read_bytes() for p in folder.iterdir()} == before  # no lock file either
 
 
-def test_a_kill_in_the_first_save_leaves_files_the_same_command_trains_over(docs_data, tmp_path, monkeypatch):
-    """The export comes first in a save (pytorch_model.bin, config.json, tokenizer.model): killed there, the first
-    save leaves ours without a checkpoint, and the command run again starts the run again."""
-    args = train_args(tmp_path / "run", docs_data, max_steps=4, eval_interval=4, save_interval=4)
-    write = lm.atomic_write
-
-    def killed_at_the_tokenizer(path, *a, **k):
-        if os.path.basename(path) == "tokenizer.model":
-            raise KeyboardInterrupt
-        return write(path, *a, **k)
-    monkeypatch.setattr(lm, "atomic_write", killed_at_the_tokenizer)
+@pytest.mark.parametrize("cut_at, left", [
+    ("tokenizer.model", ["config.json", "metrics.jsonl", "pytorch_model.bin"]),  # in the export: no checkpoint yet
+    ("ckpt_last.pt", ["ckpt_best.pt", "config.json", "metrics.jsonl", "pytorch_model.bin", "tokenizer.model"])])
+def test_a_kill_in_the_first_save_then_the_same_command_trains_the_uninterrupted_run(docs_data, tmp_path, monkeypatch,
+                                                                                     cut_at, left):
+    """A save writes the export (pytorch_model.bin, config.json, tokenizer.model), then ckpt_best.pt for a new best (a
+    first save always is one), then ckpt_last.pt. Killed in the export, the first save leaves our files and no
+    checkpoint: the run starts again over them. Killed before ckpt_last.pt, it leaves ckpt_best.pt: the run resumes
+    it (a new run's first eval would replace it). Either way it trains what the uninterrupted run trains."""
+    args = train_args(tmp_path / "run", docs_data, max_steps=20, eval_interval=10, save_interval=10)
+    kill_at_write(monkeypatch, cut_at)
     assert run_main("train", *args).returncode == 130
     monkeypatch.undo()
-    assert sorted(p.name for p in (tmp_path / "run").iterdir()) == [".train.lock", "config.json", "metrics.jsonl",
-                                                                    "pytorch_model.bin"]
-    run_main("train", *args, check=True)
-    run_main("train", *train_args(tmp_path / "whole", docs_data, max_steps=4, eval_interval=4, save_interval=4),
+    run = tmp_path / "run"
+    assert sorted(p.name for p in run.iterdir()) == [".train.lock", *left]
+    out = run_main("train", *args, check=True).stdout
+    assert (f"resuming {run / 'ckpt_best.pt'} at step 10" in out) == (cut_at == "ckpt_last.pt"), out
+    run_main("train", *train_args(tmp_path / "whole", docs_data, max_steps=20, eval_interval=10, save_interval=10),
              check=True)
-    assert_same_weights(tmp_path / "run", tmp_path / "whole")
-    assert untimed(tmp_path / "run") == untimed(tmp_path / "whole")
+    assert_same_weights(run, tmp_path / "whole")
+    assert untimed(run) == untimed(tmp_path / "whole") and len(untimed(run)) == 4  # logged at 5, 10, 15, 20
 
 
 def test_a_val_loss_equal_to_the_best_is_no_new_best(docs_data, tmp_path):
@@ -1065,14 +1078,7 @@ def test_a_final_save_cut_short_is_redone_by_the_resume(docs_data, tmp_path, mon
     """A kill at the final save, before ckpt_last.pt commits it: the resume trains the last steps again and writes the
     whole save, not "nothing to train" beside an export or a best checkpoint from the save before."""
     args = train_args(tmp_path / "run", docs_data, max_steps=20, eval_interval=10, save_interval=10)
-    write, writes = lm.atomic_write, Counter()
-
-    def killed_at_the_second_write(path, *a, **k):
-        writes[os.path.basename(path)] += 1
-        if os.path.basename(path) == cut_at and writes[cut_at] == 2:  # the save at step 20
-            raise KeyboardInterrupt
-        return write(path, *a, **k)
-    monkeypatch.setattr(lm, "atomic_write", killed_at_the_second_write)
+    kill_at_write(monkeypatch, cut_at, nth=2)  # the save at step 20
     assert run_main("train", *args).returncode == 130
     monkeypatch.undo()
     run_main("train", *args, check=True)
@@ -1084,36 +1090,21 @@ def test_a_final_save_cut_short_is_redone_by_the_resume(docs_data, tmp_path, mon
     assert best["best_val_loss"] == min(val.values()) == val[best["step"]]
 
 
-def test_a_best_checkpoint_without_ckpt_last_is_resumed_not_replaced_by_a_new_run(docs_data, tmp_path, monkeypatch):
-    """A kill between the two files of the first save (a new best), or a ckpt_last.pt removed by hand: the same
-    command resumes ckpt_best.pt and trains what the uninterrupted run trains. A new run would have replaced it."""
+def test_a_ckpt_last_removed_by_hand_resumes_the_best_and_puts_it_back(docs_data, tmp_path, monkeypatch):
+    """Without ckpt_last.pt the same command resumes ckpt_best.pt, rather than start a new run whose first eval would
+    replace it, and ckpt_last.pt is that file again (for `generate` and the README's commands)."""
     args = train_args(tmp_path / "run", docs_data, max_steps=20, eval_interval=10, save_interval=10)
-    write = lm.atomic_write
-
-    def killed_before_ckpt_last(path, *a, **k):
-        if os.path.basename(path) == "ckpt_last.pt":
-            raise KeyboardInterrupt
-        return write(path, *a, **k)
-    monkeypatch.setattr(lm, "atomic_write", killed_before_ckpt_last)
-    assert run_main("train", *args).returncode == 130
-    monkeypatch.undo()
+    run_main("train", *args, check=True)
     run = tmp_path / "run"
-    assert not (run / "ckpt_last.pt").exists() and load(run / "ckpt_best.pt")["step"] == 10
-    assert f"resuming {run / 'ckpt_best.pt'} at step 10" in run_main("train", *args, check=True).stdout
-    run_main("train", *train_args(tmp_path / "whole", docs_data, max_steps=20, eval_interval=10, save_interval=10),
-             check=True)
-    assert_same_weights(run, tmp_path / "whole")
-    assert untimed(run) == untimed(tmp_path / "whole") and len(untimed(run)) == 4  # logged at 5, 10, 15, 20
-
     best = (run / "ckpt_best.pt").read_bytes()
-    (run / "ckpt_last.pt").unlink()  # removed by hand: the best, at step 20 here, is what the resume reads
+    (run / "ckpt_last.pt").unlink()
 
     def no_links(src, dst):  # a filesystem without hard links: ckpt_last.pt is then a copy of ckpt_best.pt
         raise PermissionError(1, "Operation not permitted")
     monkeypatch.setattr(os, "link", no_links)
     proc = run_main("train", *args, check=True)
-    assert f"nothing to train: {run / 'ckpt_best.pt'} is at step 20" in proc.stdout
-    assert (run / "ckpt_best.pt").read_bytes() == best == (run / "ckpt_last.pt").read_bytes()  # for `generate`
+    assert f"nothing to train: {run / 'ckpt_best.pt'} is at step 20" in proc.stdout  # the best is the last step's
+    assert (run / "ckpt_best.pt").read_bytes() == best == (run / "ckpt_last.pt").read_bytes()
 
 
 def test_resume_refuses_another_architecture_or_tokenizer(docs_corpus, docs_data, tmp_path):
