@@ -24,9 +24,9 @@ import sys
 
 import torch
 
-from standalone_transformer_lm import (DATA_FILES, RUN_FILES, HelpFormatter, ModelConfig, Parser, Transformer,
-                                      UserError, check_flags, file_sha256, load_tensors, load_tokenizer,
-                                      model_from_saved, model_with_weights, pid_alive, require_file, signals_held)
+from standalone_transformer_lm import (HelpFormatter, ModelConfig, Parser, Transformer, UserError, check_flags,
+                                      file_sha256, load_tensors, load_tokenizer, model_from_saved, model_with_weights,
+                                      pid_alive, require_file, signals_held)
 
 try:  # the trainer runs without these (the guide's first install is torch, sentencepiece, tqdm and numpy)
     from safetensors import SafetensorError
@@ -39,6 +39,8 @@ except ImportError as e:
     sys.exit(2)
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+CONVERTED_FILES = ("config.json", "generation_config.json", "model.safetensors", "tokenizer.json",
+                   "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model")  # what convert() writes
 DEFAULT_OUT = "./RSCaLM-138M-LLaMA"
 
 # Strings where converted SentencePiece tokenizers usually disagree with the original: leading, double and trailing
@@ -239,18 +241,19 @@ def verify(folder: str, model: Transformer, sp, tol: float) -> float:
 def check_out(out: str, force: bool, keep: list[str]) -> None:
     if os.path.exists(out) and not os.path.isdir(out):
         raise UserError(f"--out {out!r} is a file, expected a folder. HINT: pick another --out")
-    if os.path.isdir(out) and set(os.listdir(out)) - {"lost+found"} and not force:  # (a fresh volume's own folder)
-        raise UserError(f"--out {out!r} is not empty. HINT: pass --force to replace it, or pick another --out")
     root = os.path.realpath(out)
     for path in keep:  # --force replaces the whole folder
         if os.path.realpath(path) == root or os.path.realpath(path).startswith(root + os.sep):
             raise UserError(f"--out {out!r} holds {path!r}, which replacing it would delete. HINT: pick another --out")
-    # --force replaces files, as a converted folder holds: not another run, prepped data or a folder of folders
-    theirs = sorted(name for name in (os.listdir(out) if os.path.isdir(out) else ()) if name != "lost+found" and (
-        name in RUN_FILES + DATA_FILES or os.path.isdir(os.path.join(out, name))))
-    if theirs:
+    # --force replaces an earlier conversion, files of the names written here: nothing else (a model card, a run,
+    # prepped data, a subfolder) is deleted with it. lost+found: a fresh volume's own folder
+    names = set(os.listdir(out) if os.path.isdir(out) else ()) - {"lost+found"}
+    if theirs := sorted(n for n in names if n not in CONVERTED_FILES or os.path.isdir(os.path.join(out, n))):
         raise UserError(f"--out {out!r} holds {', '.join(theirs[:3])}, which a converted folder does not, and "
-                        f"replacing it would delete them. HINT: pick another --out")
+                        f"replacing it would delete them. HINT: move them out of it, or pick another --out")
+    if names and not force:
+        raise UserError(f"--out {out!r} holds an earlier conversion. HINT: pass --force to replace it, or pick another "
+                        f"--out")
 
 
 PARTIAL = ".partial"  # in a folder being built (and the one it replaces, during the swap), naming host and process

@@ -230,34 +230,34 @@ def test_non_empty_out_needs_force_and_failed_verify_keeps_old_folder(converted,
     run_dir, _ = converted
     out = tmp_path / "hf"
     out.mkdir()
-    (out / "keep.txt").write_text("precious")
+    (out / "config.json").write_text("an earlier conversion's")
     with pytest.raises(SystemExit) as e:
         convert(run_dir, out)
     assert e.value.code == 2
     err = capsys.readouterr().err
-    assert err.startswith("error:") and "--force" in err and (out / "keep.txt").exists()
+    assert err.startswith("error:") and "--force" in err and (out / "config.json").exists()
 
     with monkeypatch.context() as m, pytest.raises(SystemExit) as e:  # a failed verification replaces nothing
         m.setattr(C, "max_logit_diff", lambda *a: 0.5)
         convert(run_dir, out, "--force", "--verify")
     assert e.value.code == 1 and capsys.readouterr().err.startswith("error: the converted model's logits differ")
-    assert (out / "keep.txt").exists() and sorted(p.name for p in tmp_path.iterdir()) == ["hf"]
+    assert os.listdir(out) == ["config.json"] and sorted(p.name for p in tmp_path.iterdir()) == ["hf"]
 
     with monkeypatch.context() as m:  # NaN logits are no match either
         m.setattr(C, "max_logit_diff", lambda *a: math.nan)
         with pytest.raises(SystemExit) as e:
             convert(run_dir, out, "--force", "--verify")
-        assert e.value.code == 1 and capsys.readouterr().err.startswith("error:") and (out / "keep.txt").exists()
+        assert e.value.code == 1 and capsys.readouterr().err.startswith("error:") and os.listdir(out) == ["config.json"]
     convert(run_dir, out, "--force", "--verify")
     assert "verified:" in capsys.readouterr().out
-    assert not (out / "keep.txt").exists() and (out / "model.safetensors").exists()
+    assert (out / "config.json").read_text() != "an earlier conversion's" and (out / "model.safetensors").exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["hf"]  # no temporary folders left behind
 
     (tmp_path / "link").symlink_to(out)  # --out a link to a folder: the folder is replaced, the link stays
-    (out / "keep.txt").write_text("old")
+    (out / "config.json").write_text("old")
     convert(run_dir, tmp_path / "link", "--force")
     assert (tmp_path / "link").is_symlink() and (tmp_path / "link" / "model.safetensors").exists()
-    assert not (out / "keep.txt").exists() and sorted(p.name for p in tmp_path.iterdir()) == ["hf", "link"]
+    assert (out / "config.json").read_text() != "old" and sorted(p.name for p in tmp_path.iterdir()) == ["hf", "link"]
 
 
 @pytest.mark.parametrize("mistake", ["missing", "directory", "truncated", "text", "bin-without-config",
@@ -603,7 +603,7 @@ def test_a_signal_while_force_swaps_the_folder_in_waits_for_the_new_one(converte
     run_dir, ref = converted
     out = tmp_path / "hf"
     out.mkdir()
-    (out / "old.txt").write_text("an earlier conversion")
+    (out / "model.safetensors").write_text("an earlier conversion")
     replace = os.replace
 
     def signalled(src, dst):  # right after the old folder moves aside: --out is missing
@@ -614,13 +614,17 @@ def test_a_signal_while_force_swaps_the_folder_in_waits_for_the_new_one(converte
         convert(run_dir, out, "--force")
     assert e.value.code == 130 and capsys.readouterr().err.strip().endswith("error: interrupted")
     assert sorted(p.name for p in out.iterdir()) == sorted(p.name for p in ref.iterdir())  # the new one, whole
+    assert (out / "model.safetensors").read_bytes() == (ref / "model.safetensors").read_bytes()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["hf"]  # the old one gone, nothing half-built left
 
 
-def test_force_replaces_a_converted_folder_not_a_run_or_prepped_data_or_a_folder_of_folders(converted, tmp_path,
-                                                                                           capsys):
+def test_force_replaces_an_earlier_conversion_not_a_model_card_a_run_prepped_data_or_a_subfolder(converted, tmp_path,
+                                                                                                 capsys):
+    """Only the files a conversion writes are replaced: a model card written beside them, another run's or prepped
+    data's files, a subfolder, or any file of the user's stops --force, with or without an earlier conversion."""
     run_dir, ref = converted
-    for name, content in (("train.bin", "data"), ("ckpt_best.pt", "run"), ("data", None)):
+    for name, content in (("train.bin", "data"), ("ckpt_best.pt", "run"), ("data", None), ("README.md", "card"),
+                          ("config.json", None)):  # a folder of that name
         out = tmp_path / f"out-{name}"
         out.mkdir()
         (out / name).mkdir() if content is None else (out / name).write_text(content)
@@ -629,6 +633,14 @@ def test_force_replaces_a_converted_folder_not_a_run_or_prepped_data_or_a_folder
         err = capsys.readouterr().err
         assert e.value.code == 2 and f"holds {name}, which a converted folder does not" in err, err
         assert sorted(p.name for p in out.iterdir()) == [name]
+    out = tmp_path / "hub"  # a conversion, and the model card written for it since
+    shutil.copytree(ref, out)
+    (out / "README.md").write_text("card")
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    with pytest.raises(SystemExit) as e:
+        convert(run_dir, out, "--force")
+    assert e.value.code == 2 and "holds README.md" in capsys.readouterr().err
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
 
 
 def test_only_folders_that_a_killed_conversion_left_are_removed(converted, tmp_path):
@@ -672,10 +684,11 @@ def test_a_mount_point_as_out_is_filled_in_place(converted, tmp_path, monkeypatc
     real_ismount = os.path.ismount
     monkeypatch.setattr(os.path, "ismount", lambda p: os.path.realpath(p) == str(out) or real_ismount(p))
     convert(run_dir, out)
-    (out / "old.txt").write_text("an earlier conversion")
+    (out / "generation_config.json").write_text("an earlier conversion")
     with pytest.raises(SystemExit) as e:
         convert(run_dir, out)
-    assert e.value.code == 2 and "--force" in capsys.readouterr().err and (out / "old.txt").exists()
+    assert e.value.code == 2 and "--force" in capsys.readouterr().err
+    assert (out / "generation_config.json").read_text() == "an earlier conversion"
     convert(run_dir, out, "--force")
     assert out.stat().st_ino == inode and (out / "lost+found" / "x").exists()
     assert sorted(p.name for p in out.iterdir()) == sorted(["lost+found", *(p.name for p in ref.iterdir())])
