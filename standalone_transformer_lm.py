@@ -329,8 +329,11 @@ def out_of_memory(e: Exception) -> tuple[str, str] | None:
 # Tokenizer and token files
 
 UNK_ID, BOS_ID, EOS_ID, PAD_ID = 0, 1, 2, 3
-# What marks a folder as a training run's or as prepped data: each command refuses to write into the other's
-RUN_FILES, DATA_FILES = ("ckpt_last.pt", "ckpt_best.pt", "pytorch_model.bin"), ("meta.json", "train.bin")
+PREP_FILES = ("tokenizer.model", "train.bin", "val.bin", "meta.json")  # in the order prep renames them into place
+# What marks a folder as a training run's or a model's (config.json: a converted one too), and as prepped data: each
+# command refuses to write into the other's
+MODEL_FILES = ("ckpt_last.pt", "ckpt_best.pt", "pytorch_model.bin", "config.json")
+DATA_FILES = ("meta.json", "train.bin")
 SP_MAX_LINE_BYTES = 4192  # SentencePiece's training limit per sentence; longer lines are still encoded in full
 BLOCK_BYTES = 1 << 18  # prep reads and encodes the corpus in blocks of about this many bytes
 MAX_LINE_BYTES = 1 << 26  # 64 MB; encoding a line takes 50-90 bytes of memory per byte of it (more for short words)
@@ -510,12 +513,12 @@ def check_encoding(path: str) -> None:
         head = f.read(1 << 20)
     bad = len(head.decode("utf-8", errors="replace")) - len(head.decode("utf-8", errors="ignore"))
     hint = f"HINT: convert it, e.g. `iconv -f LATIN1 -t UTF-8 {path} > corpus.utf8.txt`"
-    packed = {b"\x1f\x8b": ("gzip", "gunzip -k"), b"\x28\xb5\x2f\xfd": ("zstd", "zstd -d"),
-              b"\xfd7zXZ": ("xz", "unxz -k"), b"BZh": ("bzip2", "bunzip2 -k"), b"PK\x03\x04": ("zip", "unzip"),
+    packed = {b"\x1f\x8b": ("gzip", "gunzip -c"), b"\x28\xb5\x2f\xfd": ("zstd", "zstd -dc"),  # to stdout: any name
+              b"\xfd7zXZ": ("xz", "xz -dc"), b"BZh": ("bzip2", "bzip2 -dc"), b"PK\x03\x04": ("zip", "unzip -p"),
               b"PAR1": ("Parquet", None)}
     kind, tool = next((v for magic, v in packed.items() if head.startswith(magic)), (None, None))
     if kind and (bad or b"\x00" in head):  # binary after the magic bytes: not a text that happens to start so
-        fix = f"`{tool} {path}` and pass the text file" if tool else "write its text one document per line"
+        fix = f"`{tool} {path} > corpus.unpacked.txt` and pass that" if tool else "write its text one document per line"
         raise UserError(f"corpus {path!r} is binary ({kind}), not text. HINT: {fix}")
     if head.startswith((b"\xff\xfe", b"\xfe\xff")):
         raise UserError(f"corpus {path!r} is UTF-16 or UTF-32 (it starts with a byte order mark), not UTF-8. "
@@ -632,12 +635,11 @@ def prep(text_path: str, out_dir: str, vocab_size: int | None = None, val_fracti
     if num_workers < 0 or sample_lines < 1:
         raise UserError(f"--num_workers {num_workers} must be 0 (all cores) or more, --sample_lines {sample_lines} "
                         f"at least 1")
-    final = {name: os.path.join(out_dir, name) for name in ("tokenizer.model", "train.bin", "val.bin", "meta.json")}
+    final = {name: os.path.join(out_dir, name) for name in PREP_FILES}
     if any(os.path.exists(path) and os.path.samefile(path, text_path) for path in final.values()):
         raise UserError(f"corpus {text_path!r} is one of the files prep writes into --out_dir {out_dir!r}. HINT: pass "
                         f"another --out_dir")
-    # train's --out_dir, or a converted model's folder
-    run = next((name for name in (*RUN_FILES, "config.json") if os.path.exists(os.path.join(out_dir, name))), None)
+    run = next((name for name in MODEL_FILES if os.path.exists(os.path.join(out_dir, name))), None)
     if run:
         raise UserError(f"--out_dir {out_dir!r} holds a training run or a model ({run}), whose tokenizer.model prep "
                         f"would replace. HINT: pass a folder of its own for the data, e.g. --out_dir ./data")
@@ -1125,7 +1127,7 @@ def load_checkpoint(path: str, hint: str = "pass the ckpt_last.pt or ckpt_best.p
     return ckpt
 
 
-def check_resumable(ckpt: dict, path: str) -> None:
+def check_resumable(ckpt: dict, path: str, fix: str) -> None:
     """What a resume reads, of the kinds `train` saves: an edited file fails here, not mid-way with a traceback."""
     kinds = {"model_config": dict, "model": dict, "optimizer": dict, "scaler": dict, "step": int,
              "best_val_loss": float, "train_config": dict, "data": dict, "rng": list}
@@ -1134,8 +1136,8 @@ def check_resumable(ckpt: dict, path: str) -> None:
         odd += [f"model_config[{k!r}]" for k, v in ckpt["model_config"].items() if not isinstance(v, (int, float))
                 and v is not None]
     if odd:
-        raise UserError(f"{path!r} holds other values than `train` saves ({', '.join(odd)}): was it edited? HINT: copy "
-                        f"ckpt_best.pt over it, or pass a new --out_dir")
+        raise UserError(f"{path!r} holds other values than `train` saves ({', '.join(odd)}): was it edited? HINT: "
+                        f"{fix}")
 
 
 def exported_by_train(out_dir: str) -> bool:
@@ -1304,14 +1306,16 @@ def read_meta(data_dir: str) -> tuple[dict, bytes]:
     have put another in --data_dir)."""
     path = os.path.join(data_dir, "meta.json")
     hint = f"run `python {beside_me()} prep --text_path corpus.txt --out_dir {shlex.quote(data_dir)}` first"
-    if os.path.isfile(data_dir):  # the corpus itself, passed where its prepped folder goes
+    if os.path.basename(data_dir) in PREP_FILES and os.path.isfile(data_dir):  # nanoGPT's habit: data/train.bin
+        hint = f"pass the folder that holds it, --data_dir {shlex.quote(os.path.dirname(data_dir) or '.')}"
+    elif os.path.isfile(data_dir):  # the corpus itself, passed where its prepped folder goes
         hint = (f"pass the folder that prep wrote (`prep --text_path {shlex.quote(data_dir)} --out_dir data`, then "
                 f"--data_dir data)")
-    elif any(os.path.exists(os.path.join(data_dir, name)) for name in RUN_FILES):  # a run's, which prep refuses
-        hint = "that is a training run's folder: pass the folder that prep wrote, e.g. --data_dir ./data"
+    elif any(os.path.exists(os.path.join(data_dir, name)) for name in MODEL_FILES):  # which prep refuses
+        hint = "that is a training run's or a model's folder: pass the folder that prep wrote, e.g. --data_dir ./data"
     if not os.path.isdir(data_dir):
         raise UserError(f"--data_dir {data_dir!r} does not exist or is not a folder. HINT: {hint}")
-    for name in ("meta.json", "train.bin", "val.bin", "tokenizer.model"):
+    for name in PREP_FILES:
         require_file(os.path.join(data_dir, name), "data file", hint)
     with open(os.path.join(data_dir, "tokenizer.model"), "rb") as f:
         tokenizer = f.read()
@@ -1427,13 +1431,15 @@ def train(tc: TrainConfig, args, device: torch.device, rank: int, world: int, he
         remove_stale_tmp(tc.out_dir, ("ckpt_last.pt", "ckpt_best.pt", "pytorch_model.bin", "config.json",
                                       "tokenizer.model", "metrics.jsonl"))
     resume_path = next((path for path in (last_path, best_path) if os.path.exists(path)), None)
+    # what to do when it does not load: a ckpt_best.pt apart from it (not a hard link to the same bytes) is resumed
+    best_apart = resume_path == last_path and os.path.exists(best_path) and not os.path.samefile(last_path, best_path)
+    fix = f"{'remove it to resume ckpt_best.pt' if best_apart else 'restore it from a backup'}, or pass a new --out_dir"
     if rank == 0 and resume_path == best_path:  # ckpt_last.pt as that save would have left it: the same bytes
         with open(best_path, "rb") as best:
             atomic_write(last_path, lambda f: shutil.copyfileobj(best, f), link_from=best_path)
-    ckpt = load_checkpoint(resume_path, "to resume from the best checkpoint, copy ckpt_best.pt over it; or pass a "
-                                        "new --out_dir") if resume_path else None
+    ckpt = load_checkpoint(resume_path, fix) if resume_path else None
     if ckpt:
-        check_resumable(ckpt, resume_path)
+        check_resumable(ckpt, resume_path, fix)
     if ckpt and ckpt.get("tokenizer_sha256") != meta["tokenizer_sha256"]:
         raise UserError(f"{resume_path} was trained with another tokenizer than {tc.data_dir}/tokenizer.model. HINT: "
                         f"resume with the --data_dir it was trained on, or start a new --out_dir")
@@ -1449,8 +1455,8 @@ def train(tc: TrainConfig, args, device: torch.device, rank: int, world: int, he
         # Not warn_only: with it, flash and memory-efficient attention keep their backward with atomics (and warn)
         torch.use_deterministic_algorithms(True)
     torch.manual_seed(tc.seed)  # same initial weights on every rank and every device
-    raw_model = model_from_saved(ckpt["model_config"], ckpt["model"], resume_path, "copy ckpt_best.pt over it, or pass "
-                                 "a new --out_dir", tc.dropout, device) if ckpt else Transformer(cfg, tc.dropout)
+    raw_model = model_from_saved(ckpt["model_config"], ckpt["model"], resume_path, fix, tc.dropout,
+                                 device) if ckpt else Transformer(cfg, tc.dropout)
     raw_model.to(device)
     torch.manual_seed(tc.seed + rank)  # then each rank draws its own dropout masks, as it reads its own rows
     optimizer = make_optimizer(raw_model, tc.lr, tc.weight_decay, device)
@@ -1469,8 +1475,8 @@ def train(tc: TrainConfig, args, device: torch.device, rank: int, world: int, he
                    and v.dim()):
                 raise ValueError("a moment of another shape than its parameter")
         except (ValueError, KeyError, TypeError) as e:
-            raise UserError(f"{resume_path!r} holds an optimizer state that does not fit the model ({e}). HINT: copy "
-                            f"ckpt_best.pt over it, or pass a new --out_dir") from None
+            raise UserError(f"{resume_path!r} holds an optimizer state that does not fit the model ({e}). HINT: "
+                            f"{fix}") from None
         if device.type == "cpu":  # its state was left as views of the mapped file, which would then stay on disk, held,
             for state in optimizer.state.values():  # after the next save renamed a new ckpt_last.pt over it
                 state.update({k: v.clone() for k, v in state.items() if torch.is_tensor(v)})

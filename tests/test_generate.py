@@ -517,7 +517,7 @@ def test_a_checkpoint_whose_weights_do_not_fit_its_config_is_one_error_line(trai
         shutil.copytree(trained, run)
         shutil.copy(tmp_path / "ckpt.pt", run / "ckpt_last.pt")
         args = train_args(run, docs_data, max_steps=30)
-        assert_user_error(run_main("train", *args), "do not fit together", "HINT: copy ckpt_best.pt over it")
+        assert_user_error(run_main("train", *args), "do not fit together", "HINT: remove it to resume ckpt_best.pt")
 
 
 def test_a_prompt_prefilled_in_chunks_gives_the_logits_of_the_whole_prompt_at_once(model):

@@ -302,7 +302,7 @@ def test_token_dtype_never_wraps():
     ("utf16_no_mark", "bytes are NUL (a binary file, or UTF-16 or UTF-32 text). HINT: pass a text file"),
     ("token_file", "bytes are NUL (a binary file, or UTF-16 or UTF-32 text). HINT: pass a text file"),  # train.bin
     ("latin1", "is not UTF-8"),
-    ("gzip", "is binary (gzip), not text. HINT: `gunzip -k"),
+    ("gzip", "is binary (gzip), not text. HINT: `gunzip -c"),  # (-c: any file name; -k wants a .gz)
     ("cr_only", "\\r alone"),
     ("fifo", "not a regular file"),
     ("too_many_characters", "distinct characters"),

@@ -1126,12 +1126,18 @@ def test_resume_refuses_another_architecture_or_tokenizer(docs_corpus, docs_data
     last.unlink()  # (a hard link to ckpt_best.pt's bytes)
     last.write_bytes(torn)
     assert_user_error(run_main("train", *train_args(tmp_path / "run8", docs_data, max_steps=10, n_head=8)),
-                      "ckpt_last.pt' is not a loadable checkpoint (the file is cut short or damaged). HINT: to "
-                      "resume from the best checkpoint, copy ckpt_best.pt over it")
-    shutil.copyfile(best, last)
+                      "ckpt_last.pt' is not a loadable checkpoint (the file is cut short or damaged). HINT: remove it "
+                      "to resume ckpt_best.pt, or pass a new --out_dir")
+    last.unlink()  # as the hint says
     assert run_main("train", *train_args(tmp_path / "run8", docs_data, max_steps=10, n_head=8),
                     check=True).returncode == 0
     assert lm.load_checkpoint(str(last))["step"] == 10
+    last.unlink()
+    os.link(best, last)  # the best of the last save is that file, a hard link: a fault damages both
+    with open(last, "r+b") as f:
+        f.truncate(5000)
+    assert_user_error(run_main("train", *train_args(tmp_path / "run8", docs_data, max_steps=20, n_head=8)),
+                      "is not a loadable checkpoint", "HINT: restore it from a backup, or pass a new --out_dir")
 
 
 def test_a_checkpoint_edited_by_hand_is_refused_on_resume_and_the_run_left_as_it_was(docs_data, tmp_path):
@@ -1152,7 +1158,7 @@ def test_a_checkpoint_edited_by_hand_is_refused_on_resume_and_the_run_left_as_it
         torch.save(edited, last)
         before = last.read_bytes()
         assert_user_error(run_main("train", *train_args(tmp_path / "run", docs_data, max_steps=6)), needle,
-                          "HINT: copy ckpt_best.pt over it")
+                          "HINT: remove it to resume ckpt_best.pt")
         assert last.read_bytes() == before and log.read_bytes() == logged
 
 
@@ -1313,10 +1319,15 @@ def test_bad_train_input(docs_data, tmp_path):
     assert_user_error(run_main("train", *train_args(tmp_path / "r", tmp_path / "corpus.txt")),
                       f"pass the folder that prep wrote (`prep --text_path {tmp_path / 'corpus.txt'} --out_dir data`")
     assert (tmp_path / "corpus.txt").read_text() == "a line of text\n"
+    assert_user_error(run_main("train", *train_args(tmp_path / "r", docs_data / "train.bin")),  # as nanoGPT's users do
+                      f"HINT: pass the folder that holds it, --data_dir {docs_data}")
     (tmp_path / "r2").mkdir()
     (tmp_path / "r2" / "ckpt_last.pt").write_bytes(b"not a checkpoint")
-    assert_user_error(run_main("train", *train_args(tmp_path / "r3", tmp_path / "r2")),  # a run's folder as the data
-                      "meta.json' does not exist. HINT: that is a training run's folder: pass the folder that prep")
+    (tmp_path / "hf").mkdir()
+    (tmp_path / "hf" / "config.json").write_text("{}")
+    for folder in ("r2", "hf"):  # a run's or a converted model's folder as the data: prep would refuse them
+        assert_user_error(run_main("train", *train_args(tmp_path / "r3", tmp_path / folder)), "' does not exist. HINT: "
+                          "that is a training run's or a model's folder: pass the folder that prep")
     assert_user_error(run_main("train", *train_args(tmp_path / "r2", docs_data)), "not a loadable")
     (tmp_path / "r2" / "ckpt_last.pt").write_bytes(b"")  # a save cut short by a full disk
     assert_user_error(run_main("train", *train_args(tmp_path / "r2", docs_data)), "not a loadable")
