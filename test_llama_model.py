@@ -7,6 +7,8 @@ With --ckpt it also runs our own model from that checkpoint on the same tokens (
 prints the largest logit difference and exits with status 1 above --tol.
 """
 
+import contextlib
+import json
 import math
 import os
 import shlex
@@ -19,13 +21,23 @@ from standalone_transformer_lm import HelpFormatter, Parser, UserError, check_fl
 
 
 def run(args) -> None:
-    if os.path.isfile(os.path.join(args.folder, "ckpt_last.pt")):  # train's --out_dir: its config.json is ours
-        raise UserError(f"{args.folder!r} is a training run's folder, not a converted one. HINT: run `python "
-                        f"convert_to_llama.py --ckpt {shlex.quote(os.path.join(args.folder, 'ckpt_last.pt'))} --out "
-                        f"{DEFAULT_OUT}` first and pass {DEFAULT_OUT}")
-    if not os.path.isfile(os.path.join(args.folder, "config.json")):
+    # a checkpoint, or train's --out_dir (its config.json is ours): what to convert first
+    ckpt = args.folder if os.path.isfile(args.folder) else os.path.join(args.folder, "ckpt_last.pt")
+    if os.path.isfile(ckpt):
+        what = "a file" if ckpt == args.folder else "a training run's folder"
+        raise UserError(f"{args.folder!r} is {what}, not a converted model folder. HINT: run `python "
+                        f"convert_to_llama.py --ckpt {shlex.quote(ckpt)} --out {DEFAULT_OUT}` first and pass "
+                        f"{DEFAULT_OUT}")
+    config = os.path.join(args.folder, "config.json")
+    if not os.path.isfile(config):
         raise UserError(f"{args.folder!r} is not a converted model folder (no config.json). HINT: run "
                         f"`python convert_to_llama.py --ckpt CKPT --out {args.folder}` first, or pass the folder")
+    with contextlib.suppress(OSError, ValueError, AttributeError):  # (one that does not load: said below)
+        with open(config, encoding="utf-8") as f:
+            kind = json.load(f).get("model_type")
+        if kind not in ("llama", "mistral"):  # another model's weights would not load into it: random ones would
+            raise UserError(f"{args.folder!r} holds a {kind} model, where convert_to_llama.py writes llama or mistral "
+                            f"ones. HINT: pass the folder that convert_to_llama.py wrote")
     check_flags(args, [("max_new_tokens", args.max_new_tokens >= 1, "at least 1"),
                        ("temperature", args.temperature == 0 or 1e-6 <= args.temperature < math.inf,
                         "0 (greedy only), or finite and at least 1e-6"),

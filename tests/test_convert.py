@@ -355,8 +355,15 @@ def test_test_llama_model_generates_and_compares(converted, tmp_path, spm_path, 
     assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
     assert r.stderr.splitlines()[-1].startswith("error:") and "does not load with transformers" in r.stderr
 
-    assert_user_error(run_main(str(run_dir), main=T.main), f"{str(run_dir)!r} is a training run's folder, not a "
-                      f"converted one. HINT: run `python convert_to_llama.py --ckpt {run_dir / 'ckpt_last.pt'} --out")
+    for given, what in ((run_dir, "a training run's folder"), (run_dir / "ckpt_last.pt", "a file")):  # to convert
+        assert_user_error(run_main(str(given), main=T.main), f"{str(given)!r} is {what}, not a converted model "
+                          f"folder. HINT: run `python convert_to_llama.py --ckpt {run_dir / 'ckpt_last.pt'} --out")
+    gpt2 = tmp_path / "gpt2"  # another model's folder: its weights would not load into ours, random ones would
+    shutil.copytree(out, gpt2)
+    (gpt2 / "config.json").write_text(json.dumps({"model_type": "gpt2", "vocab_size": VOCAB, "n_embd": 64}))
+    for extra in ((), ("--ckpt", str(run_dir / "ckpt_last.pt"))):
+        assert_user_error(run_main(str(gpt2), *extra, main=T.main), "holds a gpt2 model, where convert_to_llama.py "
+                          "writes llama or mistral ones")
     other = make_run(tmp_path / "other", spm_path, vocab_size=VOCAB + 8, seq_len=32)  # not the folder's checkpoint
     r = run_main(str(out), "--ckpt", str(other / "ckpt_last.pt"), main=T.main)
     assert_user_error(r, "was not converted from", ": vocabulary 2000 against 2008, context 64 against 32 (the folder")
