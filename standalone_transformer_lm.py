@@ -1471,11 +1471,13 @@ def train(tc: TrainConfig, args, device: torch.device, rank: int, world: int, he
     if ckpt:
         try:  # (a moment of another shape than its parameter would crash the fused step, even the process)
             optimizer.load_state_dict(ckpt["optimizer"])
-            if any(v.shape != p.shape for p, st in optimizer.state.items() for v in st.values() if torch.is_tensor(v)
-                   and v.dim()):
+            moments = [(p, v) for p, st in optimizer.state.items() for v in st.values() if torch.is_tensor(v)]
+            if any(v.shape != p.shape for p, v in moments if v.dim()):
                 raise ValueError("a moment of another shape than its parameter")
+            if not all(torch.isfinite(v).all() for _, v in moments):  # never saved so: damaged since, as a weight
+                raise ValueError("nan or inf in a moment")  # would be (model_from_saved), and no --lr gets past it
         except (ValueError, KeyError, TypeError) as e:
-            raise UserError(f"{resume_path!r} holds an optimizer state that does not fit the model ({e}). HINT: "
+            raise UserError(f"{resume_path!r} holds an optimizer state that cannot be resumed ({e}). HINT: "
                             f"{fix}") from None
         if device.type == "cpu":  # its state was left as views of the mapped file, which would then stay on disk, held,
             for state in optimizer.state.values():  # after the next save renamed a new ckpt_last.pt over it

@@ -1147,10 +1147,14 @@ def test_a_checkpoint_edited_by_hand_is_refused_on_resume_and_the_run_left_as_it
 
     def moment_of_another_shape(c):
         c["optimizer"]["state"][0]["exp_avg"] = torch.zeros(3)  # (the fused step crashed the process)
+
+    def nan_in_a_moment(c):  # (a divergence blamed on --lr, whatever --lr the resume was given)
+        c["optimizer"]["state"][1]["exp_avg"].view(-1)[0] = math.nan
     edits = {"optimizer": lambda c: c.pop("optimizer"), "step": lambda c: c.update(step=-100),
              "best_val_loss": lambda c: c.update(best_val_loss="low"), "rng": lambda c: c.update(rng="x"),
              "model_config['n_layer']": lambda c: c["model_config"].update(n_layer="2"),
-             "an optimizer state that does not fit the model (a moment": moment_of_another_shape}
+             "an optimizer state that cannot be resumed (a moment of another shape": moment_of_another_shape,
+             "an optimizer state that cannot be resumed (nan or inf in a moment)": nan_in_a_moment}
     for needle, edit in edits.items():
         edited = copy.deepcopy(saved)
         edit(edited)
