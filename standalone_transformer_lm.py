@@ -1476,6 +1476,7 @@ def train(tc: TrainConfig, args, device: torch.device, rank: int, world: int, he
                 raise ValueError("a moment of another shape than its parameter")
             if not all(torch.isfinite(v).all() for _, v in moments):  # never saved so: damaged since, as a weight
                 raise ValueError("nan or inf in a moment")  # would be (model_from_saved), and no --lr gets past it
+            del moments  # on a CPU, views of the mapped file until the copies below: not held past here
         except (ValueError, KeyError, TypeError) as e:
             raise UserError(f"{resume_path!r} holds an optimizer state that cannot be resumed ({e}). HINT: "
                             f"{fix}") from None
