@@ -248,6 +248,11 @@ def make_dir(path: str, flag: str) -> str | None:
     return top
 
 
+def another(given: str, example: str) -> str:
+    """The example folder that a hint refusing `given` suggests: not `given` itself."""
+    return f"{example}2" if os.path.abspath(given) == os.path.abspath(example) else example
+
+
 def require_file(path: str, what: str, hint: str) -> None:
     if os.path.isdir(path):
         raise UserError(f"{what} {path!r} is a directory, expected a file. HINT: {hint}")
@@ -382,9 +387,10 @@ def read_blocks(path: str, start: int, end: int):
                 line_start = pos + block.rfind(b"\n") + 1
                 block += f.readline(MAX_LINE_BYTES)
                 if pos + len(block) < end and not block.endswith(b"\n"):
-                    line, fix = block[line_start - pos:], f"e.g. `fold -s -w 10000 {path} > corpus.folded.txt`"
+                    line, q = block[line_start - pos:], shlex.quote(path)
+                    fix = f"e.g. `fold -s -w 10000 {q} > corpus.folded.txt`"
                     if line.count(b" ") * 10_000 < len(line):  # fold would find no space, and cut through characters
-                        fix = f"cut at sentence ends, e.g. `sed 's/。/。\\n/g' {path} > corpus.split.txt`"
+                        fix = f"cut at sentence ends, e.g. `sed 's/。/。\\n/g' {q} > corpus.split.txt`"
                     raise UserError(f"{path!r} has a line of more than {MAX_LINE_BYTES >> 20} MB (from byte "
                                     f"{line_start:,}); a line is one sample, and encoding that much at once takes "
                                     f"gigabytes. HINT: write one document per line, {fix}")
@@ -512,13 +518,14 @@ def check_encoding(path: str) -> None:
     with open(path, "rb") as f:
         head = f.read(1 << 20)
     bad = len(head.decode("utf-8", errors="replace")) - len(head.decode("utf-8", errors="ignore"))
-    hint = f"HINT: convert it, e.g. `iconv -f LATIN1 -t UTF-8 {path} > corpus.utf8.txt`"
+    q = shlex.quote(path)  # in the commands of the hints (a name with a space)
+    hint = f"HINT: convert it, e.g. `iconv -f LATIN1 -t UTF-8 {q} > corpus.utf8.txt`"
     packed = {b"\x1f\x8b": ("gzip", "gunzip -c"), b"\x28\xb5\x2f\xfd": ("zstd", "zstd -dc"),  # to stdout: any name
               b"\xfd7zXZ": ("xz", "xz -dc"), b"BZh": ("bzip2", "bzip2 -dc"), b"PK\x03\x04": ("zip", "unzip -p"),
               b"PAR1": ("Parquet", None)}
     kind, tool = next((v for magic, v in packed.items() if head.startswith(magic)), (None, None))
     if kind and (bad or b"\x00" in head):  # binary after the magic bytes: not a text that happens to start so
-        fix = f"`{tool} {path} > corpus.unpacked.txt` and pass that" if tool else "write its text one document per line"
+        fix = f"`{tool} {q} > corpus.unpacked.txt` and pass that" if tool else "write its text one document per line"
         raise UserError(f"corpus {path!r} is binary ({kind}), not text. HINT: {fix}")
     if head.startswith((b"\xff\xfe", b"\xfe\xff")):
         raise UserError(f"corpus {path!r} is UTF-16 or UTF-32 (it starts with a byte order mark), not UTF-8. "
@@ -526,13 +533,13 @@ def check_encoding(path: str) -> None:
     if (nul := head.count(b"\x00")) > len(head) // 100:  # a token file, a model, a database; or UTF-16 without a mark
         raise UserError(f"corpus {path!r} is not UTF-8 text: {nul / len(head):.0%} of its first {len(head):,} bytes "
                         f"are NUL (a binary file, or UTF-16 or UTF-32 text). HINT: pass a text file, one document per "
-                        f"line; convert UTF-16 with `iconv -f UTF-16 -t UTF-8 {path} > corpus.utf8.txt`")
+                        f"line; convert UTF-16 with `iconv -f UTF-16 -t UTF-8 {q} > corpus.utf8.txt`")
     if bad > max(10, len(head) // 1000):  # a few bad bytes are repaired and counted in the stats
         raise UserError(f"corpus {path!r} is not UTF-8: {bad:,} invalid sequences in its first {len(head):,} bytes "
                         f"(Latin-1 or Windows-1252?). {hint}")
     if b"\n" not in head and b"\r" in head:
         raise UserError(f"corpus {path!r} ends its lines with \\r alone (old Mac style), so it would be one sample. "
-                        f"HINT: `tr '\\r' '\\n' < {path} > corpus.lf.txt`")
+                        f"HINT: `tr '\\r' '\\n' < {q} > corpus.lf.txt`")
 
 
 def is_long(line: str) -> bool:
@@ -642,7 +649,8 @@ def prep(text_path: str, out_dir: str, vocab_size: int | None = None, val_fracti
     run = next((name for name in MODEL_FILES if os.path.exists(os.path.join(out_dir, name))), None)
     if run:
         raise UserError(f"--out_dir {out_dir!r} holds a training run or a model ({run}), whose tokenizer.model prep "
-                        f"would replace. HINT: pass a folder of its own for the data, e.g. --out_dir ./data")
+                        f"would replace. HINT: pass a folder of its own for the data, e.g. --out_dir "
+                        f"{another(out_dir, './data')}")
     make_dir(out_dir, "--out_dir")
     if not os.access(out_dir, os.W_OK | os.X_OK) or not os.access(text_path, os.R_OK):
         raise UserError(f"cannot read {text_path!r} or write into {out_dir!r}. HINT: check their permissions")
@@ -690,8 +698,8 @@ def prep(text_path: str, out_dir: str, vocab_size: int | None = None, val_fracti
             if counts[split]["samples"] == 0 and repeats:
                 raise UserError(f"the {split} split of {text_path!r} is empty: --dedup 1 dropped each of its lines as "
                                 f"a repeat of an earlier one (is the corpus repeated end to end?). HINT: dedup it "
-                                f"first (`awk '!seen[$0]++' {text_path} > corpus.dedup.txt`) and prep that without "
-                                f"--dedup")
+                                f"first (`awk '!seen[$0]++' {shlex.quote(text_path)} > corpus.dedup.txt`) and prep "
+                                f"that without --dedup")
             if counts[split]["samples"] == 0:
                 raise UserError(f"the {split} split of {text_path!r} is empty ({size} bytes, --val_fraction "
                                 f"{val_fraction}). HINT: use a corpus with more lines, or change --val_fraction")
@@ -1224,6 +1232,9 @@ def resolve_device(name: str) -> torch.device:
             torch.cuda.init()  # checks the GPUs against the kernels this build has (it creates no CUDA context)
     said = [" ".join(str(w.message).split()) for w in caught]
     gpu_there = os.path.exists(NVIDIA_DEVICE) and os.environ.get("CUDA_VISIBLE_DEVICES") not in ("", "-1")
+    if not cuda and name == "cuda" and not gpu_there and torch.version.cuda is None:
+        raise UserError(f"torch {torch.__version__} cannot use a GPU here: this machine shows no NVIDIA GPU (and it "
+                        f"is a CPU-only build). HINT: pass --device cpu (or auto), or run on a machine with a GPU")
     if not cuda and (name == "cuda" or gpu_there):
         why = next((m[:300] for m in said if "CUDA init" in m),
                    "it is a CPU-only build" if torch.version.cuda is None else "it sees no CUDA GPU")
@@ -1312,7 +1323,8 @@ def read_meta(data_dir: str) -> tuple[dict, bytes]:
         hint = (f"pass the folder that prep wrote (`prep --text_path {shlex.quote(data_dir)} --out_dir data`, then "
                 f"--data_dir data)")
     elif any(os.path.exists(os.path.join(data_dir, name)) for name in MODEL_FILES):  # which prep refuses
-        hint = "that is a training run's or a model's folder: pass the folder that prep wrote, e.g. --data_dir ./data"
+        hint = (f"that is a training run's or a model's folder: pass the folder that prep wrote, e.g. --data_dir "
+                f"{another(data_dir, './data')}")
     if not os.path.isdir(data_dir):
         raise UserError(f"--data_dir {data_dir!r} does not exist or is not a folder. HINT: {hint}")
     for name in PREP_FILES:
@@ -1352,10 +1364,15 @@ def resolve_model_config(args, vocab_size: int, saved: dict | None) -> ModelConf
                             f"float32, more than this machine's {memory / 2**30:,.0f} GiB of memory. HINT: check the "
                             f"model flags (the 700m preset takes 3 GiB)")
         return cfg
-    diff = [f"{k} {saved.get(k)} -> {v}" for k, v in d.items() if saved.get(k) != v]  # before the derived values
-    if diff:  # (n_kv_head, head_dim) are checked against a shape that is not the checkpoint's
-        raise UserError(f"resuming the run in {args.out_dir}, whose model differs: {', '.join(diff)}. "
-                        f"HINT: drop those flags to continue that run, or use a new --out_dir for a new model")
+    diff = {k: v for k, v in d.items() if saved.get(k) != v}  # before the derived values (n_kv_head, head_dim are
+    if diff:  # checked against a shape that is not the checkpoint's)
+        given = [f"--{k}" for k in ARCH_FLAGS if k in diff and getattr(args, k) is not None]
+        if args.preset and any(k in PRESETS[args.preset] and f"--{k}" not in given for k in diff):
+            given.insert(0, f"--preset {args.preset}")  # (what it sets is not always a flag: tiny's ffn_multiple_of)
+        raise UserError(f"resuming the run in {args.out_dir}, whose model differs: "
+                        f"{', '.join(f'{k} {saved.get(k)} -> {v}' for k, v in diff.items())}. HINT: drop "
+                        f"{' '.join(given) or 'those flags'} to continue that run, or use a new --out_dir for a new "
+                        f"model")
     return ModelConfig.from_dict(saved)
 
 
@@ -1411,7 +1428,8 @@ def train(tc: TrainConfig, args, device: torch.device, rank: int, world: int, he
     prepped = next((n for n in DATA_FILES if os.path.exists(os.path.join(tc.out_dir, n))), None)
     if prepped:  # --data_dir itself, or another prep's folder: each save would replace its tokenizer.model
         raise UserError(f"--out_dir {tc.out_dir!r} holds prepped data ({prepped}), whose tokenizer.model a run's saves "
-                        f"would replace. HINT: pass a folder of its own for the run, e.g. --out_dir ./runs/lm")
+                        f"would replace. HINT: pass a folder of its own for the run, e.g. --out_dir "
+                        f"{another(tc.out_dir, './runs/lm')}")
     # ckpt_best.pt alone (a kill between the two files of a first save, which is a new best; a ckpt_last.pt removed)
     # is resumed too: a new run's first eval would replace it
     last_path, best_path = (os.path.join(tc.out_dir, name) for name in ("ckpt_last.pt", "ckpt_best.pt"))
@@ -1420,7 +1438,7 @@ def train(tc: TrainConfig, args, device: torch.device, rank: int, world: int, he
         if theirs and not exported_by_train(tc.out_dir):  # (a kill in a first save leaves ours: it starts again)
             raise UserError(f"--out_dir {tc.out_dir!r} holds {' and '.join(theirs)} that `train` did not write (a "
                             f"converted or downloaded model?), which a run's saves would replace. HINT: pass a folder "
-                            f"of its own for the run, e.g. --out_dir ./runs/lm")
+                            f"of its own for the run, e.g. --out_dir {another(tc.out_dir, './runs/lm')}")
         seq_len = resolve_model_config(args, meta["vocab_size"], None).seq_len
         for split in ("train", "val"):  # (a split shorter than one sequence too)
             Batches(os.path.join(tc.data_dir, f"{split}.bin"), np.dtype(meta["dtype"]), seq_len, tc.seed, 1)
@@ -1551,7 +1569,8 @@ def train(tc: TrainConfig, args, device: torch.device, rank: int, world: int, he
            f"(ffn_hidden {cfg.ffn_hidden}, head_dim {cfg.head_dim})")
     if device.type == "cpu" and tc.device == "auto" and cfg.n_params >= BIG_FOR_A_CPU:  # no GPU here that torch can use
         print0(f"  note: no GPU, so this trains on the CPU, where {cfg.n_params / 1e6:.0f}M parameters take minutes a "
-               f"step (a GPU: under a second). For a first try on a CPU, run `demo` or pass --preset tiny")
+               f"step (a GPU: under a second). For a first try on a CPU, run `demo`, or train --preset tiny into a new "
+               f"--out_dir")
     print0(f"train {json.dumps(dataclasses.asdict(tc))}")
     print0(f"tokens per step: {tokens_per_step:,} = batch_size {tc.batch_size} x seq_len {cfg.seq_len} x "
            f"grad_accum_steps {tc.grad_accum_steps} x world_size {world}; schedule: warmup {tc.warmup_steps}, "
@@ -1937,7 +1956,8 @@ def cmd_demo(args) -> None:
     earlier = earlier and file_sha256(corpus) == hashlib.sha256(text).hexdigest()
     if os.path.isdir(out) and os.listdir(out) and not earlier:
         raise UserError(f"--out_dir {out!r} is not empty and holds no earlier demo (of this Python), whose corpus.txt, "
-                        f"data/ and run/ it would replace. HINT: pass a new or empty folder, e.g. --out_dir runs/demo")
+                        f"data/ and run/ it would replace. HINT: pass a new or empty folder, e.g. --out_dir "
+                        f"{another(out, 'runs/demo')}")
     make_dir(out, "--out_dir")
     data_dir, run_dir = os.path.join(out, "data"), os.path.join(out, "run")
     ckpt = os.path.join(run_dir, "ckpt_last.pt")

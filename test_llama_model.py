@@ -17,7 +17,7 @@ import sys
 import torch
 
 from convert_to_llama import DEFAULT_OUT, VerificationError, load_our_model, max_logit_diff, need_transformers
-from standalone_transformer_lm import HelpFormatter, Parser, UserError, check_flags, require_file
+from standalone_transformer_lm import HelpFormatter, Parser, UserError, beside_me, check_flags, require_file
 
 
 def run(args) -> None:
@@ -26,12 +26,13 @@ def run(args) -> None:
     if os.path.isfile(ckpt):
         what = "a file" if ckpt == args.folder else "a training run's folder"
         raise UserError(f"{args.folder!r} is {what}, not a converted model folder. HINT: run `python "
-                        f"convert_to_llama.py --ckpt {shlex.quote(ckpt)} --out {DEFAULT_OUT}` first and pass "
-                        f"{DEFAULT_OUT}")
+                        f"{beside_me('convert_to_llama.py')} --ckpt {shlex.quote(ckpt)} --out {DEFAULT_OUT}` first and "
+                        f"pass {DEFAULT_OUT}")
     config = os.path.join(args.folder, "config.json")
     if not os.path.isfile(config):
-        raise UserError(f"{args.folder!r} is not a converted model folder (no config.json). HINT: run "
-                        f"`python convert_to_llama.py --ckpt CKPT --out {args.folder}` first, or pass the folder")
+        raise UserError(f"{args.folder!r} is not a converted model folder (no config.json). HINT: run `python "
+                        f"{beside_me('convert_to_llama.py')} --ckpt CKPT --out {shlex.quote(args.folder)}` first, or "
+                        f"pass the folder")
     with contextlib.suppress(OSError, ValueError, AttributeError):  # (one that does not load: said below)
         with open(config, encoding="utf-8") as f:
             kind = json.load(f).get("model_type")

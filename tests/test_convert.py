@@ -357,7 +357,7 @@ def test_test_llama_model_generates_and_compares(converted, tmp_path, spm_path, 
 
     for given, what in ((run_dir, "a training run's folder"), (run_dir / "ckpt_last.pt", "a file")):  # to convert
         assert_user_error(run_main(str(given), main=T.main), f"{str(given)!r} is {what}, not a converted model "
-                          f"folder. HINT: run `python convert_to_llama.py --ckpt {run_dir / 'ckpt_last.pt'} --out")
+                          f"folder. HINT: run `python ", f"convert_to_llama.py --ckpt {run_dir / 'ckpt_last.pt'} --out")
     gpt2 = tmp_path / "gpt2"  # another model's folder: its weights would not load into ours, random ones would
     shutil.copytree(out, gpt2)
     (gpt2 / "config.json").write_text(json.dumps({"model_type": "gpt2", "vocab_size": VOCAB, "n_embd": 64}))

@@ -70,5 +70,10 @@ def test_a_folder_of_the_users_own_is_refused_and_left_as_it_was(tmp_path):
         path.write_bytes(content)
     proc = run_main("demo", "--out_dir", tmp_path, "--max_steps", 1, "--vocab_size", 500, "--device", "cpu")
     assert_user_error(proc, "is not empty and holds no earlier demo", "HINT: pass a new or empty folder")
-    assert sorted(p.name for p in tmp_path.rglob("*")) == ["corpus.txt", "data", "meta.json"]
+    (tmp_path / "runs" / "demo").mkdir(parents=True)  # its default folder, with a file of the user's
+    (tmp_path / "runs" / "demo" / "notes.txt").write_text("mine")
+    proc = run_main("demo", "--max_steps", 1, "--vocab_size", 500, "--device", "cpu", cwd=tmp_path)
+    assert_user_error(proc, "HINT: pass a new or empty folder, e.g. --out_dir runs/demo2")  # not the one refused
+    assert sorted(p.name for p in tmp_path.rglob("*")) == ["corpus.txt", "data", "demo", "meta.json", "notes.txt",
+                                                           "runs"]
     assert all(path.read_bytes() == content for path, content in files.items())

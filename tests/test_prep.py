@@ -694,6 +694,16 @@ def test_a_training_run_s_or_a_model_s_folder_is_not_prepped_over(run_file, docs
     assert (run / "tokenizer.model").read_bytes() == b"the run's tokenizer"
 
 
+def test_the_commands_in_prep_s_hints_run_as_printed_for_a_name_with_a_space(tmp_path):
+    corpus = tmp_path / "my book.txt"
+    corpus.write_bytes(b"old mac line\r" * 50)
+    proc = run_main("prep", "--text_path", corpus, "--out_dir", tmp_path / "data", "--vocab_size", 400)
+    assert_user_error(proc, "ends its lines with \\r alone")
+    command = re.search(r"`(tr .*?)`", proc.stderr)[1]  # tr '\r' '\n' < '.../my book.txt' > corpus.lf.txt
+    subprocess.run(command, shell=True, cwd=tmp_path, check=True)
+    assert (tmp_path / "corpus.lf.txt").read_bytes() == b"old mac line\n" * 50
+
+
 def test_ctrl_c_while_sentencepiece_is_imported_is_an_interruption_not_a_traceback(monkeypatch, capsys, tmp_path):
     def interrupted_import(*args, **kwargs):  # what a signal during `import sentencepiece` (a C extension) raises
         raise ImportError("initialization failed") from KeyboardInterrupt()

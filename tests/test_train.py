@@ -1110,7 +1110,9 @@ def test_a_ckpt_last_removed_by_hand_resumes_the_best_and_puts_it_back(docs_data
 def test_resume_refuses_another_architecture_or_tokenizer(docs_corpus, docs_data, tmp_path):
     run_main("train", *train_args(tmp_path / "run", docs_data, max_steps=5, save_interval=5), check=True)
     proc = run_main("train", *train_args(tmp_path / "run", docs_data, max_steps=10, n_layer=3))
-    assert_user_error(proc, "n_layer 2 -> 3", "new --out_dir")
+    assert_user_error(proc, "n_layer 2 -> 3", "HINT: drop --n_layer to continue that run", "new --out_dir")
+    proc = run_main("train", *train_args(tmp_path / "run", docs_data, max_steps=10, preset="138m", seq_len=64))
+    assert_user_error(proc, "n_layer 2 -> 12", "HINT: drop --preset 138m to continue")  # (seq_len 64: the same)
     other = tmp_path / "other"  # the same corpus and vocabulary size, a tokenizer trained on another sample
     lm.prep(str(docs_corpus), str(other), vocab_size=1000, val_fraction=0.05, num_workers=1, sample_lines=3000,
             progress=False)
