@@ -97,7 +97,8 @@ def run(args) -> None:
         print(f"largest logit difference vs {args.ckpt} on {ids.shape[1]} tokens: {diff:.2e} (tolerance {args.tol:g})")
         if not diff <= args.tol:
             raise VerificationError(f"logits differ by up to {diff:.3g}, above --tol {args.tol:g}: the folder does "
-                                    f"not reproduce {args.ckpt!r}")
+                                    f"not reproduce {args.ckpt!r}. HINT: if it was converted from another checkpoint "
+                                    f"of this shape (the run's other one, or an earlier save), pass that one")
 
 
 def main(argv=None) -> None:

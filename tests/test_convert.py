@@ -398,6 +398,7 @@ def test_test_llama_model_generates_and_compares(converted, tmp_path, spm_path, 
     save_file(w, broken / "model.safetensors", metadata={"format": "pt"})
     r = run_main(str(broken), "--ckpt", str(run_dir / "ckpt_last.pt"), "--max_new_tokens", "4", main=T.main)
     assert r.returncode == 1 and r.stderr.splitlines()[-1].startswith("error: logits differ by up to"), r.stderr
+    assert "HINT: if it was converted from another checkpoint of this shape" in r.stderr  # (a user's likelier slip)
 
 
 def test_the_check_and_test_llama_model_need_no_kernels_from_the_hub(converted, tmp_path, monkeypatch):
