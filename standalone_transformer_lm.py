@@ -1364,8 +1364,9 @@ def resolve_model_config(args, vocab_size: int, saved: dict | None) -> ModelConf
                             f"float32, more than this machine's {memory / 2**30:,.0f} GiB of memory. HINT: check the "
                             f"model flags (the 700m preset takes 3 GiB)")
         return cfg
-    diff = {k: v for k, v in d.items() if saved.get(k) != v}  # before the derived values (n_kv_head, head_dim are
-    if diff:  # checked against a shape that is not the checkpoint's)
+    # compared before the derived values: n_kv_head and head_dim would be checked against another shape than saved
+    diff = {k: v for k, v in d.items() if saved.get(k) != v}
+    if diff:
         given = [f"--{k}" for k in ARCH_FLAGS if k in diff and getattr(args, k) is not None]
         if args.preset and any(k in PRESETS[args.preset] and f"--{k}" not in given for k in diff):
             given.insert(0, f"--preset {args.preset}")  # (what it sets is not always a flag: tiny's ffn_multiple_of)
