@@ -1447,8 +1447,7 @@ def train(tc: TrainConfig, args, device: torch.device, rank: int, world: int, he
     # otherwise replace it between our read and our start.
     if rank == 0:
         held.enter_context(out_dir_lock(tc.out_dir))
-        remove_stale_tmp(tc.out_dir, ("ckpt_last.pt", "ckpt_best.pt", "pytorch_model.bin", "config.json",
-                                      "tokenizer.model", "metrics.jsonl"))
+        remove_stale_tmp(tc.out_dir, (*MODEL_FILES, "tokenizer.model", "metrics.jsonl"))  # what a run writes
     resume_path = next((path for path in (last_path, best_path) if os.path.exists(path)), None)
     # what to do when it does not load: a ckpt_best.pt apart from it (not a hard link to the same bytes) is resumed
     best_apart = resume_path == last_path and os.path.exists(best_path) and not os.path.samefile(last_path, best_path)
