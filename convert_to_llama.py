@@ -33,9 +33,10 @@ try:  # the trainer runs without these (the guide's first install is torch, sent
     from safetensors.torch import save_file
     from tokenizers import AddedToken, Tokenizer, decoders, normalizers, processors
     from tokenizers.models import BPE
+    from sentencepiece import sentencepiece_model_pb2  # (needs protobuf) the types of the pieces
 except ImportError as e:
-    print(f"error: {e.name} is not installed, and converting needs it. HINT: pip install -r requirements.txt",
-          file=sys.stderr)
+    print(f"error: {'protobuf' if e.name == 'google' else e.name} is not installed, and converting needs it. HINT: "
+          f"pip install -r requirements.txt", file=sys.stderr)
     sys.exit(2)
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -293,6 +294,12 @@ def convert(ckpt: str, spm_path: str, out: str, dtype: str = "float32", force: b
     if trained_sha and file_sha256(spm_path) != trained_sha:  # same size, other pieces: a prep run since training
         raise UserError(f"tokenizer {spm_path!r} is not the one {ckpt!r} was trained with (sha256 differs). HINT: "
                         f"pass the tokenizer.model that `train` copied beside the checkpoint, or leave out --spm")
+    proto = sentencepiece_model_pb2.ModelProto.FromString(sp.serialized_model_proto())
+    if user := [p.piece for p in proto.pieces if p.type == p.USER_DEFINED]:  # (prep never makes them; --spm takes any)
+        raise UserError(f"tokenizer {spm_path!r} has user-defined symbols ({', '.join(map(repr, user[:5]))}), which "
+                        f"SentencePiece matches whole wherever they occur and the converted tokenizer.json would not: "
+                        f"AutoTokenizer's ids would differ from training's. HINT: export a model trained on a "
+                        f"tokenizer that `prep` trained (prep without --spm); `generate` samples from this one")
     tok = build_tokenizer(sp)
     tok.encode_special_tokens = True  # what split_special_tokens in tokenizer_config.json makes transformers do
     check_tokenizer(lambda t: tok.encode(t, add_special_tokens=False).ids, tok.decode, sp)

@@ -427,13 +427,15 @@ def test_the_check_and_test_llama_model_need_no_kernels_from_the_hub(converted, 
 @pytest.mark.parametrize("script, missing, args", [
     ("convert_to_llama.py", "safetensors", ["--ckpt", "run/ckpt_last.pt", "--out", "hf_new"]),
     ("convert_to_llama.py", "tokenizers", ["--ckpt", "run/ckpt_last.pt", "--out", "hf_new"]),
+    ("convert_to_llama.py", "protobuf", ["--ckpt", "run/ckpt_last.pt", "--out", "hf_new"]),  # (imported as google)
     ("convert_to_llama.py", "transformers", ["--ckpt", "run/ckpt_last.pt", "--out", "hf_new", "--verify"]),
     ("test_llama_model.py", "transformers", ["hf"]),
 ])
 def test_a_missing_conversion_package_is_one_error_line(converted, script, missing, args):
     """The guide's first install is torch, sentencepiece, tqdm and numpy: enough to train, not to convert."""
     run_dir, _ = converted
-    code = (f"import runpy, sys; sys.modules[{missing!r}] = None; sys.path.insert(0, {str(ROOT)!r}); "
+    module = "google" if missing == "protobuf" else missing
+    code = (f"import runpy, sys; sys.modules[{module!r}] = None; sys.path.insert(0, {str(ROOT)!r}); "
             f"sys.argv = [{script!r}, *{args!r}]; runpy.run_path({str(ROOT / script)!r}, run_name='__main__')")
     proc = subprocess.run([sys.executable, "-c", code], cwd=run_dir.parent, capture_output=True, text=True,
                           timeout=300)
@@ -745,6 +747,27 @@ def test_a_tokenizer_with_more_pieces_than_the_model_has_ids_for_is_refused(tmp_
         convert(run_dir, tmp_path / "hf")
     err = capsys.readouterr().err
     assert e.value.code == 2 and "has 2000 pieces but the model's vocabulary is 1992" in err, err
+    assert not (tmp_path / "hf").exists()
+
+
+def test_a_tokenizer_with_user_defined_symbols_is_refused(tmp_path, spm_path, capsys):
+    """`prep --spm` takes a tokenizer that prep did not train. SentencePiece matches a user-defined symbol whole, inside
+    a word too, where the converted BPE would spell it out: AutoTokenizer's ids would not be those the model learnt."""
+    import io
+    import sentencepiece as spm
+    lines = spm_path.with_name("lines.txt").read_text(encoding="utf-8").splitlines()
+    model = io.BytesIO()
+    spm.SentencePieceTrainer.train(sentence_iterator=iter(line.replace(". ", ". <|sep|> ") for line in lines),
+                                   model_writer=model, vocab_size=VOCAB, user_defined_symbols=["<|sep|>"],
+                                   **S.SP_TRAINER_OPTIONS)
+    foreign = tmp_path / "foreign.model"
+    foreign.write_bytes(model.getvalue())
+    assert S.load_tokenizer(str(foreign)).encode("a<|sep|>b", out_type=str) == ["▁a", "<|sep|>", "b"]
+    run_dir = make_run(tmp_path / "run", foreign)
+    with pytest.raises(SystemExit) as e:
+        convert(run_dir, tmp_path / "hf")
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "has user-defined symbols ('<|sep|>')" in err and "HINT" in err, err
     assert not (tmp_path / "hf").exists()
 
 
