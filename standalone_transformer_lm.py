@@ -746,7 +746,8 @@ class Batches:
     The corpus is cut into windows of seq_len + 1 tokens; each epoch visits all of them once in a seeded order, with a
     seeded shift of the window grid. Row g of step s is window number s * global_batch + g of that sequence, so 2
     ranks x 1 micro-step read exactly what 1 rank x 2 micro-steps reads, and a resume (on any number of processes)
-    continues the stream where it stopped.
+    continues the stream where it stopped. A resume with another global batch goes on from the windows read so far
+    (`offset`): the sequence then neither repeats nor skips windows.
     """
 
     def __init__(self, path: str, dtype, seq_len: int, seed: int, global_batch: int, vocab_size: int = 1 << 32):
@@ -760,6 +761,7 @@ class Batches:
         self.n_windows = max(1, len(self.data) // seq_len - 1)  # one fewer than fit: room for the shift
         self.max_shift = min(seq_len, len(self.data) - self.n_windows * seq_len)
         self._epoch, self._order, self._shift = -1, None, 0
+        self.offset = 0  # window number of step 0: read so far minus step * global_batch, after such a resume
 
     def window(self, index: int) -> np.ndarray:
         epoch, i = divmod(index, self.n_windows)
@@ -771,7 +773,7 @@ class Batches:
         return self.data[start:start + self.seq_len + 1]
 
     def get(self, step: int, rows: range, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-        xy = np.stack([self.window(step * self.global_batch + g) for g in rows])
+        xy = np.stack([self.window(self.offset + step * self.global_batch + g) for g in rows])
         if xy.max() >= self.vocab_size:  # (on a GPU the embedding would stop the process with a device-side assert)
             raise UserError(f"{self.path} holds token id {xy.max()}, beyond the {self.vocab_size}-token vocabulary of "
                             f"its meta.json: the file is damaged. HINT: run prep again")
@@ -780,9 +782,9 @@ class Batches:
             xy = xy.pin_memory().to(device, non_blocking=True)
         return xy[:, :-1], xy[:, 1:]  # (B, T) inputs, (B, T) targets
 
-    def state_dict(self) -> dict:
+    def state_dict(self, step: int) -> dict:  # windows: those read before this step
         return {"seed": self.seed, "seq_len": self.seq_len, "n_windows": self.n_windows,
-                "global_batch": self.global_batch}
+                "global_batch": self.global_batch, "windows": self.offset + step * self.global_batch}
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -1140,6 +1142,10 @@ def check_resumable(ckpt: dict, path: str, fix: str) -> None:
     kinds = {"model_config": dict, "model": dict, "optimizer": dict, "scaler": dict, "step": int,
              "best_val_loss": float, "train_config": dict, "data": dict, "rng": list}
     odd = [k for k, kind in kinds.items() if type(ckpt.get(k)) is not kind or k == "step" and ckpt[k] < 0]
+    if "data" not in odd:  # (older checkpoints have no "windows")
+        data = {"windows": 0, **ckpt["data"]}
+        odd += [f"data[{k!r}]" for k in ("global_batch", "n_windows", "windows")
+                if type(data.get(k)) is not int or data[k] < (k != "windows")]
     if "model_config" not in odd:  # its sizes are numbers, or None for a default
         odd += [f"model_config[{k!r}]" for k, v in ckpt["model_config"].items() if not isinstance(v, (int, float))
                 and v is not None]
@@ -1520,10 +1526,12 @@ def train(tc: TrainConfig, args, device: torch.device, rank: int, world: int, he
             print0(f"  note: the learning rate goes on at {now:.3g}, up from the {was:.3g} of the run's last step "
                    f"(more --max_steps stretch the cosine, a higher --lr lifts it), and the loss may jump; to go on at "
                    f"{was:.3g}, pass --lr {was:.3g} --min_lr {was:.3g}")
+        windows = ckpt["data"].get("windows", step * ckpt["data"]["global_batch"])  # (older: how they read on)
+        train_data.offset = windows - step * global_batch
         if ckpt["data"]["global_batch"] != global_batch:
-            print0(f"  note: the global batch is now {global_batch} sequences (was {ckpt['data']['global_batch']}),"
-                   f" so batches from here differ from those the old setup would have drawn, and the val loss is "
-                   f"measured on {tc.eval_iters} x {global_batch} windows")
+            print0(f"  note: the global batch is now {global_batch} sequences (was {ckpt['data']['global_batch']}):"
+                   f" the batches go on from the {windows:,} windows read so far, neither repeated nor skipped, and "
+                   f"the val loss is measured on {tc.eval_iters} x {global_batch} windows")
         if ckpt["data"]["n_windows"] != train_data.n_windows:  # the same tokenizer, other text or prep options
             print0(f"  note: {tc.data_dir}/train.bin is not the one this run trained on ({train_data.n_windows:,} "
                    f"windows, was {ckpt['data']['n_windows']:,}: other text, or prepped again), so batches from here "
@@ -1602,7 +1610,7 @@ def train(tc: TrainConfig, args, device: torch.device, rank: int, world: int, he
             ckpt = {"format": CKPT_FORMAT, "version": CKPT_VERSION, "model_config": dataclasses.asdict(cfg),
                     "model": cpu_state_dict(raw_model), "optimizer": optimizer.state_dict(),
                     "scaler": scaler.state_dict(), "step": step, "best_val_loss": best_val,
-                    "train_config": dataclasses.asdict(tc), "data": train_data.state_dict(), "rng": states,
+                    "train_config": dataclasses.asdict(tc), "data": train_data.state_dict(step), "rng": states,
                     "tokenizer_sha256": meta["tokenizer_sha256"]}
             save_checkpoint(tc.out_dir, names, ckpt, tokenizer)
         if ddp:  # the GPU named: else NCCL's barrier takes the current one, and warns at every run's first save

@@ -1237,9 +1237,38 @@ def test_resume_accepts_new_max_steps_lr_dropout_and_batch(docs_data, tmp_path):
     out = run_main("train", *train_args(tmp_path / "run", docs_data, max_steps=20, lr=1e-3, dropout=0.1,
                                         batch_size=2), check=True).stdout
     assert "max_steps 10 -> 20" in out and "lr 0.003 -> 0.001" in out and "dropout 0.0 -> 0.1" in out
-    assert "note: the global batch is now 4 sequences (was 8), so batches from here differ" in out
+    assert "note: the global batch is now 4 sequences (was 8): the batches go on from the 80 windows read so far" in out
     assert "cosine from lr 0.001 to 0.0001 at step 20" in out
     assert load(tmp_path / "run" / "ckpt_last.pt")["step"] == 20
+
+
+def test_a_resume_with_another_global_batch_goes_on_with_the_windows_not_yet_read(docs_data, tmp_path, monkeypatch):
+    """A job requeued on half the GPUs with the same flags halves its global batch. Row g of step s can then no longer
+    be window s x global batch + g, which would read again the windows of the run's second half (or, on more GPUs, skip
+    windows): the run goes on from the windows read so far. A checkpoint saved before that count was kept goes on from
+    step x its global batch, where such a run read on."""
+    read, window = [], lm.Batches.window
+
+    def recording(self, index):
+        if self.path.endswith("train.bin"):
+            read.append(index)
+        return window(self, index)
+
+    monkeypatch.setattr(lm.Batches, "window", recording)
+    run = tmp_path / "run"
+    run_main("train", *train_args(run, docs_data, max_steps=10), check=True)  # 4 x 2 = 8 windows a step
+    assert read[:80] == list(range(80))
+    ckpt = load(run / "ckpt_last.pt")
+    assert ckpt["data"]["windows"] == 80
+    del ckpt["data"]["windows"]  # as an older version saved it
+    torch.save(ckpt, run / "ckpt_last.pt")
+    read.clear()
+    run_main("train", *train_args(run, docs_data, max_steps=20, batch_size=2), check=True)  # 4 a step
+    assert read[:40] == list(range(80, 120))
+    read.clear()
+    run_main("train", *train_args(run, docs_data, max_steps=25), check=True)  # 8 a step again
+    assert read[:40] == list(range(120, 160))
+    assert load(run / "ckpt_last.pt")["data"]["windows"] == 160
 
 
 @pytest.mark.parametrize("tie, n_kv_head, dropout, autocast", [(0, 4, 0.0, False), (1, 2, 0.1, True)])
