@@ -50,6 +50,8 @@ from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 from itertools import chain
 
+# torchrun's agent, taken before torch loads (seconds): the workers of a torchrun killed outright from then on stop
+LAUNCHER = os.getppid() if "TORCHELASTIC_RUN_ID" in os.environ else None
 if __name__ == "__main__" and signal.getsignal(signal.SIGINT) is signal.default_int_handler:  # (ignored: left so)
     # Ctrl-C while torch loads, for a second or more before main() takes over: one line, not a traceback
     signal.signal(signal.SIGINT, lambda signum, frame: (print("error: interrupted", file=sys.stderr), os._exit(130)))
@@ -1287,9 +1289,25 @@ def setup_distributed(device: torch.device, timeout_s: int) -> tuple[int, int]:
                         f"start it with torchrun, or unset RANK")
     if device.type == "cuda":
         torch.cuda.set_device(device)
-    dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
-                            timeout=datetime.timedelta(seconds=timeout_s))
+    joined = threading.Event()
+    if LAUNCHER is not None:
+        threading.Thread(target=stop_without_launcher, args=(joined,), daemon=True).start()
+    try:
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
+                                timeout=datetime.timedelta(seconds=timeout_s))
+    finally:
+        joined.set()
     return dist.get_rank(), dist.get_world_size()
+
+
+def stop_without_launcher(joined: threading.Event) -> None:
+    """While the processes meet, nothing written yet: a torchrun killed outright would leave them waiting for the others
+    until --dist_timeout, or joining the next torchrun on its port as strangers. (Later, train() notices at a step.)"""
+    while not joined.wait(0.5):
+        if os.getppid() != LAUNCHER:
+            print(f"error: torchrun is gone; process {os.environ['RANK']} stopped before training", file=sys.stderr,
+                  flush=True)
+            os._exit(1)
 
 
 @contextlib.contextmanager
@@ -1640,7 +1658,6 @@ def train(tc: TrainConfig, args, device: torch.device, rank: int, world: int, he
         print0(f"nothing to train: {resume_path} is at step {step:,}, --max_steps is {tc.max_steps:,}. HINT: raise "
                f"--max_steps to train on")
     stop = StopSignal()
-    launcher = os.getppid() if "TORCHELASTIC_RUN_ID" in os.environ else None  # torchrun's agent
     bar = tqdm(total=tc.max_steps, initial=step, desc="train", unit="step", mininterval=1.0,
                disable=rank != 0 or not sys.stderr.isatty())  # no bar in log files
     x, y = train_data.get(step, rows(0), device)
@@ -1673,7 +1690,7 @@ def train(tc: TrainConfig, args, device: torch.device, rank: int, world: int, he
                 loss_sum += loss.detach()
             scaler.unscale_(optimizer)
             grad_norm = torch.nn.utils.clip_grad_norm_(raw_model.parameters(), tc.grad_clip or float("inf"))
-            if launcher and os.getppid() != launcher and not stop.requested:  # torchrun was killed: save, stop
+            if LAUNCHER and os.getppid() != LAUNCHER and not stop.requested:  # torchrun was killed: save, stop
                 stop.requested = True
                 print(f"rank {rank}: torchrun is gone; saving at the end of this step", file=sys.stderr, flush=True)
             # One small all-reduce and one host sync per step: every rank then agrees on stopping (signal or a

@@ -795,6 +795,48 @@ def test_workers_save_and_stop_when_torchrun_is_killed(docs_data, tmp_path):
                 os.kill(pid, signal.SIGKILL)
 
 
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/PID/maps")
+def test_workers_stop_when_torchrun_is_killed_while_they_start(docs_data, tmp_path):
+    """Killed while its workers load torch, before they meet: they would wait for each other until --dist_timeout (or
+    join the next torchrun on the port), or, met, train the whole run with no one to stop them."""
+    cmd = torchrun(SCRIPT, "train", *train_args(tmp_path / "run", docs_data, max_steps=3000, save_interval=100000,
+                                                eval_interval=100000, log_interval=1))
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    workers = []
+    try:
+        deadline = time.time() + 120
+        while time.time() < deadline:  # until a worker maps torch's library: it is loading, not yet met
+            if any("libtorch" in read(f"/proc/{pid}/maps") for pid in children(proc.pid)):
+                break
+            time.sleep(0.01)
+        workers = children(proc.pid)
+        assert len(workers) == 2
+        proc.kill()
+        proc.wait()
+        deadline = time.time() + 120  # (--dist_timeout is 1800 s)
+        while not all(map(stopped, workers)) and time.time() < deadline:
+            time.sleep(0.1)
+        assert all(map(stopped, workers))
+        if (tmp_path / "run" / "ckpt_last.pt").exists():  # (met and started, then saved at the first step)
+            assert load(tmp_path / "run" / "ckpt_last.pt")["step"] < 3000
+    finally:
+        for pid in [proc.pid, *workers]:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+
+
+def read(path: str) -> str:  # "" for a process that ended meanwhile
+    with contextlib.suppress(OSError):
+        with open(path) as f:
+            return f.read()
+    return ""
+
+
+def stopped(pid: int) -> bool:  # ended: gone, or a zombie that whoever adopted it has not reaped yet
+    return read(f"/proc/{pid}/stat").rsplit(")", 1)[-1].split()[:1] in ([], ["Z"], ["X"])
+
+
 def children(pid: int) -> list[int]:
     kids = []
     for entry in filter(str.isdigit, os.listdir("/proc")):
