@@ -251,8 +251,17 @@ def make_dir(path: str, flag: str) -> str | None:
 
 
 def another(given: str, example: str) -> str:
-    """The example folder that a hint refusing `given` suggests: not `given` itself."""
-    return f"{example}2" if os.path.abspath(given) == os.path.abspath(example) else example
+    """The example folder that a hint refusing `given` suggests: a new one (example, example2, ...)."""
+    n, path = 1, example
+    while os.path.exists(path) or os.path.abspath(path) == os.path.abspath(given):
+        n, path = n + 1, f"{example}{n + 1}"
+    return path
+
+
+def checkpoint_path(path: str) -> str:
+    """--ckpt: a checkpoint, or a run's folder for the ckpt_last.pt in it (as nanoGPT and litgpt sample from a folder)."""
+    last = os.path.join(path, "ckpt_last.pt")
+    return last if os.path.isdir(path) and os.path.isfile(last) else path
 
 
 def require_file(path: str, what: str, hint: str) -> None:
@@ -1347,8 +1356,8 @@ def read_meta(data_dir: str) -> tuple[dict, bytes]:
         hint = (f"pass the folder that prep wrote (`prep --text_path {shlex.quote(data_dir)} --out_dir data`, then "
                 f"--data_dir data)")
     elif any(os.path.exists(os.path.join(data_dir, name)) for name in MODEL_FILES):  # which prep refuses
-        hint = (f"that is a training run's or a model's folder: pass the folder that prep wrote, e.g. --data_dir "
-                f"{another(data_dir, './data')}")
+        hint = (f"that is a training run's or a model's folder: pass the folder that prep wrote"
+                f"{', e.g. --data_dir ./data' if os.path.isfile(os.path.join('data', 'meta.json')) else ''}")
     if not os.path.isdir(data_dir):
         raise UserError(f"--data_dir {data_dir!r} does not exist or is not a folder. HINT: {hint}")
     for name in PREP_FILES:
@@ -1923,6 +1932,7 @@ def cmd_generate(args) -> list[str]:
                        ("seed", args.seed is None or abs(args.seed) < 1 << 63, "below 2**63 in size")])
     device = resolve_device(args.device)
     settle_cpu(device)
+    args.ckpt = checkpoint_path(args.ckpt)
     model, trained_sha = model_from_checkpoint(args.ckpt, device, resolve_dtype("auto", device))
     spm_path = args.spm or os.path.join(os.path.dirname(os.path.abspath(args.ckpt)), "tokenizer.model")
     sp = load_tokenizer(spm_path)
@@ -1974,6 +1984,7 @@ def cmd_demo(args) -> None:
     import pydoc_data.topics
     check_flags(args, [("max_steps", args.max_steps >= 1, "at least 1"),  # before anything is written
                        ("vocab_size", MIN_VOCAB <= args.vocab_size <= MAX_VOCAB, f"{MIN_VOCAB} to {MAX_VOCAB}")])
+    resolve_device(args.device)  # (--device cuda without a GPU, refused before the prep)
     out, corpus = args.out_dir, os.path.join(args.out_dir, "corpus.txt")
     # One topic per line: a line is one sample, and the docs' lines of 70 characters would teach the model to stop there
     text = "\n".join(" ".join(topic.split()) for _, topic in sorted(pydoc_data.topics.topics.items())).encode()
@@ -2080,7 +2091,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(func=cmd_train)
 
     s = sub.add_parser("generate", help="sample from a checkpoint", formatter_class=fmt)
-    s.add_argument("--ckpt", required=True, help="ckpt_last.pt or ckpt_best.pt that train wrote")
+    s.add_argument("--ckpt", required=True, help="ckpt_last.pt or ckpt_best.pt that train wrote; a run's folder: its "
+                                                 "ckpt_last.pt")
     s.add_argument("--spm", help="tokenizer.model (default: the one beside --ckpt)")
     s.add_argument("--prompt", default="", help="text to continue (default: none, a document's start)")
     s.add_argument("--max_new_tokens", type=int, default=100,

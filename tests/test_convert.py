@@ -270,8 +270,9 @@ def test_user_mistakes_give_one_error_line(converted, tmp_path, spm_path, capsys
     ckpt, out, extra = run_dir / "ckpt_last.pt", tmp_path / "hf", []
     if mistake == "missing":
         ckpt = tmp_path / "nope.pt"
-    elif mistake == "directory":
-        ckpt = run_dir
+    elif mistake == "directory":  # (a run's folder stands for its ckpt_last.pt)
+        ckpt = tmp_path / "folder"
+        ckpt.mkdir()
     elif mistake in ("truncated", "text"):
         data = (run_dir / "ckpt_last.pt").read_bytes()
         ckpt = tmp_path / "bad.pt"
@@ -748,6 +749,13 @@ def test_a_tokenizer_with_more_pieces_than_the_model_has_ids_for_is_refused(tmp_
     err = capsys.readouterr().err
     assert e.value.code == 2 and "has 2000 pieces but the model's vocabulary is 1992" in err, err
     assert not (tmp_path / "hf").exists()
+
+
+def test_a_runs_folder_as_ckpt_converts_its_ckpt_last(converted, tmp_path):
+    run_dir, hf = converted
+    C.main(["--ckpt", str(run_dir), "--out", str(tmp_path / "hf")])  # --spm: the tokenizer.model in it
+    assert sorted(os.listdir(tmp_path / "hf")) == sorted(os.listdir(hf))
+    assert (tmp_path / "hf" / "model.safetensors").read_bytes() == (hf / "model.safetensors").read_bytes()
 
 
 def test_a_tokenizer_with_user_defined_symbols_is_refused(tmp_path, spm_path, capsys):

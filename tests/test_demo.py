@@ -6,6 +6,7 @@ import sys
 import time
 
 import pytest
+import torch
 from conftest import SCRIPT, assert_user_error, run_cli, run_main
 
 
@@ -74,6 +75,16 @@ def test_a_folder_of_the_users_own_is_refused_and_left_as_it_was(tmp_path):
     (tmp_path / "runs" / "demo" / "notes.txt").write_text("mine")
     proc = run_main("demo", "--max_steps", 1, "--vocab_size", 500, "--device", "cpu", cwd=tmp_path)
     assert_user_error(proc, "HINT: pass a new or empty folder, e.g. --out_dir runs/demo2")  # not the one refused
+    proc = run_main("demo", "--out_dir", "data", "--max_steps", 1, "--vocab_size", 500, "--device", "cpu",
+                    cwd=tmp_path)
+    assert_user_error(proc, "e.g. --out_dir runs/demo2")  # a new one, not runs/demo, which is not empty either
     assert sorted(p.name for p in tmp_path.rglob("*")) == ["corpus.txt", "data", "demo", "meta.json", "notes.txt",
                                                            "runs"]
     assert all(path.read_bytes() == content for path, content in files.items())
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU is there")
+def test_a_gpu_asked_for_where_there_is_none_is_refused_before_the_prep(tmp_path):
+    proc = run_main("demo", "--out_dir", tmp_path / "demo", "--device", "cuda")
+    assert_user_error(proc, "cannot use a GPU here", "--device cpu")
+    assert not (tmp_path / "demo").exists()

@@ -1405,6 +1405,9 @@ def test_bad_train_input(docs_data, tmp_path):
     for folder in ("r2", "hf"):  # a run's or a converted model's folder as the data: prep would refuse them
         assert_user_error(run_main("train", *train_args(tmp_path / "r3", tmp_path / folder)), "' does not exist. HINT: "
                           "that is a training run's or a model's folder: pass the folder that prep")
+    assert (tmp_path / "data" / "meta.json").exists()  # (made above) then the folder the guide preps into is named
+    assert_user_error(run_main("train", *train_args("r3", "r2"), cwd=tmp_path),
+                      "model's folder: pass the folder that prep wrote, e.g. --data_dir ./data")
     assert_user_error(run_main("train", *train_args(tmp_path / "r2", docs_data)), "not a loadable")
     (tmp_path / "r2" / "ckpt_last.pt").write_bytes(b"")  # a save cut short by a full disk
     assert_user_error(run_main("train", *train_args(tmp_path / "r2", docs_data)), "not a loadable")
