@@ -25,8 +25,8 @@ import sys
 import torch
 
 from standalone_transformer_lm import (HelpFormatter, ModelConfig, Parser, Transformer, UserError, check_flags,
-                                      checkpoint_path, file_sha256, load_tensors, load_tokenizer, model_from_saved, model_with_weights,
-                                      pid_alive, require_file, signals_held)
+                                      checkpoint_path, file_sha256, load_tensors, load_tokenizer, model_from_saved,
+                                      model_with_weights, pid_alive, require_file, signals_held)
 
 try:  # the trainer runs without these (the guide's first install is torch, sentencepiece, tqdm and numpy)
     from safetensors import SafetensorError

@@ -259,7 +259,7 @@ def another(given: str, example: str) -> str:
 
 
 def checkpoint_path(path: str) -> str:
-    """--ckpt: a checkpoint, or a run's folder for the ckpt_last.pt in it (as nanoGPT and litgpt sample from a folder)."""
+    """--ckpt: a checkpoint, or a run's folder for its ckpt_last.pt (nanoGPT and litgpt sample from a folder)."""
     last = os.path.join(path, "ckpt_last.pt")
     return last if os.path.isdir(path) and os.path.isfile(last) else path
 
