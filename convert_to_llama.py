@@ -25,7 +25,7 @@ import sys
 import torch
 
 from standalone_transformer_lm import (HelpFormatter, ModelConfig, Parser, Transformer, UserError, check_flags,
-                                      checkpoint_path, file_sha256, load_tensors, load_tokenizer, model_from_saved,
+                                      file_in, file_sha256, load_tensors, load_tokenizer, model_from_saved,
                                       model_with_weights, pid_alive, require_file, signals_held)
 
 try:  # the trainer runs without these (the guide's first install is torch, sentencepiece, tqdm and numpy)
@@ -364,15 +364,17 @@ def main(argv=None) -> None:
     p = Parser(description="Convert a checkpoint into a Hugging Face LLaMA folder.", formatter_class=HelpFormatter)
     p.add_argument("--ckpt", required=True, help="ckpt_last.pt, ckpt_best.pt or an exported pytorch_model.bin; a "
                                                 "run's folder: its ckpt_last.pt")
-    p.add_argument("--spm", help="SentencePiece tokenizer.model (default: the one beside --ckpt)")
+    p.add_argument("--spm", help="SentencePiece tokenizer.model, or a folder holding it (default: the one beside "
+                                 "--ckpt)")
     p.add_argument("--out", default=DEFAULT_OUT, help="folder to write")
     p.add_argument("--dtype", default="float32", choices=list(DTYPES), help="dtype of the saved weights")
     p.add_argument("--force", action="store_true", help="replace --out when it is not empty")
     p.add_argument("--verify", action="store_true", help="load the result with transformers and compare logits")
     p.add_argument("--tol", type=float, default=1e-3, help="largest logit difference --verify accepts")
     args = p.parse_args(argv)
-    args.ckpt = checkpoint_path(args.ckpt)
-    spm_path = args.spm or os.path.join(os.path.dirname(os.path.abspath(args.ckpt)), "tokenizer.model")
+    args.ckpt = file_in(args.ckpt, "ckpt_last.pt")
+    spm_path = (file_in(args.spm, "tokenizer.model") if args.spm else
+                os.path.join(os.path.dirname(os.path.abspath(args.ckpt)), "tokenizer.model"))
     signal.signal(signal.SIGTERM, signal.default_int_handler)  # like Ctrl-C: the folder being built goes
     try:
         check_flags(args, [("tol", args.tol >= 0, "0 or more")])

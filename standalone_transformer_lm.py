@@ -258,10 +258,11 @@ def another(given: str, example: str) -> str:
     return path
 
 
-def checkpoint_path(path: str) -> str:
-    """--ckpt: a checkpoint, or a run's folder for its ckpt_last.pt (nanoGPT and litgpt sample from a folder)."""
-    last = os.path.join(path, "ckpt_last.pt")
-    return last if os.path.isdir(path) and os.path.isfile(last) else path
+def file_in(path: str, name: str) -> str:
+    """A folder passed for a file stands for the file of that name in it: --ckpt a run's folder for its ckpt_last.pt
+    (nanoGPT and litgpt sample from a folder), --spm a data or run folder for its tokenizer.model."""
+    inside = os.path.join(path, name)
+    return inside if os.path.isdir(path) and os.path.isfile(inside) else path
 
 
 def require_file(path: str, what: str, hint: str) -> None:
@@ -1885,7 +1886,8 @@ def cmd_prep(args) -> dict:
     made = make_dir(args.out_dir, "--out_dir")
     try:
         return prep(args.text_path, args.out_dir, args.vocab_size, args.val_fraction, args.seed, args.num_workers,
-                    args.sample_lines, bool(args.dedup), bool(args.normalize_whitespace), args.spm)
+                    args.sample_lines, bool(args.dedup), bool(args.normalize_whitespace),
+                    args.spm and file_in(args.spm, "tokenizer.model"))
     except BaseException:  # e.g. a vocabulary the corpus cannot support: the folders made for it go again if empty
         folder = os.path.abspath(args.out_dir)
         with contextlib.suppress(OSError):  # (rmdir refuses a folder that is not empty)
@@ -1932,9 +1934,10 @@ def cmd_generate(args) -> list[str]:
                        ("seed", args.seed is None or abs(args.seed) < 1 << 63, "below 2**63 in size")])
     device = resolve_device(args.device)
     settle_cpu(device)
-    args.ckpt = checkpoint_path(args.ckpt)
+    args.ckpt = file_in(args.ckpt, "ckpt_last.pt")
     model, trained_sha = model_from_checkpoint(args.ckpt, device, resolve_dtype("auto", device))
-    spm_path = args.spm or os.path.join(os.path.dirname(os.path.abspath(args.ckpt)), "tokenizer.model")
+    spm_path = (file_in(args.spm, "tokenizer.model") if args.spm else
+                os.path.join(os.path.dirname(os.path.abspath(args.ckpt)), "tokenizer.model"))
     sp = load_tokenizer(spm_path)
     if sp.vocab_size() != model.cfg.vocab_size:
         raise UserError(f"tokenizer {spm_path!r} has {sp.vocab_size()} tokens but the model has "
@@ -2093,7 +2096,7 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("generate", help="sample from a checkpoint", formatter_class=fmt)
     s.add_argument("--ckpt", required=True, help="ckpt_last.pt or ckpt_best.pt that train wrote; a run's folder: its "
                                                  "ckpt_last.pt")
-    s.add_argument("--spm", help="tokenizer.model (default: the one beside --ckpt)")
+    s.add_argument("--spm", help="tokenizer.model, or a folder holding it (default: the one beside --ckpt)")
     s.add_argument("--prompt", default="", help="text to continue (default: none, a document's start)")
     s.add_argument("--max_new_tokens", type=int, default=100,
                    help="stops earlier at eos or at the model's context (seq_len); longer prompts are refused")

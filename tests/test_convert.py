@@ -753,7 +753,7 @@ def test_a_tokenizer_with_more_pieces_than_the_model_has_ids_for_is_refused(tmp_
 
 def test_a_runs_folder_as_ckpt_converts_its_ckpt_last(converted, tmp_path):
     run_dir, hf = converted
-    C.main(["--ckpt", str(run_dir), "--out", str(tmp_path / "hf")])  # --spm: the tokenizer.model in it
+    C.main(["--ckpt", str(run_dir), "--out", str(tmp_path / "hf"), "--spm", str(run_dir)])  # its tokenizer.model
     assert sorted(os.listdir(tmp_path / "hf")) == sorted(os.listdir(hf))
     assert (tmp_path / "hf" / "model.safetensors").read_bytes() == (hf / "model.safetensors").read_bytes()
 

@@ -232,6 +232,7 @@ def test_cli_generate_is_reproducible_and_finds_its_tokenizer(trained):
     other_seed = run_main(*args[:7], "--seed", 4, "--num_samples", 2, "--top_p", 0.9, check=True).stdout
     assert other_seed != first
     assert run_main(args[0], "--ckpt", trained, *args[3:], check=True).stdout == first  # the run's folder: ckpt_last.pt
+    assert run_main(*args, "--spm", trained, check=True).stdout == first  # a folder: its tokenizer.model
 
 
 def test_the_stream_holds_back_half_a_character(capsys):

@@ -366,8 +366,8 @@ def test_bad_input_is_refused_and_good_outputs_survive(case, needle, docs_data, 
 
 def test_more_text_is_packed_with_an_earlier_prep_s_tokenizer_and_its_run_resumes_on_it(docs_data, tmp_path,
                                                                                         monkeypatch):
-    """--spm: another corpus packed with the tokenizer of an earlier prep (here a run's copy of it), with no tokenizer
-    trained: the same bytes and hash, so the run trained on the first corpus resumes on the second. Into the first
+    """--spm: another corpus packed with the tokenizer of an earlier prep (here a run's copy, by its folder), with no
+    tokenizer trained: the same bytes and hash, so the run trained on the first corpus resumes on the second. Into the first
     prep's own folder too, whose tokenizer.model prep reads before it replaces it."""
     run = tmp_path / "run"
     run_main("train", "--out_dir", run, "--data_dir", docs_data, "--preset", "tiny", "--batch_size", 4,
@@ -377,9 +377,10 @@ def test_more_text_is_packed_with_an_earlier_prep_s_tokenizer_and_its_run_resume
     corpus, more, again = tmp_path / "more.txt", tmp_path / "more", tmp_path / "again"
     corpus.write_text("\n".join(lines) + "\n", encoding="utf-8")
     shutil.copytree(docs_data, again)
-    for out, tokenizer in ((more, run / "tokenizer.model"), (again, again / "tokenizer.model")):
-        run_main("prep", "--text_path", corpus, "--out_dir", out, "--spm", tokenizer, "--val_fraction", 0.1,
+    for out, given in ((more, run), (again, again / "tokenizer.model")):  # (a folder: the tokenizer.model in it)
+        run_main("prep", "--text_path", corpus, "--out_dir", out, "--spm", given, "--val_fraction", 0.1,
                  "--num_workers", 1, check=True)
+        tokenizer = given / "tokenizer.model" if given.is_dir() else given
         assert (out / "tokenizer.model").read_bytes() == (docs_data / "tokenizer.model").read_bytes()
         meta = json.loads((out / "meta.json").read_text())
         assert meta["vocab_size"] == 1000 and meta["options"]["spm"] == str(tokenizer.resolve())
