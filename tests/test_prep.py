@@ -367,8 +367,8 @@ def test_bad_input_is_refused_and_good_outputs_survive(case, needle, docs_data, 
 def test_more_text_is_packed_with_an_earlier_prep_s_tokenizer_and_its_run_resumes_on_it(docs_data, tmp_path,
                                                                                         monkeypatch):
     """--spm: another corpus packed with the tokenizer of an earlier prep (here a run's copy, by its folder), with no
-    tokenizer trained: the same bytes and hash, so the run trained on the first corpus resumes on the second. Into the first
-    prep's own folder too, whose tokenizer.model prep reads before it replaces it."""
+    tokenizer trained: the same bytes and hash, so the run trained on the first corpus resumes on the second. Into the
+    first prep's own folder too, whose tokenizer.model prep reads before it replaces it."""
     run = tmp_path / "run"
     run_main("train", "--out_dir", run, "--data_dir", docs_data, "--preset", "tiny", "--batch_size", 4,
              "--grad_accum_steps", 1, "--max_steps", 4, "--eval_interval", 4, "--eval_iters", 1, check=True)
