@@ -771,56 +771,37 @@ def torchrun(*args, nproc=2):
     return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", *args]
 
 
-def test_workers_save_and_stop_when_torchrun_is_killed(docs_data, tmp_path):
-    cmd = torchrun(SCRIPT, "train", *train_args(tmp_path / "run", docs_data, max_steps=3000, save_interval=100000,
-                                                eval_interval=100000, log_interval=1))
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
-                            env={**os.environ, "OMP_NUM_THREADS": "1"})
-    workers = []
-    try:
-        wait_for_metrics(tmp_path / "run")
-        workers = children(proc.pid)  # (torchrun starts each in a session of its own: not in the launcher's group)
-        assert len(workers) == 2
-        proc.kill()  # the workers live on, orphaned: they must notice, save and stop, not train on unseen
-        proc.wait()
-        deadline = time.time() + 120
-        while not (tmp_path / "run" / "ckpt_last.pt").exists() and time.time() < deadline:
-            time.sleep(0.1)
-        time.sleep(1)
-        step = load(tmp_path / "run" / "ckpt_last.pt")["step"]
-        assert step < 3000 and metrics(tmp_path / "run")[-1]["step"] == step
-    finally:  # workers that failed to stop would train on through the tests after this one
-        for pid in [proc.pid, *workers]:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
-
-
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/PID/maps")
-def test_workers_stop_when_torchrun_is_killed_while_they_start(docs_data, tmp_path):
-    """Killed while its workers load torch, before they meet: they would wait for each other until --dist_timeout (or
-    join the next torchrun on the port), or, met, train the whole run with no one to stop them."""
+@pytest.mark.parametrize("killed_while", ["training", "starting"])
+def test_workers_save_and_stop_when_torchrun_is_killed(docs_data, tmp_path, killed_while):
+    """Orphaned while they train, the workers must notice, save and stop, not train on unseen. Killed while they load
+    torch, before they meet, they would wait for each other until --dist_timeout (1800 s; or join the next torchrun on
+    the port), or, met, train the whole run."""
     cmd = torchrun(SCRIPT, "train", *train_args(tmp_path / "run", docs_data, max_steps=3000, save_interval=100000,
                                                 eval_interval=100000, log_interval=1))
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
                             env={**os.environ, "OMP_NUM_THREADS": "1"})
     workers = []
     try:
+        if killed_while == "training":
+            wait_for_metrics(tmp_path / "run")
         deadline = time.time() + 120
-        while time.time() < deadline:  # until a worker maps torch's library: it is loading, not yet met
+        while killed_while == "starting" and time.time() < deadline:  # until a worker maps torch's library
             if any("libtorch" in read(f"/proc/{pid}/maps") for pid in children(proc.pid)):
                 break
             time.sleep(0.01)
-        workers = children(proc.pid)
+        workers = children(proc.pid)  # (torchrun starts each in a session of its own: not in the launcher's group)
         assert len(workers) == 2
         proc.kill()
         proc.wait()
-        deadline = time.time() + 120  # (--dist_timeout is 1800 s)
+        deadline = time.time() + 120
         while not all(map(stopped, workers)) and time.time() < deadline:
             time.sleep(0.1)
         assert all(map(stopped, workers))
-        if (tmp_path / "run" / "ckpt_last.pt").exists():  # (met and started, then saved at the first step)
-            assert load(tmp_path / "run" / "ckpt_last.pt")["step"] < 3000
-    finally:
+        if killed_while == "training" or (tmp_path / "run" / "ckpt_last.pt").exists():  # (starting: met, then stopped)
+            step = load(tmp_path / "run" / "ckpt_last.pt")["step"]
+            assert step < 3000 and metrics(tmp_path / "run")[-1]["step"] == step
+    finally:  # workers that failed to stop would train on through the tests after this one
         for pid in [proc.pid, *workers]:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
