@@ -397,7 +397,11 @@ def read_blocks(path: str, start: int, end: int):
             block = f.read(min(BLOCK_BYTES, end - pos))
             if pos + len(block) < end and not block.endswith(b"\n"):
                 line_start = pos + block.rfind(b"\n") + 1
-                block += f.readline(MAX_LINE_BYTES)
+                rest = f.readline(MAX_LINE_BYTES)
+                block += rest
+                if pos + len(block) < end and len(rest) < MAX_LINE_BYTES and not rest.endswith(b"\n"):
+                    raise UserError(f"{path!r} got shorter while prep read it (it ended at byte {pos + len(block):,} of "
+                                    f"{end:,}). HINT: prep a copy of it that nothing writes to")
                 if pos + len(block) < end and not block.endswith(b"\n"):
                     line, q = block[line_start - pos:], shlex.quote(path)
                     fix = f"e.g. `fold -s -w 10000 {q} > corpus.folded.txt`"
@@ -634,6 +638,21 @@ def reuse_tokenizer(path: str, vocab_size: int | None) -> tuple[bytes, int]:
     if vocab_size not in (None, sp.vocab_size()):
         raise UserError(f"--vocab_size {vocab_size} differs from the {sp.vocab_size()} tokens of --spm {path!r}. "
                         f"HINT: drop --vocab_size")
+    # Prep encodes word by word (encode_samples), which gives sp.encode's ids for tokenizers trained as prep trains
+    # them: a dummy prefix, whitespace kept, and no piece that spans a word's end (other trainer options would give
+    # "▁of▁the", "the▁")
+    spans = next((p for p in map(sp.id_to_piece, range(sp.vocab_size())) if re.search("[^▁]▁", p)), None)
+    texts = ["The sun is", "  two  spaces ", "tab\tthen", "digits 12 345", "中文 字符", " lead", "trail "]
+    encoder.update(sp=sp, dtype=np.dtype(np.uint32), words={})
+    try:
+        by_word = np.frombuffer(encode_samples("\n".join(texts)), np.uint32).tolist()
+    finally:
+        encoder.clear()
+    if spans or by_word != [i for text in texts for i in (BOS_ID, *sp.encode(text), EOS_ID)]:
+        why = f"a piece spans words: {spans!r}" if spans else "it encodes spaces otherwise"
+        raise UserError(f"tokenizer {path!r} was not trained as prep trains tokenizers ({why}), and prep's encoding "
+                        f"would not give its ids. HINT: pass a tokenizer.model that prep wrote, or drop --spm to train "
+                        f"one")
     with open(path, "rb") as f:
         return f.read(), sp.vocab_size()
 
@@ -651,9 +670,10 @@ def prep(text_path: str, out_dir: str, vocab_size: int | None = None, val_fracti
                         f"LLaMA's; small corpora need a few thousand)")
     if not 0.0 < val_fraction < 0.5:
         raise UserError(f"--val_fraction {val_fraction} must be in (0, 0.5)")
-    if num_workers < 0 or sample_lines < 1:
-        raise UserError(f"--num_workers {num_workers} must be 0 (all cores) or more, --sample_lines {sample_lines} "
-                        f"at least 1")
+    if num_workers < 0:
+        raise UserError(f"--num_workers {num_workers} must be 0 (all cores) or more")
+    if sample_lines < 1:
+        raise UserError(f"--sample_lines {sample_lines} must be at least 1")
     final = {name: os.path.join(out_dir, name) for name in PREP_FILES}
     if any(os.path.exists(path) and os.path.samefile(path, text_path) for path in final.values()):
         raise UserError(f"corpus {text_path!r} is one of the files prep writes into --out_dir {out_dir!r}. HINT: pass "

@@ -255,6 +255,21 @@ def test_a_long_line_without_spaces_gets_a_hint_that_cuts_it_at_sentence_ends_an
     assert "invalid UTF-8 sequences replaced" not in meta["stats"]
 
 
+@pytest.mark.parametrize("cut", [0, -5, 10])  # the file now ends where prep is, before it, inside the next line
+def test_a_corpus_that_gets_shorter_while_it_is_read_is_said_so_not_taken_for_a_long_line(tmp_path, monkeypatch, cut):
+    monkeypatch.setattr(lm, "BLOCK_BYTES", 16)
+    corpus = tmp_path / "c.txt"
+    corpus.write_bytes(b"".join(b"line %03d of the corpus\n" % i for i in range(1000)))  # 23 bytes a line, past
+    blocks = lm.read_blocks(str(corpus), 0, 23_000)  # what the reader holds in its buffer
+    first = next(blocks)
+    assert len(first) == 23
+    with open(corpus, "r+b") as f:  # a download or an editor writing the file again
+        f.truncate(len(first) + cut)
+    with pytest.raises(lm.UserError, match=r"got shorter while prep read it \(it ended at byte [\d,]+ of 23,000\). HINT: "
+                                           r"prep a copy of it that nothing writes to"):
+        list(blocks)
+
+
 def test_too_small_a_vocabulary_for_the_characters_is_refused_with_a_size_that_works(tmp_path):
     chars = [chr(0x4E00 + i) for i in range(600)]  # 600 distinct CJK characters, about evenly used
     corpus = tmp_path / "cjk.txt"
@@ -310,6 +325,10 @@ def test_token_dtype_never_wraps():
     ("spm_missing", "none.model' does not exist"),
     ("spm_other_vocab", "--vocab_size 500 differs from the 1000 tokens of --spm"),
     ("spm_other_ids", "has the special ids unk/bos/eos/pad 0/1/2/-1, where prep's token files use 0/1/2/3"),
+    # other trainer options: prep's word-by-word encoding would not give their ids
+    ("spm_no_dummy_prefix", "was not trained as prep trains tokenizers (it encodes spaces otherwise)"),
+    ("spm_whitespace_removed", "was not trained as prep trains tokenizers (it encodes spaces otherwise)"),
+    ("spm_pieces_across_words", "was not trained as prep trains tokenizers (a piece spans words: '"),
 ])
 def test_bad_input_is_refused_and_good_outputs_survive(case, needle, docs_data, tmp_path):
     out = tmp_path / "data"
@@ -346,12 +365,19 @@ def test_bad_input_is_refused_and_good_outputs_survive(case, needle, docs_data, 
         text_path.write_text(("\n".join(docs_lines()[:300]) + "\n") * 2, encoding="utf-8")
     elif case.startswith("spm"):  # --spm: the folder's own tokenizer, none, or one with SentencePiece's default ids
         text_path.write_text("\n".join(docs_lines()[:300]) + "\n", encoding="utf-8")
-        spm_path = {"spm_missing": tmp_path / "none.model", "spm_other_vocab": out / "tokenizer.model",
-                    "spm_other_ids": tmp_path / "other.model"}[case]
+        spm_path = {"spm_missing": tmp_path / "none.model", "spm_other_vocab": out / "tokenizer.model"}.get(
+            case, tmp_path / "other.model")
         if case == "spm_other_ids":
             with open(spm_path, "wb") as f:
                 spm.SentencePieceTrainer.train(sentence_iterator=iter(docs_lines()[:2000]), model_writer=f,
                                                vocab_size=400, minloglevel=2)
+        elif spm_path.name == "other.model":
+            options = {**lm.SP_TRAINER_OPTIONS, **{"spm_no_dummy_prefix": {"add_dummy_prefix": False},
+                                                   "spm_whitespace_removed": {"remove_extra_whitespaces": True},
+                                                   "spm_pieces_across_words": {"split_by_whitespace": False}}[case]}
+            with open(spm_path, "wb") as f:
+                spm.SentencePieceTrainer.train(sentence_iterator=iter(docs_lines()[:2000]), model_writer=f,
+                                               vocab_size=500, **options)
     elif case != "missing":
         text_path.write_text("\n".join(docs_lines()[:300]) + "\n", encoding="utf-8")
         vocab = {"vocab_too_big": 50000, "vocab_negative": -5, "vocab_zero": 0, "vocab_absurd": 10**9}[case]
