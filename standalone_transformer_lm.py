@@ -400,8 +400,8 @@ def read_blocks(path: str, start: int, end: int):
                 rest = f.readline(MAX_LINE_BYTES)
                 block += rest
                 if pos + len(block) < end and len(rest) < MAX_LINE_BYTES and not rest.endswith(b"\n"):
-                    raise UserError(f"{path!r} got shorter while prep read it (it ended at byte {pos + len(block):,} of "
-                                    f"{end:,}). HINT: prep a copy of it that nothing writes to")
+                    raise UserError(f"{path!r} got shorter while prep read it (it ended at byte "
+                                    f"{pos + len(block):,} of {end:,}). HINT: prep a copy of it that nothing writes to")
                 if pos + len(block) < end and not block.endswith(b"\n"):
                     line, q = block[line_start - pos:], shlex.quote(path)
                     fix = f"e.g. `fold -s -w 10000 {q} > corpus.folded.txt`"

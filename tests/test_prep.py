@@ -265,8 +265,8 @@ def test_a_corpus_that_gets_shorter_while_it_is_read_is_said_so_not_taken_for_a_
     assert len(first) == 23
     with open(corpus, "r+b") as f:  # a download or an editor writing the file again
         f.truncate(len(first) + cut)
-    with pytest.raises(lm.UserError, match=r"got shorter while prep read it \(it ended at byte [\d,]+ of 23,000\). HINT: "
-                                           r"prep a copy of it that nothing writes to"):
+    with pytest.raises(lm.UserError, match=r"got shorter while prep read it \(it ended at byte [\d,]+ of 23,000\). "
+                                           r"HINT: prep a copy of it that nothing writes to"):
         list(blocks)
 
 
