@@ -2099,7 +2099,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--d_model", type=int)
     s.add_argument("--head_dim", type=int, help="default d_model / n_head")
     s.add_argument("--ffn_mult", type=float,
-                   help="SwiGLU width = ffn_mult * d_model * 2/3, rounded up to 256 (tiny: 32)")
+                   help="SwiGLU width = int(ffn_mult * d_model * 2/3) rounded up to a multiple of 256 (tiny: 32)")
     s.add_argument("--seq_len", type=int)
     s.add_argument("--rope_theta", type=float)
     s.add_argument("--tie_embeddings", **flag)
