@@ -1172,10 +1172,10 @@ def check_resumable(ckpt: dict, path: str, fix: str) -> None:
     kinds = {"model_config": dict, "model": dict, "optimizer": dict, "scaler": dict, "step": int,
              "best_val_loss": float, "train_config": dict, "data": dict, "rng": list}
     odd = [k for k, kind in kinds.items() if type(ckpt.get(k)) is not kind or k == "step" and ckpt[k] < 0]
-    if "data" not in odd:  # (older checkpoints have no "windows")
-        data = {"windows": 0, **ckpt["data"]}
-        odd += [f"data[{k!r}]" for k in ("global_batch", "n_windows", "windows")
-                if type(data.get(k)) is not int or data[k] < (k != "windows")]
+    if "data" not in odd:  # windows: read so far (none saved by older versions), one a step at least
+        least = {"global_batch": 1, "n_windows": 1, "windows": 0 if "step" in odd else ckpt["step"]}
+        data = {"windows": least["windows"], **ckpt["data"]}
+        odd += [f"data[{k!r}]" for k, low in least.items() if type(data.get(k)) is not int or data[k] < low]
     if "model_config" not in odd:  # its sizes are numbers, or None for a default
         odd += [f"model_config[{k!r}]" for k, v in ckpt["model_config"].items() if not isinstance(v, (int, float))
                 and v is not None]
@@ -1585,15 +1585,18 @@ def train(tc: TrainConfig, args, device: torch.device, rank: int, world: int, he
         del ckpt
     if ddp:  # every process trains one run: a node started with another command would train apart, or hang
         paths = ("out_dir", "data_dir", "device", "dist_timeout")  # may differ between nodes; the data may not
-        mine = {"step": step, **{f"--{k}": v for k, v in dataclasses.asdict(tc).items() if k not in paths},
+        mine = {"step": step, "windows read": train_data.offset + step * global_batch,
+                **{f"--{k}": v for k, v in dataclasses.asdict(tc).items() if k not in paths},
                 **dataclasses.asdict(cfg), "tokenizer": meta["tokenizer_sha256"][:12],
                 "train.bin tokens": len(train_data.data), "val.bin tokens": len(val_data.data)}
         everyone = [None] * world
         dist.all_gather_object(everyone, mine)
-        steps = [theirs["step"] for theirs in everyone]
-        if len(set(steps)) > 1:  # a node that reads another --out_dir (not shared, or relative to another folder)
-            raise UserError(f"the processes start at different steps {steps}: they do not all see the same "
-                            f"{tc.out_dir}. HINT: put --out_dir on a filesystem every node shares, as an absolute path")
+        steps, windows = ([theirs[k] for theirs in everyone] for k in ("step", "windows read"))
+        if len(set(steps)) > 1 or len(set(windows)) > 1:  # a node that reads another --out_dir (not shared, or
+            # relative to another folder), or another copy of the run
+            raise UserError(f"the processes start at different steps {steps} (windows read {windows}): they do not "
+                            f"all see the same {tc.out_dir}. HINT: put --out_dir on a filesystem every node shares, as "
+                            f"an absolute path")
         diff = [(r, k) for r, theirs in enumerate(everyone) for k in mine if theirs[k] != everyone[0][k]]
         if diff:
             r, k = diff[0]

@@ -837,8 +837,16 @@ def test_ranks_that_see_different_out_dirs_refuse_to_train(docs_data, tmp_path):
     wrapper.write_text(f'cd "{tmp_path}/node$LOCAL_RANK" && exec "{sys.executable}" "{SCRIPT}" "$@"\n')
     cmd = torchrun("--no-python", "sh", wrapper, "train", *train_args("run", docs_data, max_steps=10))
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
-    assert proc.returncode != 0 and "error: the processes start at different steps [5, 0]" in proc.stderr
+    assert proc.returncode != 0 and "error: the processes start at different steps [5, 0] (windows read [40, 0])" \
+        in proc.stderr
     assert load(tmp_path / "node0" / "run" / "ckpt_last.pt")["step"] == 5
+    shutil.copytree(tmp_path / "node0" / "run", tmp_path / "node1" / "run")  # copies of the run that went apart
+    ckpt = load(tmp_path / "node1" / "run" / "ckpt_last.pt")
+    ckpt["data"]["windows"] = 20
+    (tmp_path / "node1" / "run" / "ckpt_last.pt").unlink()  # (a hard link to ckpt_best.pt)
+    torch.save(ckpt, tmp_path / "node1" / "run" / "ckpt_last.pt")
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode != 0 and "different steps [5, 5] (windows read [40, 20])" in proc.stderr
 
 
 def test_processes_started_with_different_flags_refuse_to_train(docs_data, tmp_path):
@@ -1178,6 +1186,8 @@ def test_a_checkpoint_edited_by_hand_is_refused_on_resume_and_the_run_left_as_it
     edits = {"optimizer": lambda c: c.pop("optimizer"), "step": lambda c: c.update(step=-100),
              "best_val_loss": lambda c: c.update(best_val_loss="low"), "rng": lambda c: c.update(rng="x"),
              "model_config['n_layer']": lambda c: c["model_config"].update(n_layer="2"),
+             "data['windows']": lambda c: c["data"].update(windows=c["step"] - 1),  # fewer than one a step
+             "data['global_batch']": lambda c: c["data"].update(global_batch=1.5),
              "an optimizer state that cannot be resumed (a moment of another shape": moment_of_another_shape,
              "an optimizer state that cannot be resumed (nan or inf in a moment)": nan_in_a_moment}
     for needle, edit in edits.items():
