@@ -33,10 +33,9 @@ try:  # the trainer runs without these (the guide's first install is torch, sent
     from safetensors.torch import save_file
     from tokenizers import AddedToken, Tokenizer, decoders, normalizers, processors
     from tokenizers.models import BPE
-    from sentencepiece import sentencepiece_model_pb2  # (needs protobuf) the types of the pieces
 except ImportError as e:
-    print(f"error: {'protobuf' if e.name == 'google' else e.name} is not installed, and converting needs it. HINT: "
-          f"pip install -r requirements.txt", file=sys.stderr)
+    print(f"error: {e.name} is not installed, and converting needs it. HINT: pip install -r requirements.txt",
+          file=sys.stderr)
     sys.exit(2)
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -185,6 +184,33 @@ def check_tokenizer(encode, decode, sp, texts=PARITY_TEXTS, add_bos: bool = Fals
                             f"as {sp.decode(want)[:40]!r}")
 
 
+def user_defined_pieces(proto: bytes) -> list[str]:
+    """The pieces of type USER_DEFINED (4) in a SentencePiece model, read from its protobuf encoding: the model's field
+    1 holds the pieces, each with its text in field 1 and its type in field 3. (sentencepiece's generated module for it
+    refuses any protobuf but the version it was generated with.)"""
+    def varint(buf: bytes, i: int) -> tuple[int, int]:
+        value, shift = 0, 0
+        while buf[i] & 0x80:
+            value, shift, i = value | (buf[i] & 0x7F) << shift, shift + 7, i + 1
+        return value | buf[i] << shift, i + 1
+
+    def fields(buf: bytes):  # (field number, value): an int, bytes, or None for a fixed-size number (a score)
+        i = 0
+        while i < len(buf):
+            key, i = varint(buf, i)
+            if key & 7 == 0:
+                value, i = varint(buf, i)
+            elif key & 7 == 2:
+                size, i = varint(buf, i)
+                value, i = buf[i:i + size], i + size
+            else:  # 1: 64 bits, 5: 32 bits (SentencePiece uses no other kinds)
+                value, i = None, i + (8 if key & 7 == 1 else 4)
+            yield key >> 3, value
+
+    pieces = [dict(fields(piece)) for number, piece in fields(proto) if number == 1]
+    return [piece[1].decode("utf-8", "replace") for piece in pieces if piece.get(3) == 4]
+
+
 def need_transformers() -> None:
     try:
         import transformers  # noqa: F401
@@ -294,8 +320,7 @@ def convert(ckpt: str, spm_path: str, out: str, dtype: str = "float32", force: b
     if trained_sha and file_sha256(spm_path) != trained_sha:  # same size, other pieces: a prep run since training
         raise UserError(f"tokenizer {spm_path!r} is not the one {ckpt!r} was trained with (sha256 differs). HINT: "
                         f"pass the tokenizer.model that `train` copied beside the checkpoint, or leave out --spm")
-    proto = sentencepiece_model_pb2.ModelProto.FromString(sp.serialized_model_proto())
-    if user := [p.piece for p in proto.pieces if p.type == p.USER_DEFINED]:  # (prep never makes them; --spm takes any)
+    if user := user_defined_pieces(sp.serialized_model_proto()):  # (prep never makes them; its --spm takes any)
         raise UserError(f"tokenizer {spm_path!r} has user-defined symbols ({', '.join(map(repr, user[:5]))}), which "
                         f"SentencePiece matches whole wherever they occur and the converted tokenizer.json would not: "
                         f"AutoTokenizer's ids would differ from training's. HINT: export a model trained on a "
