@@ -640,9 +640,12 @@ def reuse_tokenizer(path: str, vocab_size: int | None) -> tuple[bytes, int]:
         raise UserError(f"--vocab_size {vocab_size} differs from the {sp.vocab_size()} tokens of --spm {path!r}. "
                         f"HINT: drop --vocab_size")
     # Prep encodes word by word (encode_samples), which gives sp.encode's ids for tokenizers trained as prep trains
-    # them: a dummy prefix, whitespace kept, and no piece that spans a word's end (other trainer options would give
-    # "▁of▁the", "the▁")
-    spans = next((p for p in map(sp.id_to_piece, range(sp.vocab_size())) if re.search("[^▁]▁", p)), None)
+    # them: BPE (which scores its pieces by merge rank, 0, -1, -2, ...; unigram by log probability), a dummy prefix,
+    # whitespace kept, and no piece that spans a word's end (other trainer options would give "▁of▁the", "the▁")
+    if not all(sp.get_score(i).is_integer() for i in range(sp.vocab_size())):
+        raise UserError(f"tokenizer {path!r} is not a BPE model (a unigram one?), and prep's encoding would not give "
+                        f"its ids. HINT: pass a tokenizer.model that prep wrote, or drop --spm to train one")
+    spans = next((p for p in map(sp.id_to_piece, range(sp.vocab_size())) if re.search("[^\u2581]\u2581", p)), None)
     texts = ["The sun is", "  two  spaces ", "tab\tthen", "digits 12 345", "中文 字符", " lead", "trail "]
     by_word = np.frombuffer(encode_samples("\n".join(texts), dict(sp=sp, dtype=np.dtype(np.uint32), words={})),
                             np.uint32).tolist()

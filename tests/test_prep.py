@@ -329,6 +329,7 @@ def test_token_dtype_never_wraps():
     ("spm_no_dummy_prefix", "was not trained as prep trains tokenizers (it encodes spaces otherwise)"),
     ("spm_whitespace_removed", "was not trained as prep trains tokenizers (it encodes spaces otherwise)"),
     ("spm_pieces_across_words", "was not trained as prep trains tokenizers (a piece spans words: '"),
+    ("spm_unigram", "is not a BPE model (a unigram one?), and prep's encoding would not give its ids"),
 ])
 def test_bad_input_is_refused_and_good_outputs_survive(case, needle, docs_data, tmp_path):
     out = tmp_path / "data"
@@ -374,7 +375,8 @@ def test_bad_input_is_refused_and_good_outputs_survive(case, needle, docs_data, 
         elif spm_path.name == "other.model":
             options = {**lm.SP_TRAINER_OPTIONS, **{"spm_no_dummy_prefix": {"add_dummy_prefix": False},
                                                    "spm_whitespace_removed": {"remove_extra_whitespaces": True},
-                                                   "spm_pieces_across_words": {"split_by_whitespace": False}}[case]}
+                                                   "spm_pieces_across_words": {"split_by_whitespace": False},
+                                                   "spm_unigram": {"model_type": "unigram"}}[case]}
             with open(spm_path, "wb") as f:
                 spm.SentencePieceTrainer.train(sentence_iterator=iter(docs_lines()[:2000]), model_writer=f,
                                                vocab_size=500, **options)

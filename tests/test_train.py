@@ -786,8 +786,9 @@ def test_workers_save_and_stop_when_torchrun_is_killed(docs_data, tmp_path, kill
         if killed_while == "training":
             wait_for_metrics(tmp_path / "run")
         deadline = time.time() + 120
-        while killed_while == "starting" and time.time() < deadline:  # until a worker maps torch's library
-            if any("libtorch" in read(f"/proc/{pid}/maps") for pid in children(proc.pid)):
+        while killed_while == "starting" and time.time() < deadline:  # until both map torch's library: they have
+            kids = children(proc.pid)  # taken torchrun's pid, which they take before they load torch
+            if len(kids) == 2 and all("libtorch" in read(f"/proc/{pid}/maps") for pid in kids):
                 break
             time.sleep(0.01)
         workers = children(proc.pid)  # (torchrun starts each in a session of its own: not in the launcher's group)
