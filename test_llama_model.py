@@ -17,7 +17,7 @@ import sys
 import torch
 
 from convert_to_llama import DEFAULT_OUT, VerificationError, load_our_model, max_logit_diff, need_transformers
-from standalone_transformer_lm import HelpFormatter, Parser, UserError, beside_me, check_flags, require_file
+from standalone_transformer_lm import HelpFormatter, Parser, UserError, beside_me, check_flags, file_in, require_file
 
 
 def run(args) -> None:
@@ -46,6 +46,7 @@ def run(args) -> None:
                        ("tol", args.tol >= 0, "0 or more")])
     ours = None
     if args.ckpt:  # loaded first: a checkpoint that does not load stops the run before any generating
+        args.ckpt = file_in(args.ckpt, "ckpt_last.pt")  # (a run's folder)
         require_file(args.ckpt, "checkpoint", "pass the ckpt_last.pt the folder was converted from")
         ours = load_our_model(args.ckpt)[0]
     need_transformers()
@@ -110,7 +111,8 @@ def main(argv=None) -> None:
     p.add_argument("--temperature", type=float, default=0.8, help="0 = greedy only")
     p.add_argument("--top_k", type=int, default=200, help="sample from the k most likely tokens (as our generate)")
     p.add_argument("--seed", type=int, default=1337, help="same seed, same text")
-    p.add_argument("--ckpt", help="our checkpoint the folder came from: compare logits on the same tokens")
+    p.add_argument("--ckpt", help="our checkpoint the folder came from (or its run's folder): compare logits on the "
+                                  "same tokens")
     p.add_argument("--tol", type=float, default=1e-3, help="largest logit difference accepted with --ckpt")
     args = p.parse_args(argv)
     try:

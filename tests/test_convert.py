@@ -343,6 +343,8 @@ def test_test_llama_model_generates_and_compares(converted, tmp_path, spm_path, 
     assert "largest logit difference" in r.stdout
     r = run_main(str(out), "--temperature", "0", "--max_new_tokens", "4", main=T.main)  # then in this process
     assert r.returncode == 0 and "greedy : The sun is" in r.stdout and "sampled" not in r.stdout, r.stderr
+    r = run_main(str(out), "--ckpt", run_dir, "--max_new_tokens", "2", main=T.main)  # the run's folder: ckpt_last.pt
+    assert r.returncode == 0 and "largest logit difference vs " + str(run_dir / "ckpt_last.pt") in r.stdout, r.stderr
     with monkeypatch.context() as m:  # NaN logits are no match
         m.setattr(T, "max_logit_diff", lambda *a: math.nan)
         r = run_main(str(out), "--ckpt", str(run_dir / "ckpt_last.pt"), "--max_new_tokens", "2", main=T.main)
