@@ -22,7 +22,7 @@ from standalone_transformer_lm import HelpFormatter, Parser, UserError, beside_m
 
 def run(args) -> None:
     # a checkpoint, or train's --out_dir (its config.json is ours): what to convert first
-    ckpt = args.folder if os.path.isfile(args.folder) else os.path.join(args.folder, "ckpt_last.pt")
+    ckpt = file_in(args.folder, "ckpt_last.pt")
     if os.path.isfile(ckpt):
         what = "a file" if ckpt == args.folder else "a training run's folder"
         raise UserError(f"{args.folder!r} is {what}, not a converted model folder. HINT: run `python "
