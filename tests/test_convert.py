@@ -150,11 +150,16 @@ def test_autotokenizer_ids_equal_sentencepiece(converted, sp, tmp_path):
     assert [tok2(t)["input_ids"] for t in C.PARITY_TEXTS] == [tok(t)["input_ids"] for t in C.PARITY_TEXTS]
 
 
-def test_a_bare_hf_generate_samples_as_our_generate_does_by_default(converted):
+def test_a_bare_hf_generate_samples_as_our_generate_does_by_default(converted, sp):
     from transformers import GenerationConfig
     hf, ours = GenerationConfig.from_pretrained(converted[1]), S.build_parser().parse_args(["generate", "--ckpt", "x"])
-    assert hf.do_sample and (hf.temperature, hf.top_k, hf.max_new_tokens) == (ours.temperature, ours.top_k,
-                                                                               ours.max_new_tokens)
+    assert hf.do_sample and (hf.temperature, hf.top_k) == (ours.temperature, ours.top_k)
+    # it stops at the model's context, as ours does, and a caller's max_length (lm-eval passes one) is obeyed: a
+    # max_new_tokens in the file would win over it
+    model = AutoModelForCausalLM.from_pretrained(converted[1])
+    assert hf.max_length == model.config.max_position_embeddings and hf.max_new_tokens is None
+    out = model.generate(torch.tensor([[sp.bos_id()]]), max_length=5, bad_words_ids=[[sp.eos_id()]])
+    assert out.shape == (1, 5)
     assert ours.top_p == ours.repetition_penalty == 1.0 and {hf.top_p, hf.repetition_penalty} <= {None, 1.0}  # off
     assert (hf.bos_token_id, hf.eos_token_id, hf.pad_token_id) == (S.BOS_ID, S.EOS_ID, S.PAD_ID)
 
@@ -520,6 +525,12 @@ def test_special_tokens_for_transformers_and_for_readers_of_tokenizer_json_alone
     assert tok("The sun", "is")["input_ids"] == [sp.bos_id(), *sp.encode("The sun"), sp.bos_id(), *sp.encode("is")]
     raw = Tokenizer.from_file(str(out / "tokenizer.json"))  # `tokenizers` alone (Rust, tokenizers.js, servers)
     assert raw.decode([*ids, *sp.encode("The sun is")], skip_special_tokens=True) == "The sun is"
+    # Special-token text is that token, as for Meta's LLaMA tokenizers, for both: a recipe that appends eos_token to
+    # each text (TRL's, many scripts) or a chat template then frames samples with bos and eos, as training did
+    framed = [sp.bos_id(), *sp.encode("Hi"), sp.eos_id()]
+    assert tok("Hi" + tok.eos_token)["input_ids"] == raw.encode("Hi</s>").ids == framed
+    tok.chat_template = "{{ bos_token }}{% for m in messages %}{{ m['content'] + eos_token }}{% endfor %}"
+    assert tok.apply_chat_template([{"role": "user", "content": "Hi"}], tokenize=True, return_dict=False) == framed
 
 
 def test_the_parity_check_compares_decoded_text_too(sp):
