@@ -173,6 +173,8 @@ def atomic_write(path: str, write_fn, link_from: str | None = None) -> None:
     a file with that content already, hard-linked instead where the filesystem allows it (no second write)."""
     tmp = os.path.join(os.path.dirname(os.path.abspath(path)), f".{os.path.basename(path)}.tmp{os.getpid()}")
     try:
+        with contextlib.suppress(FileNotFoundError):  # one a killed process of this pid left (a container's pids
+            os.remove(tmp)  # repeat): it may be a link to another file of ours, which writing into would overwrite
         linked = False
         if link_from:
             with contextlib.suppress(OSError):  # a filesystem without hard links: write it
@@ -183,6 +185,8 @@ def atomic_write(path: str, write_fn, link_from: str | None = None) -> None:
         os.replace(tmp, path)
         sync_folder(os.path.dirname(tmp))
     except RuntimeError as e:  # torch.save's archive writer reports a failed write (a full disk) as an error of its own
+        if isinstance(e.__context__, KeyboardInterrupt):  # (a second Ctrl-C during a save)
+            raise KeyboardInterrupt from None
         if isinstance(e.__context__, OSError):
             raise OSError(e.__context__.errno, e.__context__.strerror, path) from None
         raise
@@ -1154,8 +1158,9 @@ def load_tensors(path: str, hint: str):
         # never unpickle arbitrary objects; mmap: ranks of a node share the file's pages, not a copy each
         return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except Exception as e:  # a malicious, foreign or damaged file: refuse, whatever torch raises
+        lines = str(e).strip().splitlines() or [f"{type(e).__name__}: the file is damaged"]  # (EOFError() has none)
         reason = ("it holds objects other than tensors and plain values, and those are never unpickled"
-                  if isinstance(e, pickle.UnpicklingError) else str(e).strip().splitlines()[0])
+                  if isinstance(e, pickle.UnpicklingError) else lines[0])
         raise UserError(f"{path!r} is not a loadable checkpoint ({reason}). HINT: {hint}") from None
 
 

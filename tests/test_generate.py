@@ -5,6 +5,7 @@ import pickle
 import shutil
 import subprocess
 import sys
+import zipfile
 
 import pytest
 import torch
@@ -317,6 +318,11 @@ def test_cli_generate_refuses_bad_input(trained, docs_corpus, tmp_path):
     (tmp_path / "torn.pt").write_bytes(ckpt.read_bytes()[:5000])
     assert_user_error(run_main("generate", "--ckpt", tmp_path / "torn.pt"),
                       "not a loadable checkpoint (the file is cut short or damaged). HINT: pass the ckpt_last.pt")
+    with zipfile.ZipFile(tmp_path / "no_pickle.pt", "w") as z:  # torch.load raises EOFError(), with no message
+        z.writestr("archive/data.pkl", b"")
+        z.writestr("archive/version", b"3\n")
+    assert_user_error(run_main("generate", "--ckpt", tmp_path / "no_pickle.pt"),
+                      "not a loadable checkpoint (EOFError: the file is damaged). HINT: pass the ckpt_last.pt")
     (tmp_path / "empty.pt").touch()
     assert_user_error(run_main("generate", "--ckpt", tmp_path / "empty.pt"), "(the file is empty). HINT: pass")
     assert_user_error(run_main("generate", "--ckpt", ckpt, "--spm", tmp_path / "empty.pt"),

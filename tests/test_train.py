@@ -959,12 +959,13 @@ def test_ctrl_c_that_stops_the_first_compile_is_an_interruption_not_a_failed_com
     assert e.value.code == 2 and "error: torch.compile failed" in capsys.readouterr().err
 
 
-def test_a_full_disk_while_saving_is_one_error_line_and_keeps_the_checkpoint(docs_data, tmp_path, monkeypatch):
+@pytest.mark.parametrize("cut_by", ["a full disk", "a second Ctrl-C"])
+def test_a_save_cut_short_is_one_error_line_and_keeps_the_checkpoint(cut_by, docs_data, tmp_path, monkeypatch):
     run_main("train", *train_args(tmp_path / "run", docs_data, max_steps=2), check=True)
     before = (tmp_path / "run" / "ckpt_last.pt").read_bytes()
 
-    class FullDisk(io.RawIOBase):  # takes 4 kB, then fails as a full disk does
-        def __init__(self, f):
+    class CutShort(io.RawIOBase):  # takes 4 kB, then fails as a full disk does, or is interrupted (StopSignal raises
+        def __init__(self, f):  # KeyboardInterrupt at a Ctrl-C 3 s after the first), which torch.save wraps
             self.f, self.left = f, 4096
 
         def writable(self):
@@ -972,17 +973,32 @@ def test_a_full_disk_while_saving_is_one_error_line_and_keeps_the_checkpoint(doc
 
         def write(self, b):
             if len(b) > self.left:
-                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC)) if cut_by == "a full disk" else KeyboardInterrupt
             self.left -= len(b)
             return self.f.write(b)
 
     save = torch.save
-    monkeypatch.setattr(torch, "save", lambda obj, f: save(obj, FullDisk(f)))
+    monkeypatch.setattr(torch, "save", lambda obj, f: save(obj, CutShort(f)))
     proc = run_main("train", *train_args(tmp_path / "run", docs_data, max_steps=4))
-    assert_user_error(proc, "No space left on device", "pytorch_model.bin", "HINT: check the path, its permissions and "
-                                                                             "the free space")
+    if cut_by == "a full disk":
+        assert_user_error(proc, "No space left on device", "pytorch_model.bin", "HINT: check the path, its "
+                                                                                 "permissions and the free space")
+    else:
+        assert proc.returncode == 130 and proc.stderr.strip().splitlines()[-1] == "error: interrupted", proc.stderr
     assert (tmp_path / "run" / "ckpt_last.pt").read_bytes() == before
     assert not [p for p in os.listdir(tmp_path / "run") if ".tmp" in p]
+
+
+def test_a_temporary_name_left_by_a_killed_process_of_this_pid_is_not_written_through(tmp_path):
+    """A kill between linking ckpt_best.pt's bytes to ckpt_last.pt's temporary name and the rename leaves that name
+    behind, a second name of ckpt_best.pt; the next run may have the same pid (a container's). Writing into it would
+    overwrite the best checkpoint."""
+    best = tmp_path / "ckpt_best.pt"
+    best.write_bytes(b"best")
+    os.link(best, tmp_path / f".ckpt_last.pt.tmp{os.getpid()}")
+    lm.atomic_write(str(tmp_path / "ckpt_last.pt"), lambda f: f.write(b"last"))
+    assert best.read_bytes() == b"best" and (tmp_path / "ckpt_last.pt").read_bytes() == b"last"
+    assert sorted(os.listdir(tmp_path)) == ["ckpt_best.pt", "ckpt_last.pt"]
 
 
 def test_a_gpu_that_torch_cannot_use_is_an_error_not_a_run_on_the_cpu(tmp_path, monkeypatch, capsys):
