@@ -784,10 +784,12 @@ class Batches:
     seeded shift of the window grid. Row g of step s is window number s * global_batch + g of that sequence, so 2
     ranks x 1 micro-step read exactly what 1 rank x 2 micro-steps reads, and a resume (on any number of processes)
     continues the stream where it stopped. A resume with another global batch goes on from the windows read so far
-    (`offset`): the sequence then neither repeats nor skips windows.
+    (`offset`): the sequence then neither repeats nor skips windows. seed None: the windows in file order, unshifted
+    (val.bin, whose windows do not depend on the run's seed).
     """
 
-    def __init__(self, path: str, dtype, seq_len: int, seed: int, global_batch: int, vocab_size: int = 1 << 32):
+    def __init__(self, path: str, dtype, seq_len: int, seed: int | None, global_batch: int,
+                 vocab_size: int = 1 << 32):
         self.data = np.memmap(path, dtype=dtype, mode="r")
         self.path, self.seq_len, self.seed, self.global_batch = path, seq_len, seed, global_batch
         self.vocab_size = vocab_size  # ids from it on are refused: a damaged file
@@ -802,6 +804,8 @@ class Batches:
 
     def window(self, index: int) -> np.ndarray:
         epoch, i = divmod(index, self.n_windows)
+        if self.seed is None:
+            return self.data[i * self.seq_len:(i + 1) * self.seq_len + 1]
         if epoch != self._epoch:
             rng = np.random.default_rng([self.seed, epoch])
             self._epoch, self._order = epoch, rng.permutation(self.n_windows)
@@ -809,7 +813,7 @@ class Batches:
         start = self._shift + int(self._order[i]) * self.seq_len
         return self.data[start:start + self.seq_len + 1]
 
-    def get(self, step: int, rows: range, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    def get(self, step: int, rows, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         xy = np.stack([self.window(self.offset + step * self.global_batch + g) for g in rows])
         if xy.max() >= self.vocab_size:  # (on a GPU the embedding would stop the process with a device-side assert)
             raise UserError(f"{self.path} holds token id {xy.max()}, beyond the {self.vocab_size}-token vocabulary of "
@@ -1180,9 +1184,9 @@ def check_resumable(ckpt: dict, path: str, fix: str) -> None:
     kinds = {"model_config": dict, "model": dict, "optimizer": dict, "scaler": dict, "step": int,
              "best_val_loss": float, "train_config": dict, "data": dict, "rng": list}
     odd = [k for k, kind in kinds.items() if type(ckpt.get(k)) is not kind or k == "step" and ckpt[k] < 0]
-    if "data" not in odd:  # windows: read so far (none saved by older versions), one a step at least
-        least = {"global_batch": 1, "n_windows": 1, "windows": 0 if "step" in odd else ckpt["step"]}
-        data = {"windows": least["windows"], **ckpt["data"]}
+    if "data" not in odd:  # windows: read so far in this pass of train.bin (none saved by older versions)
+        least = {"global_batch": 1, "n_windows": 1, "windows": 0}
+        data = {"windows": 0, **ckpt["data"]}
         odd += [f"data[{k!r}]" for k, low in least.items() if type(data.get(k)) is not int or data[k] < low]
     if "model_config" not in odd:  # its sizes are numbers, or None for a default
         odd += [f"model_config[{k!r}]" for k, v in ckpt["model_config"].items() if not isinstance(v, (int, float))
@@ -1543,8 +1547,10 @@ def train(tc: TrainConfig, args, device: torch.device, rank: int, world: int, he
     tok_dtype = np.dtype(meta["dtype"])
     train_data = Batches(os.path.join(tc.data_dir, "train.bin"), tok_dtype, cfg.seq_len, tc.seed, global_batch,
                          cfg.vocab_size)
-    val_data = Batches(os.path.join(tc.data_dir, "val.bin"), tok_dtype, cfg.seq_len, tc.seed + 1,
-                       tc.batch_size * world, cfg.vocab_size)
+    val_data = Batches(os.path.join(tc.data_dir, "val.bin"), tok_dtype, cfg.seq_len, None, 1, cfg.vocab_size)
+    # The val loss is over --eval_iters x global batch windows spread evenly over val.bin (all of it, if fewer), a set
+    # fixed at the run's start: a resume with another global batch (fewer GPUs) measures what its best was measured on
+    val = {"windows": min(tc.eval_iters * global_batch, val_data.n_windows), "tokens": len(val_data.data)}
     step, best_val = 0, float("inf")
     if ckpt:
         try:  # (a moment of another shape than its parameter would crash the fused step, even the process)
@@ -1581,15 +1587,29 @@ def train(tc: TrainConfig, args, device: torch.device, rank: int, world: int, he
                    f"(more --max_steps stretch the cosine, a higher --lr lifts it), and the loss may jump; to go on at "
                    f"{was:.3g}, pass --lr {was:.3g} --min_lr {was:.3g}")
         windows = ckpt["data"].get("windows", step * ckpt["data"]["global_batch"])  # (older: how they read on)
-        train_data.offset = windows - step * global_batch
-        if ckpt["data"]["global_batch"] != global_batch:
-            print0(f"  note: the global batch is now {global_batch} sequences (was {ckpt['data']['global_batch']}):"
-                   f" the batches go on from the {windows:,} windows read so far, neither repeated nor skipped, and "
-                   f"the val loss is measured on {tc.eval_iters} x {global_batch} windows")
         if ckpt["data"]["n_windows"] != train_data.n_windows:  # the same tokenizer, other text or prep options
             print0(f"  note: {tc.data_dir}/train.bin is not the one this run trained on ({train_data.n_windows:,} "
-                   f"windows, was {ckpt['data']['n_windows']:,}: other text, or prepped again), so batches from here "
-                   f"differ from the old run's")
+                   f"windows, was {ckpt['data']['n_windows']:,}: other text, or prepped again), so a first pass over "
+                   f"it starts here")
+            windows = 0  # (the windows read so far count in the old file's order: 20 % of the new one left unread)
+        elif ckpt["data"].get("seed") != tc.seed:
+            print0("  note: with another --seed, a new pass over train.bin starts here, in that seed's order")
+            windows = 0
+        elif ckpt["data"]["global_batch"] != global_batch:
+            print0(f"  note: the global batch is now {global_batch} sequences (was {ckpt['data']['global_batch']}):"
+                   f" the batches go on from the {windows:,} windows read so far, neither repeated nor skipped")
+        train_data.offset = windows - step * global_batch
+        saved_val = ckpt["data"].get("val")  # None from older versions, which measured other windows
+        kept = saved_val if isinstance(saved_val, dict) else {}
+        if old.get("eval_iters") == tc.eval_iters and kept.get("tokens") == val["tokens"] and type(
+                kept.get("windows")) is int and 1 <= kept["windows"] <= val_data.n_windows:
+            val = {"windows": kept["windows"], "tokens": val["tokens"]}
+        elif best_val < math.inf:
+            why = ("another --eval_iters" if old.get("eval_iters") != tc.eval_iters else "another val.bin" if kept
+                   else "a checkpoint of an older version, which measured other windows")
+            print0(f"  note: with {why}, the val loss is measured on other windows than the best's {best_val:.4f} "
+                   f"was, so the next evaluation's checkpoint replaces ckpt_best.pt (copy it first to keep it)")
+            best_val = math.inf
         del ckpt
     if ddp:  # every process trains one run: a node started with another command would train apart, or hang
         paths = ("out_dir", "data_dir", "device", "dist_timeout")  # may differ between nodes; the data may not
@@ -1640,7 +1660,9 @@ def train(tc: TrainConfig, args, device: torch.device, rank: int, world: int, he
     print0(f"tokens per step: {tokens_per_step:,} = batch_size {tc.batch_size} x seq_len {cfg.seq_len} x "
            f"grad_accum_steps {tc.grad_accum_steps} x world_size {world}; schedule: warmup {tc.warmup_steps}, "
            f"cosine from lr {tc.lr:g} to {min_lr:g} at step {tc.max_steps:,}, "
-           f"{tc.max_steps * tokens_per_step / n_train:,.2f} epochs of train.bin ({n_train:,} tokens)")
+           f"{(train_data.offset + tc.max_steps * global_batch) * cfg.seq_len / n_train:,.2f} epochs of train.bin "
+           f"({n_train:,} tokens); val loss over {val['windows']:,} windows of val.bin"
+           f"{' (all of it)' if val['windows'] == val_data.n_windows else ''}")
     if tc.warmup_steps >= tc.max_steps:
         print0(f"  note: --warmup_steps {tc.warmup_steps} is not below --max_steps {tc.max_steps:,}, so the learning "
                f"rate only climbs, to {lr_at(tc.max_steps - 1, tc.lr, min_lr, tc.warmup_steps, tc.max_steps):.3g}")
@@ -1667,7 +1689,8 @@ def train(tc: TrainConfig, args, device: torch.device, rank: int, world: int, he
             ckpt = {"format": CKPT_FORMAT, "version": CKPT_VERSION, "model_config": dataclasses.asdict(cfg),
                     "model": cpu_state_dict(raw_model), "optimizer": optimizer.state_dict(),
                     "scaler": scaler.state_dict(), "step": step, "best_val_loss": best_val,
-                    "train_config": dataclasses.asdict(tc), "data": train_data.state_dict(step), "rng": states,
+                    "train_config": dataclasses.asdict(tc), "data": {**train_data.state_dict(step), "val": val},
+                    "rng": states,
                     "tokenizer_sha256": meta["tokenizer_sha256"]}
             save_checkpoint(tc.out_dir, names, ckpt, tokenizer)
         if ddp:  # the GPU named: else NCCL's barrier takes the current one, and warns at every run's first save
@@ -1675,11 +1698,11 @@ def train(tc: TrainConfig, args, device: torch.device, rank: int, world: int, he
 
     @torch.no_grad()
     def evaluate() -> float:
-        # The first eval_iters x global_batch windows of val.bin, shared out among the ranks: the val loss (and so which
-        # checkpoint is best) does not depend on how the global batch is split into processes and micro-steps.
+        # The run's val windows, shared out among the ranks: the val loss (and so which checkpoint is best) does not
+        # depend on how the global batch is split into processes and micro-steps.
         raw_model.eval()
-        total, n = torch.zeros((), device=device), tc.eval_iters * global_batch
-        mine = range(rank, n, world)
+        total, n = torch.zeros((), device=device), val["windows"]
+        mine = [i * val_data.n_windows // n for i in range(rank, n, world)]  # spread evenly over val.bin
         for i in range(0, len(mine), tc.batch_size):
             x, y = val_data.get(0, mine[i:i + tc.batch_size], device)
             with ctx:

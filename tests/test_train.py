@@ -189,16 +189,18 @@ def test_grad_clip_is_applied_and_a_non_finite_grad_norm_stops_a_float32_run(doc
 def test_val_loss_is_measured_without_dropout_and_only_a_lower_one_is_a_new_best(docs_data, tmp_path, monkeypatch):
     run, reads, get = tmp_path / "run", [], lm.Batches.get
     monkeypatch.setattr(lm.Batches, "get", lambda self, step, rows, device: (
-        reads.append((self.seed, step, rows)) if self.seed == 1337 + 1 else None, get(self, step, rows, device))[1])
+        reads.append(list(rows)) if self.seed is None else None, get(self, step, rows, device))[1])
     lm.main(["train", *train_args(run, docs_data, max_steps=10, eval_interval=10, save_interval=10, dropout=0.5)])
-    # --eval_iters 2 x global batch (4 x 2): the first 16 windows of val.bin in the order of seed + 1, 4 at a time
-    assert reads == [(1337 + 1, 0, range(i, i + 4)) for i in range(0, 16, 4)]
+    # --eval_iters 2 x global batch (4 x 2): 16 windows spread evenly over val.bin, in file order, 4 at a time
+    val = lm.Batches(str(docs_data / "val.bin"), np.uint16, 64, None, global_batch=1)
+    spread = [i * val.n_windows // 16 for i in range(16)]
+    assert val.n_windows > 16 and reads == [spread[i:i + 4] for i in range(0, 16, 4)]
+    assert val.window(3).tolist() == np.fromfile(docs_data / "val.bin", np.uint16)[3 * 64:4 * 64 + 1].tolist()
     # the same windows through the saved model in eval mode, dropout off, give the logged loss (rounded to 5 decimals)
     monkeypatch.undo()
     model, _ = lm.model_from_checkpoint(str(run / "ckpt_last.pt"), torch.device("cpu"), torch.float32)
-    val = lm.Batches(str(docs_data / "val.bin"), np.uint16, model.cfg.seq_len, 1337 + 1, global_batch=8)
     with torch.no_grad():
-        loss = sum(model(*val.get(0, rows, torch.device("cpu")))[1].item() for _, _, rows in reads) / len(reads)
+        loss = sum(model(*val.get(0, rows, torch.device("cpu")))[1].item() for rows in reads) / len(reads)
     assert metrics(run)[-1]["val_loss"] == pytest.approx(loss, abs=1e-5)
     ckpt = load(run / "ckpt_last.pt")
     ckpt["best_val_loss"] = 0.0  # a best no eval can beat; a new file renamed over it, so ckpt_best.pt keeps its bytes
@@ -1203,7 +1205,7 @@ def test_a_checkpoint_edited_by_hand_is_refused_on_resume_and_the_run_left_as_it
     edits = {"optimizer": lambda c: c.pop("optimizer"), "step": lambda c: c.update(step=-100),
              "best_val_loss": lambda c: c.update(best_val_loss="low"), "rng": lambda c: c.update(rng="x"),
              "model_config['n_layer']": lambda c: c["model_config"].update(n_layer="2"),
-             "data['windows']": lambda c: c["data"].update(windows=c["step"] - 1),  # fewer than one a step
+             "data['windows']": lambda c: c["data"].update(windows=-1),
              "data['global_batch']": lambda c: c["data"].update(global_batch=1.5),
              "an optimizer state that cannot be resumed (a moment of another shape": moment_of_another_shape,
              "an optimizer state that cannot be resumed (nan or inf in a moment)": nan_in_a_moment}
@@ -1280,6 +1282,51 @@ def test_resume_notes_train_data_prepped_again_with_the_same_tokenizer(docs_data
                      r"or prepped again\)", out), out
     out = run_main("train", *train_args(tmp_path / "run", data, max_steps=30), check=True).stdout
     assert "resuming" in out and "prepped again" not in out
+
+
+def test_a_run_keeps_its_val_windows_whatever_its_seed_and_global_batch_and_another_set_starts_the_best_afresh(
+        docs_data, tmp_path, monkeypatch):
+    """The best checkpoint is the one of the lowest val loss, so every val loss it is compared with must be measured on
+    the same windows: they do not depend on --seed, a resume with another global batch (a job requeued on fewer
+    GPUs) keeps the run's set, and one with another --eval_iters (or val.bin) says that the best starts afresh."""
+    reads, get = [], lm.Batches.get
+    monkeypatch.setattr(lm.Batches, "get", lambda self, step, rows, device: (
+        reads.append(list(rows)) if self.seed is None else None, get(self, step, rows, device))[1])
+    for seed in (1337, 7):
+        lm.main(["train", *train_args(tmp_path / f"seed{seed}", docs_data, max_steps=10, seed=seed)])
+    assert len(reads) == 8 and reads[:4] == reads[4:]  # 16 windows, 4 at a time, the same for both seeds
+    run, best = tmp_path / "seed1337", load(tmp_path / "seed1337" / "ckpt_best.pt")["best_val_loss"]
+    out = run_main("train", *train_args(run, docs_data, max_steps=20, batch_size=2), check=True).stdout
+    assert "val loss over 16 windows of val.bin" in out and "replaces ckpt_best.pt" not in out  # not 2 x 2 x 2 = 8
+    assert load(run / "ckpt_last.pt")["data"]["val"]["windows"] == 16
+    out = run_main("train", *train_args(run, docs_data, max_steps=30, eval_iters=1), check=True).stdout
+    best_now = load(run / "ckpt_best.pt")["best_val_loss"]
+    assert f"note: with another --eval_iters, the val loss is measured on other windows than the best's " in out, out
+    assert "val loss over 8 windows" in out and load(run / "ckpt_best.pt")["step"] == 30 != best_now
+    assert best_now == metrics(run)[-1]["val_loss"] and best_now != best
+
+
+def test_a_resume_on_other_train_data_or_another_seed_reads_a_whole_first_pass_of_it(docs_data, tmp_path, monkeypatch):
+    """The windows read so far count in the order of the data and seed they were read with: on a train.bin prepped
+    again (more text) or with another --seed, going on from that count would leave part of the new order unread."""
+    read, window = [], lm.Batches.window
+    monkeypatch.setattr(lm.Batches, "window", lambda self, index: (
+        read.append(index) if self.path.endswith("train.bin") else None, window(self, index))[1])
+    data, run = tmp_path / "data", tmp_path / "run"
+    shutil.copytree(docs_data, data)
+    run_main("train", *train_args(run, data, max_steps=10), check=True)  # 8 windows a step
+    meta = json.loads((data / "meta.json").read_text())
+    tokens = np.fromfile(data / "train.bin", dtype=np.uint16)[:-2000]
+    tokens.tofile(data / "train.bin")
+    (data / "meta.json").write_text(json.dumps({**meta, "train": {**meta["train"], "tokens": len(tokens)}}))
+    read.clear()
+    out = run_main("train", *train_args(run, data, max_steps=15), check=True).stdout
+    assert "so a first pass over it starts here" in out and read[:40] == list(range(40))
+    assert f"{15 * 8 * 64 / len(tokens) - 10 * 8 * 64 / len(tokens):,.2f} epochs of train.bin" in out, out
+    read.clear()
+    out = run_main("train", *train_args(run, data, max_steps=20, seed=7), check=True).stdout
+    assert "with another --seed, a new pass over train.bin starts here" in out and read[:40] == list(range(40))
+    assert load(run / "ckpt_last.pt")["data"]["windows"] == 40
 
 
 def test_resume_accepts_new_max_steps_lr_dropout_and_batch(docs_data, tmp_path):
