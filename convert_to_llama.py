@@ -45,12 +45,11 @@ DEFAULT_OUT = "./RSCaLM-138M-LLaMA"
 
 # Strings where converted SentencePiece tokenizers usually disagree with the original: leading, double and trailing
 # spaces (the dummy prefix), control characters, text outside the vocabulary (byte fallback), characters a Unicode
-# normalisation would change, text that looks like a tag, and a literal "▁". (Not special-token text: "</s>" in a
-# string is eos for transformers, as for Meta's LLaMA tokenizers, and characters for SentencePiece.)
+# normalisation would change, literal special-token text and a literal "▁".
 PARITY_TEXTS = [
     "", " ", "  ", "The sun is", " leading space", "  two leading spaces", "trailing space ", "double  space",
     "line\nbreak", "\n", "\n\n", "tab\there", "\t", "\r\n", "emoji 😀🎉👍🏽", "中文字符测试", "日本語のテキスト", "한국어",
-    "ﬁ ligature ＡＢＣ", "e\u0301 vs \u00e9", "\u00a0nbsp\u200bzwsp", "digits 1234567890 3.14", "<b>x</b> <|x|>",
+    "ﬁ ligature ＡＢＣ", "e\u0301 vs \u00e9", "\u00a0nbsp\u200bzwsp", "digits 1234567890 3.14", "<s> </s> <unk> <pad>",
     "▁literal ▁▁", "x" * 200, "Ünïcödé ßtraße", "def f(x):\n    return x  # comment\n",
 ]
 
@@ -164,9 +163,7 @@ def tokenizer_files(sp, seq_len: int) -> dict:
         # its own Metaspace pre-tokenizer (see build_tokenizer).
         "tokenizer_class": "PreTrainedTokenizerFast", **specials,
         "add_bos_token": True, "add_eos_token": False,  # as LLaMA; training framed each line as [bos] ids [eos]
-        # As Meta's LLaMA tokenizers: "</s>" in a text is eos, so the fine-tuning recipes that append eos_token to a
-        # text, and chat templates, frame samples as training did (SentencePiece there reads such text as characters)
-        "split_special_tokens": False,
+        "split_special_tokens": True,  # "<s>" typed in a text is text, as it was for SentencePiece in training
         "clean_up_tokenization_spaces": False, "model_max_length": seq_len, "padding_side": "left",
         # as LlamaTokenizerFast: transformers 4.x's generic class would add token_type_ids, which generate() refuses
         "model_input_names": ["input_ids", "attention_mask"],
@@ -329,6 +326,7 @@ def convert(ckpt: str, spm_path: str, out: str, dtype: str = "float32", force: b
                         f"AutoTokenizer's ids would differ from training's. HINT: export a model trained on a "
                         f"tokenizer that `prep` trained (prep without --spm); `generate` samples from this one")
     tok = build_tokenizer(sp)
+    tok.encode_special_tokens = True  # what split_special_tokens in tokenizer_config.json makes transformers do
     check_tokenizer(lambda t: tok.encode(t, add_special_tokens=False).ids, tok.decode, sp)
 
     # Build the folder beside --out and rename it into place, so --out is never left half written. A mount point (a

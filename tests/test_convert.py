@@ -525,12 +525,16 @@ def test_special_tokens_for_transformers_and_for_readers_of_tokenizer_json_alone
     assert tok("The sun", "is")["input_ids"] == [sp.bos_id(), *sp.encode("The sun"), sp.bos_id(), *sp.encode("is")]
     raw = Tokenizer.from_file(str(out / "tokenizer.json"))  # `tokenizers` alone (Rust, tokenizers.js, servers)
     assert raw.decode([*ids, *sp.encode("The sun is")], skip_special_tokens=True) == "The sun is"
-    # Special-token text is that token, as for Meta's LLaMA tokenizers, for both: a recipe that appends eos_token to
-    # each text (TRL's, many scripts) or a chat template then frames samples with bos and eos, as training did
+    # "</s>" in a text is text, as it was in training (AutoTokenizer's ids equal SentencePiece's on every string). For
+    # a fine-tuning recipe that appends eos_token to each text (or a chat template) the README says to load with
+    # split_special_tokens=False, which reads special-token text as Meta's LLaMA tokenizers do, and tokenizer.json
+    # alone does
+    assert tok("Hi" + tok.eos_token)["input_ids"] == [sp.bos_id(), *sp.encode("Hi</s>")]
     framed = [sp.bos_id(), *sp.encode("Hi"), sp.eos_id()]
-    assert tok("Hi" + tok.eos_token)["input_ids"] == raw.encode("Hi</s>").ids == framed
-    tok.chat_template = "{{ bos_token }}{% for m in messages %}{{ m['content'] + eos_token }}{% endfor %}"
-    assert tok.apply_chat_template([{"role": "user", "content": "Hi"}], tokenize=True, return_dict=False) == framed
+    loose = AutoTokenizer.from_pretrained(out, split_special_tokens=False)
+    assert loose("Hi" + loose.eos_token)["input_ids"] == raw.encode("Hi</s>").ids == framed
+    loose.chat_template = "{{ bos_token }}{% for m in messages %}{{ m['content'] + eos_token }}{% endfor %}"
+    assert loose.apply_chat_template([{"role": "user", "content": "Hi"}], tokenize=True, return_dict=False) == framed
 
 
 def test_the_parity_check_compares_decoded_text_too(sp):
