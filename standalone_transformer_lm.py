@@ -797,7 +797,8 @@ class Batches:
             raise UserError(f"{path} holds {len(self.data):,} tokens, not one sequence of --seq_len {seq_len} + 1. "
                             f"HINT: use a shorter --seq_len, a bigger corpus, or for val.bin a larger --val_fraction "
                             f"in prep")
-        self.n_windows = max(1, len(self.data) // seq_len - 1)  # one fewer than fit: room for the shift
+        # one fewer than fit, room for the shift; in file order (unshifted) every one
+        self.n_windows = (len(self.data) - 1) // seq_len if seed is None else max(1, len(self.data) // seq_len - 1)
         self.max_shift = min(seq_len, len(self.data) - self.n_windows * seq_len)
         self._epoch, self._order, self._shift = -1, None, 0
         self.offset = 0  # window number of step 0: read so far minus step * global_batch, after such a resume
@@ -1185,9 +1186,12 @@ def check_resumable(ckpt: dict, path: str, fix: str) -> None:
              "best_val_loss": float, "train_config": dict, "data": dict, "rng": list}
     odd = [k for k, kind in kinds.items() if type(ckpt.get(k)) is not kind or k == "step" and ckpt[k] < 0]
     if "data" not in odd:  # windows: read so far in this pass of train.bin (none saved by older versions)
-        least = {"global_batch": 1, "n_windows": 1, "windows": 0}
+        least = {"seed": 0, "global_batch": 1, "n_windows": 1, "windows": 0}
         data = {"windows": 0, **ckpt["data"]}
         odd += [f"data[{k!r}]" for k, low in least.items() if type(data.get(k)) is not int or data[k] < low]
+        odd += [f"data[{k!r}]" for k in ("val", "val_of_best") if data.get(k) is not None and not (  # (older: none)
+            isinstance(data[k], dict) and data[k].keys() == {"windows", "tokens"}
+            and all(type(v) is int and v >= 1 for v in data[k].values()))]
     if "model_config" not in odd:  # its sizes are numbers, or None for a default
         odd += [f"model_config[{k!r}]" for k, v in ckpt["model_config"].items() if not isinstance(v, (int, float))
                 and v is not None]
@@ -1551,7 +1555,7 @@ def train(tc: TrainConfig, args, device: torch.device, rank: int, world: int, he
     # The val loss is over --eval_iters x global batch windows spread evenly over val.bin (all of it, if fewer), a set
     # fixed at the run's start: a resume with another global batch (fewer GPUs) measures what its best was measured on
     val = {"windows": min(tc.eval_iters * global_batch, val_data.n_windows), "tokens": len(val_data.data)}
-    step, best_val = 0, float("inf")
+    step, best_val, best_set = 0, float("inf"), None  # best_set: the windows best_val was measured on
     if ckpt:
         try:  # (a moment of another shape than its parameter would crash the fused step, even the process)
             optimizer.load_state_dict(ckpt["optimizer"])
@@ -1599,17 +1603,14 @@ def train(tc: TrainConfig, args, device: torch.device, rank: int, world: int, he
             print0(f"  note: the global batch is now {global_batch} sequences (was {ckpt['data']['global_batch']}):"
                    f" the batches go on from the {windows:,} windows read so far, neither repeated nor skipped")
         train_data.offset = windows - step * global_batch
-        saved_val = ckpt["data"].get("val")  # None from older versions, which measured other windows
-        kept = saved_val if isinstance(saved_val, dict) else {}
-        if old.get("eval_iters") == tc.eval_iters and kept.get("tokens") == val["tokens"] and type(
-                kept.get("windows")) is int and 1 <= kept["windows"] <= val_data.n_windows:
-            val = {"windows": kept["windows"], "tokens": val["tokens"]}
-        elif best_val < math.inf:
-            why = ("another --eval_iters" if old.get("eval_iters") != tc.eval_iters else "another val.bin" if kept
-                   else "a checkpoint of an older version, which measured other windows")
-            print0(f"  note: with {why}, the val loss is measured on other windows than the best's {best_val:.4f} "
-                   f"was, so the next evaluation's checkpoint replaces ckpt_best.pt (copy it first to keep it)")
-            best_val = math.inf
+        saved, best_set = ckpt["data"].get("val"), ckpt["data"].get("val_of_best")  # None from older versions
+        if saved and saved["tokens"] == val["tokens"] and old.get("eval_iters") == tc.eval_iters:
+            val = saved
+        if best_set != val and best_val < math.inf:  # a loss on other windows cannot be compared with it
+            why = ("its checkpoint is of an older version" if best_set is None else "val.bin is another one" if
+                   best_set["tokens"] != val["tokens"] else f"{val['windows']:,} windows, was {best_set['windows']:,}")
+            print0(f"  note: the val loss is measured on other windows than the best's {best_val:.4f} was ({why}), so "
+                   f"the next evaluation's checkpoint replaces ckpt_best.pt (copy it first to keep it)")
         del ckpt
     if ddp:  # every process trains one run: a node started with another command would train apart, or hang
         paths = ("out_dir", "data_dir", "device", "dist_timeout")  # may differ between nodes; the data may not
@@ -1660,7 +1661,8 @@ def train(tc: TrainConfig, args, device: torch.device, rank: int, world: int, he
     print0(f"tokens per step: {tokens_per_step:,} = batch_size {tc.batch_size} x seq_len {cfg.seq_len} x "
            f"grad_accum_steps {tc.grad_accum_steps} x world_size {world}; schedule: warmup {tc.warmup_steps}, "
            f"cosine from lr {tc.lr:g} to {min_lr:g} at step {tc.max_steps:,}, "
-           f"{(train_data.offset + tc.max_steps * global_batch) * cfg.seq_len / n_train:,.2f} epochs of train.bin "
+           f"{(train_data.offset + max(step, tc.max_steps) * global_batch) * cfg.seq_len / n_train:,.2f} epochs of "
+           f"train.bin "
            f"({n_train:,} tokens); val loss over {val['windows']:,} windows of val.bin"
            f"{' (all of it)' if val['windows'] == val_data.n_windows else ''}")
     if tc.warmup_steps >= tc.max_steps:
@@ -1689,9 +1691,8 @@ def train(tc: TrainConfig, args, device: torch.device, rank: int, world: int, he
             ckpt = {"format": CKPT_FORMAT, "version": CKPT_VERSION, "model_config": dataclasses.asdict(cfg),
                     "model": cpu_state_dict(raw_model), "optimizer": optimizer.state_dict(),
                     "scaler": scaler.state_dict(), "step": step, "best_val_loss": best_val,
-                    "train_config": dataclasses.asdict(tc), "data": {**train_data.state_dict(step), "val": val},
-                    "rng": states,
-                    "tokenizer_sha256": meta["tokenizer_sha256"]}
+                    "train_config": dataclasses.asdict(tc), "rng": states, "tokenizer_sha256": meta["tokenizer_sha256"],
+                    "data": {**train_data.state_dict(step), "val": val, "val_of_best": best_set}}
             save_checkpoint(tc.out_dir, names, ckpt, tokenizer)
         if ddp:  # the GPU named: else NCCL's barrier takes the current one, and warns at every run's first save
             dist.barrier(device_ids=[device.index] if device.type == "cuda" else None)
@@ -1795,9 +1796,9 @@ def train(tc: TrainConfig, args, device: torch.device, rank: int, world: int, he
                         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
                         stop.requested = True
                 t_log, steps_since_log = time.perf_counter(), 0
-            new_best = is_eval and last_log["val_loss"] < best_val
+            new_best = is_eval and (last_log["val_loss"] < best_val or best_set != val)
             if new_best:
-                best_val = last_log["val_loss"]
+                best_val, best_set = last_log["val_loss"], val
             if new_best or step % tc.save_interval == 0 or step == tc.max_steps or stop_votes:
                 t_save = time.perf_counter()
                 save(["ckpt_best.pt", "ckpt_last.pt"] if new_best else ["ckpt_last.pt"])

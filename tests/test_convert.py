@@ -158,7 +158,7 @@ def test_a_bare_hf_generate_samples_as_our_generate_does_by_default(converted, s
     # max_new_tokens in the file would win over it
     model = AutoModelForCausalLM.from_pretrained(converted[1])
     assert hf.max_length == model.config.max_position_embeddings and hf.max_new_tokens is None
-    out = model.generate(torch.tensor([[sp.bos_id()]]), max_length=5, bad_words_ids=[[sp.eos_id()]])
+    out = model.generate(torch.tensor([[sp.bos_id()]]), max_length=5, suppress_tokens=[sp.eos_id()])
     assert out.shape == (1, 5)
     assert ours.top_p == ours.repetition_penalty == 1.0 and {hf.top_p, hf.repetition_penalty} <= {None, 1.0}  # off
     assert (hf.bos_token_id, hf.eos_token_id, hf.pad_token_id) == (S.BOS_ID, S.EOS_ID, S.PAD_ID)

@@ -195,7 +195,8 @@ def test_val_loss_is_measured_without_dropout_and_only_a_lower_one_is_a_new_best
     val = lm.Batches(str(docs_data / "val.bin"), np.uint16, 64, None, global_batch=1)
     spread = [i * val.n_windows // 16 for i in range(16)]
     assert val.n_windows > 16 and reads == [spread[i:i + 4] for i in range(0, 16, 4)]
-    assert val.window(3).tolist() == np.fromfile(docs_data / "val.bin", np.uint16)[3 * 64:4 * 64 + 1].tolist()
+    tokens = np.fromfile(docs_data / "val.bin", np.uint16)
+    assert val.window(3).tolist() == tokens[3 * 64:4 * 64 + 1].tolist() and val.n_windows == (len(tokens) - 1) // 64
     # the same windows through the saved model in eval mode, dropout off, give the logged loss (rounded to 5 decimals)
     monkeypatch.undo()
     model, _ = lm.model_from_checkpoint(str(run / "ckpt_last.pt"), torch.device("cpu"), torch.float32)
@@ -1207,6 +1208,8 @@ def test_a_checkpoint_edited_by_hand_is_refused_on_resume_and_the_run_left_as_it
              "model_config['n_layer']": lambda c: c["model_config"].update(n_layer="2"),
              "data['windows']": lambda c: c["data"].update(windows=-1),
              "data['global_batch']": lambda c: c["data"].update(global_batch=1.5),
+             "data['seed']": lambda c: c["data"].update(seed=torch.tensor([1337, 1])),
+             "data['val_of_best']": lambda c: c["data"].update(val_of_best={"windows": 16.0, "tokens": 5}),
              "an optimizer state that cannot be resumed (a moment of another shape": moment_of_another_shape,
              "an optimizer state that cannot be resumed (nan or inf in a moment)": nan_in_a_moment}
     for needle, edit in edits.items():
@@ -1284,26 +1287,40 @@ def test_resume_notes_train_data_prepped_again_with_the_same_tokenizer(docs_data
     assert "resuming" in out and "prepped again" not in out
 
 
-def test_a_run_keeps_its_val_windows_whatever_its_seed_and_global_batch_and_another_set_starts_the_best_afresh(
-        docs_data, tmp_path, monkeypatch):
-    """The best checkpoint is the one of the lowest val loss, so every val loss it is compared with must be measured on
-    the same windows: they do not depend on --seed, a resume with another global batch (a job requeued on fewer
-    GPUs) keeps the run's set, and one with another --eval_iters (or val.bin) says that the best starts afresh."""
+def test_a_val_loss_is_compared_with_the_best_only_when_measured_on_the_same_windows(docs_data, tmp_path,
+                                                                                      monkeypatch):
+    """The best checkpoint is the one of the lowest val loss, so a val loss is compared with the best's only when both
+    were measured on the same windows: they do not depend on --seed, a resume with another global batch (a job
+    requeued on fewer GPUs) keeps the run's set, and after a resume with another set (--eval_iters, val.bin) the next
+    evaluation replaces the best, which a stop before that evaluation does not forget."""
     reads, get = [], lm.Batches.get
     monkeypatch.setattr(lm.Batches, "get", lambda self, step, rows, device: (
         reads.append(list(rows)) if self.seed is None else None, get(self, step, rows, device))[1])
     for seed in (1337, 7):
         lm.main(["train", *train_args(tmp_path / f"seed{seed}", docs_data, max_steps=10, seed=seed)])
     assert len(reads) == 8 and reads[:4] == reads[4:]  # 16 windows, 4 at a time, the same for both seeds
-    run, best = tmp_path / "seed1337", load(tmp_path / "seed1337" / "ckpt_best.pt")["best_val_loss"]
+    run = tmp_path / "seed1337"
     out = run_main("train", *train_args(run, docs_data, max_steps=20, batch_size=2), check=True).stdout
     assert "val loss over 16 windows of val.bin" in out and "replaces ckpt_best.pt" not in out  # not 2 x 2 x 2 = 8
-    assert load(run / "ckpt_last.pt")["data"]["val"]["windows"] == 16
-    out = run_main("train", *train_args(run, docs_data, max_steps=30, eval_iters=1), check=True).stdout
-    best_now = load(run / "ckpt_best.pt")["best_val_loss"]
-    assert f"note: with another --eval_iters, the val loss is measured on other windows than the best's " in out, out
-    assert "val loss over 8 windows" in out and load(run / "ckpt_best.pt")["step"] == 30 != best_now
-    assert best_now == metrics(run)[-1]["val_loss"] and best_now != best
+    out = run_main("train", *train_args(run, docs_data, max_steps=25, batch_size=2, eval_iters=4), check=True).stdout
+    assert "val loss over 16 windows of val.bin" in out and "replaces ckpt_best.pt" not in out  # 4 x 2 x 2: the same
+    best = load(run / "ckpt_best.pt")
+    init = lm.StopSignal.__init__
+
+    def asked_at_once(self):  # as a SIGTERM during the first step: saved at its end, before any evaluation
+        init(self)
+        self.requested = True
+    with monkeypatch.context() as m:
+        m.setattr(lm.StopSignal, "__init__", asked_at_once)
+        out = run_main("train", *train_args(run, docs_data, max_steps=40, eval_iters=1), check=True).stdout
+    assert (f"note: the val loss is measured on other windows than the best's {best['best_val_loss']:.4f} was (8 "
+            f"windows, was 16), so the next evaluation's checkpoint replaces ckpt_best.pt") in out, out
+    assert load(run / "ckpt_last.pt")["step"] == 26 and load(run / "ckpt_best.pt")["step"] == best["step"]
+    out = run_main("train", *train_args(run, docs_data, max_steps=30), check=True).stdout  # the best's 16 windows again
+    assert f"(best val loss {best['best_val_loss']:.4f})" in out and "replaces ckpt_best.pt" not in out, out
+    run_main("train", *train_args(run, docs_data, max_steps=35, eval_iters=1), check=True)
+    assert load(run / "ckpt_best.pt")["step"] == 35 and load(run / "ckpt_best.pt")["best_val_loss"] == \
+        metrics(run)[-1]["val_loss"]  # whether lower or not
 
 
 def test_a_resume_on_other_train_data_or_another_seed_reads_a_whole_first_pass_of_it(docs_data, tmp_path, monkeypatch):
