@@ -1648,6 +1648,7 @@ def train(tc: TrainConfig, args, device: torch.device, rank: int, world: int, he
                     **{sync: False})
 
     tokens_per_step, n_train = global_batch * cfg.seq_len, len(train_data.data)
+    epochs = (train_data.offset + max(step, tc.max_steps) * global_batch) * cfg.seq_len / n_train  # of this pass
     wait = " (the first step compiles: a minute or more before the first log line)" if tc.compile else ""
     print0(f"torch {torch.__version__}, device {device} x {world} process(es), dtype {str(dtype)[6:]}, "
            f"compile {tc.compile}{wait}")
@@ -1660,9 +1661,7 @@ def train(tc: TrainConfig, args, device: torch.device, rank: int, world: int, he
     print0(f"train {json.dumps(dataclasses.asdict(tc))}")
     print0(f"tokens per step: {tokens_per_step:,} = batch_size {tc.batch_size} x seq_len {cfg.seq_len} x "
            f"grad_accum_steps {tc.grad_accum_steps} x world_size {world}; schedule: warmup {tc.warmup_steps}, "
-           f"cosine from lr {tc.lr:g} to {min_lr:g} at step {tc.max_steps:,}, "
-           f"{(train_data.offset + max(step, tc.max_steps) * global_batch) * cfg.seq_len / n_train:,.2f} epochs of "
-           f"train.bin "
+           f"cosine from lr {tc.lr:g} to {min_lr:g} at step {tc.max_steps:,}, {epochs:,.2f} epochs of train.bin "
            f"({n_train:,} tokens); val loss over {val['windows']:,} windows of val.bin"
            f"{' (all of it)' if val['windows'] == val_data.n_windows else ''}")
     if tc.warmup_steps >= tc.max_steps:
