@@ -1604,7 +1604,8 @@ def train(tc: TrainConfig, args, device: torch.device, rank: int, world: int, he
                    f" the batches go on from the {windows:,} windows read so far, neither repeated nor skipped")
         train_data.offset = windows - step * global_batch
         saved, best_set = ckpt["data"].get("val"), ckpt["data"].get("val_of_best")  # None from older versions
-        if saved and saved["tokens"] == val["tokens"] and old.get("eval_iters") == tc.eval_iters:
+        if saved and saved["tokens"] == val["tokens"] and old.get("eval_iters") == tc.eval_iters and (
+                saved["windows"] <= val_data.n_windows):  # (more: edited by hand)
             val = saved
         if best_set != val and best_val < math.inf:  # a loss on other windows cannot be compared with it
             why = ("its checkpoint is of an older version" if best_set is None else "val.bin is another one" if

@@ -1321,6 +1321,12 @@ def test_a_val_loss_is_compared_with_the_best_only_when_measured_on_the_same_win
     run_main("train", *train_args(run, docs_data, max_steps=35, eval_iters=1), check=True)
     assert load(run / "ckpt_best.pt")["step"] == 35 and load(run / "ckpt_best.pt")["best_val_loss"] == \
         metrics(run)[-1]["val_loss"]  # whether lower or not
+    ckpt = load(run / "ckpt_last.pt")  # (a new file renamed over it: ckpt_best.pt keeps its bytes)
+    ckpt["data"]["val"] = {**ckpt["data"]["val"], "windows": 10**6}  # more than val.bin has: edited by hand
+    torch.save(ckpt, run / "edited.pt")
+    os.replace(run / "edited.pt", run / "ckpt_last.pt")
+    out = run_main("train", *train_args(run, docs_data, max_steps=36, eval_iters=1), check=True).stdout
+    assert "val loss over 8 windows of val.bin" in out and "replaces ckpt_best.pt" not in out, out
 
 
 def test_a_resume_on_other_train_data_or_another_seed_reads_a_whole_first_pass_of_it(docs_data, tmp_path, monkeypatch):
